@@ -1,0 +1,50 @@
+"""The catalog-images flow: plan -> generate shards -> finish.
+
+Run it from the CLI (``zimage-batch run``), or directly::
+
+    from flows.catalog_images import catalog_images
+    from zimage_batch.run import RunConfig
+    catalog_images(RunConfig(catalogs=["catalogs/demo.csv"], templates=["templates/product_white.j2"],
+                             out="out/", model="tiny-random"))
+
+Tasks process shards of jobs, never one task per image. It runs on Prefect's embedded
+server unless ``PREFECT_API_URL`` points at one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from zimage_batch import run
+from zimage_batch.manifest import utc_now
+from zimage_batch.shard import ShardResult
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(config: run.RunConfig) -> run.RunPlan:
+    """Check inputs, expand the plan and skip finished jobs."""
+    return run.plan_run(config)
+
+
+@task(name="generate-shard", cache_policy=NO_CACHE, tags=["gpu"])
+def generate_shard(config: run.RunConfig, jobs: list) -> ShardResult:
+    """Generate, post-process, store and record one shard of jobs."""
+    return run.run_shard(config, jobs)
+
+
+@task(name="finish", cache_policy=NO_CACHE)
+def finish(config: run.RunConfig, the_plan: run.RunPlan, results: list[ShardResult], started_at: str, wall_start: float) -> run.RunSummary:
+    """Write the compacted manifest, manifest.parquet and run.json."""
+    return run.finish_run(config, the_plan, results, started_at, wall_start)
+
+
+@flow(name="catalog-images", log_prints=False)
+def catalog_images(config: run.RunConfig) -> run.RunSummary:
+    """Turn catalog rows into delivered images with a provenance manifest."""
+    started_at, wall_start = utc_now(), time.perf_counter()
+    the_plan = plan(config)
+    results = [generate_shard(config, shard) for shard in run.read_shards(the_plan, config.shard_size)]
+    return finish(config, the_plan, results, started_at, wall_start)

@@ -1,0 +1,190 @@
+"""Catalogs: CSV (UTF-8, with or without BOM) and Parquet, streamed in batches of rows.
+
+Each row keeps the file it came from and its 1-based data row number (the header is not
+counted; in a spreadsheet that is the row number minus one). Parquet is read with pyarrow,
+batch by batch. CSV is read with the standard library's streaming reader: unlike pyarrow's
+CSV reader, it reports the exact position of a malformed row (pyarrow's
+``InvalidRow.number`` is ``None``), which users need to fix their file.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CatalogError
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+REQUIRED_COLUMNS = ("sku",)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One catalog row: its source, its 1-based data row number and its non-empty values."""
+
+    catalog: str
+    row: int
+    values: dict[str, Any]
+
+    @property
+    def sku(self) -> str:
+        return str(self.values.get("sku", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A row that cannot be used; the other rows still run (unless ``--strict``)."""
+
+    catalog: str
+    row: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.catalog}, row {self.row}: {self.message}"
+
+
+class Catalog:
+    """A catalog file, opened lazily; ``columns`` is read from the header or schema."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = str(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FORMATS:
+            raise CatalogError(
+                f"Catalog {self.name}: unknown file type {suffix or '(no extension)'!r}. "
+                f"Use a .csv (UTF-8) or .parquet file."
+            )
+        if not self.path.is_file():
+            raise CatalogError(
+                f"Catalog {self.name} does not exist or is not a file. Check the path "
+                f"(it is relative to {Path.cwd()})."
+            )
+        self.format = FORMATS[suffix]
+        self.columns = self._read_columns()
+        missing = [c for c in REQUIRED_COLUMNS if c not in self.columns]
+        if missing:
+            raise CatalogError(
+                f"Catalog {self.name} has no {', '.join(repr(c) for c in missing)} column "
+                f"(its columns: {', '.join(self.columns) or 'none'}). Every catalog needs a 'sku' "
+                f"column: it names the output folders and seeds the images."
+            )
+
+    def _read_columns(self) -> list[str]:
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                names = list(pq.ParquetFile(self.path).schema_arrow.names)
+            except Exception as exc:  # pyarrow raises several types for a bad file
+                raise CatalogError(
+                    f"Catalog {self.name} is not a readable Parquet file ({exc}). "
+                    f"Re-export it, or save it as CSV."
+                ) from None
+        else:
+            try:
+                with open(self.path, newline="", encoding="utf-8-sig") as f:
+                    names = next(csv.reader(f), [])
+            except UnicodeDecodeError:
+                raise CatalogError(
+                    f"Catalog {self.name}: the header is not UTF-8 text. Save the file as "
+                    f"'CSV UTF-8' (Excel) or convert it with `iconv -f GBK -t UTF-8`."
+                ) from None
+            except OSError as exc:
+                raise CatalogError(f"Catalog {self.name} cannot be read: {exc.strerror}.") from None
+        names = [n.strip() for n in names]
+        if not names or all(not n for n in names):
+            raise CatalogError(f"Catalog {self.name} is empty: it needs a header row with column names.")
+        blanks = [str(i + 1) for i, n in enumerate(names) if not n]
+        if blanks:
+            raise CatalogError(
+                f"Catalog {self.name}: header column(s) {', '.join(blanks)} have no name. "
+                f"Give every column a name in the first row."
+            )
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise CatalogError(
+                f"Catalog {self.name}: column name(s) {', '.join(dupes)} appear more than once "
+                f"in the header. Rename them so each column is unique."
+            )
+        return names
+
+    def batches(self, size: int = 10_000) -> Iterator[list[Row | RowProblem]]:
+        """Yield rows (or problems for malformed rows) in batches of ``size``."""
+        reader = self._parquet_rows if self.format == "parquet" else self._csv_rows
+        batch: list[Row | RowProblem] = []
+        for item in reader(size):
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def rows(self, size: int = 10_000) -> Iterator[Row | RowProblem]:
+        """Yield every row (or row problem) in order."""
+        for batch in self.batches(size):
+            yield from batch
+
+    def _parquet_rows(self, size: int) -> Iterator[Row | RowProblem]:
+        import pyarrow.parquet as pq
+
+        number = 0
+        try:
+            for record_batch in pq.ParquetFile(self.path).iter_batches(batch_size=size):
+                for values in record_batch.to_pylist():
+                    number += 1
+                    yield self._make_row(number, values)
+        except Exception as exc:
+            raise CatalogError(
+                f"Catalog {self.name}: reading failed after row {number} ({exc}). "
+                f"The file may be truncated or corrupt; re-export it."
+            ) from None
+
+    def _csv_rows(self, size: int) -> Iterator[Row | RowProblem]:
+        number = 0
+        with open(self.path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                next(reader)  # header, already read by _read_columns
+                for fields in reader:
+                    if not fields or fields == [""] * len(fields):
+                        continue  # blank line
+                    number += 1
+                    if len(fields) != len(self.columns):
+                        yield RowProblem(
+                            self.name,
+                            number,
+                            f"has {len(fields)} fields but the header has {len(self.columns)} "
+                            f"(line {reader.line_num} of the file). Check for an unquoted comma "
+                            f"or a missing field; quote values that contain commas.",
+                        )
+                        continue
+                    yield self._make_row(number, dict(zip(self.columns, fields)))
+            except UnicodeDecodeError:
+                raise CatalogError(
+                    f"Catalog {self.name}: line {reader.line_num + 1} is not UTF-8 text. "
+                    f"Save the file as 'CSV UTF-8' or convert it with `iconv -t UTF-8`."
+                ) from None
+            except csv.Error as exc:
+                raise CatalogError(
+                    f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). "
+                    f"Check that quotes are balanced."
+                ) from None
+
+    def _make_row(self, number: int, values: dict[str, Any]) -> Row | RowProblem:
+        clean = {}
+        for key, value in values.items():
+            if isinstance(value, str):
+                value = value.strip()
+                if not value:
+                    continue
+            elif value is None:
+                continue
+            clean[key] = value
+        if "sku" not in clean:
+            return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
+        return Row(self.name, number, clean)

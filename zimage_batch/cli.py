@@ -1,0 +1,225 @@
+"""The ``zimage-batch`` command: a thin edge over the package and the Prefect flow.
+
+Settings are read here once and passed down. Errors a user can fix are printed as one
+paragraph with a non-zero exit; tracebacks are only for our own bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import ZImageBatchError
+from .models import DEFAULT_MODEL
+
+EXAMPLES = """\
+examples:
+  zimage-batch run catalogs/demo.csv --template templates/product_white.j2 --out out/ --model tiny-random
+  zimage-batch run catalogs/demo.parquet --template templates/lifestyle_scene.j2 --model Tongyi-MAI/Z-Image-Turbo --out out/
+  zimage-batch plan catalogs/demo.csv --template templates/poster_text.j2
+"""
+
+EXIT_FAILED_JOBS = 1
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zimage-batch",
+        description="Turn product catalogs into marketplace images with Z-Image-Turbo, with a provenance manifest for every image.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"zimage-batch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("catalogs", nargs="+", metavar="CATALOG", help="CSV (UTF-8) or Parquet catalog file(s); each needs a 'sku' column")
+        p.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
+                       help="a prompt template (.j2); repeat for several: every template runs over every row")
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"hub id, local diffusers folder, or 'tiny-random' (offline test model, noise images); default {DEFAULT_MODEL}")
+        p.add_argument("--size", help="override every template's size, e.g. 512x512 (multiples of 16)")
+        p.add_argument("--steps", type=int, help="override every template's steps (Z-Image-Turbo: 8)")
+        p.add_argument("--strict", action="store_true", help="stop before generating anything if any row has a problem")
+        p.add_argument("--limit", type=int, help="plan only the first N jobs (for a quick try)")
+
+    run = sub.add_parser("run", help="generate, post-process and store images, with a manifest",
+                         description="Generate images for every catalog row x template, post-process them to the "
+                                     "template's presets and store them under --out with manifest.jsonl, "
+                                     "manifest.parquet and run.json. Rerunning the same command resumes: finished "
+                                     "jobs are skipped.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(run)
+    run.add_argument("--out", required=True, help="output folder (created if missing)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    run.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+    run.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
+    run.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
+                          description="Expand catalog rows x templates into jobs and check everything, without "
+                                      "loading a model. Prints a summary and sample prompts; --jobs writes every job as JSONL.",
+                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(plan)
+    plan.add_argument("--jobs", metavar="FILE", help="write every job as one JSON line to FILE")
+    plan.add_argument("--show", type=int, default=5, help="how many sample jobs to print (default 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        return cmd_run(args)
+    except ZImageBatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished images are kept; run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import check_inputs, plan_jobs, strict_check, summarize
+    from .postprocess import PRESETS
+
+    inputs = check_inputs(args.catalogs, args.templates, args.model, PRESETS, size=args.size, steps=args.steps)
+    if args.strict:
+        strict_check(inputs)
+    samples = []
+    jobs_file = None
+    if args.jobs:
+        target = Path(args.jobs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        jobs_file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def on_job(job) -> None:
+        if len(samples) < args.show:
+            samples.append(job)
+        if jobs_file is not None:
+            jobs_file.write(job.model_dump_json() + "\n")
+
+    limited = _limit(plan_jobs(inputs), args.limit)
+    try:
+        summary = summarize(limited, on_job)
+    except BaseException:
+        if jobs_file is not None:
+            jobs_file.close()
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    if jobs_file is not None:
+        jobs_file.close()
+        os.replace(tmp, target)
+    for job in samples:
+        print(f"{job.job_id[:12]}  {job.sku}  {job.template} v{job.variant}  seed {job.seed}  {job.width}x{job.height}  {job.steps} steps")
+        print(f"    {job.prompt[:200]}")
+    print(f"\n{summary.jobs} jobs from {summary.rows} rows x {len(inputs.templates)} template(s); model {inputs.model}.")
+    if args.jobs:
+        print(f"Jobs written to {args.jobs}.")
+    _print_problems(summary.problems, len(summary.problems))
+    return 0
+
+
+def _limit(items, limit: int | None):
+    count = 0
+    for item in items:
+        if limit is not None and count >= limit:
+            return
+        if hasattr(item, "job_id"):
+            count += 1
+        yield item
+
+
+def prefect_environment() -> None:
+    """Quiet, local-first Prefect defaults; a user's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="zimage-batch-prefect-")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import RunConfig, check_run
+
+    _check_numbers(args)
+    config = RunConfig(
+        catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
+        batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
+        limit=args.limit, size=args.size, steps=args.steps,
+    )
+    check_run(config)  # every input problem surfaces here, before a model loads or a file is written
+    if not args.quiet:
+        print(f"Loading model {args.model} ...", file=sys.stderr)
+    from .generate import load_engine
+
+    engine = load_engine(config.model, config.device)  # fail fast, before any output
+    prefect_environment()
+    from flows.catalog_images import catalog_images
+
+    from . import progress
+
+    bar = progress.ProgressBar(enabled=not args.quiet, device=engine.device)
+    with progress.listening(bar.on_event), bar:
+        try:
+            summary = catalog_images(config)
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" in str(exc):
+                raise ZImageBatchError(
+                    f"Prefect's embedded server did not start ({exc}). Check that PREFECT_HOME "
+                    f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a running Prefect server."
+                ) from None
+            raise
+    print_summary(summary)
+    return summary.exit_code
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
+                                   ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ZImageBatchError(f"{flag} {value} is out of range: use {low}..{high if high else 'any'}.")
+
+
+def print_summary(summary) -> None:
+    out = Path(summary.out)
+    print(
+        f"\nDone in {summary.seconds:.1f} s: {summary.generated} generated, {summary.skipped} skipped (already done), "
+        f"{summary.rejected} rejected, {summary.failed} failed, of {summary.planned} planned jobs "
+        f"({summary.pipeline_loads} pipeline load(s))."
+    )
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in summary.stage_seconds.items())
+    print(f"Time per stage: {stages}.")
+    print(f"Images:   {out / 'images'}")
+    if summary.rejected:
+        print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
+    print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
+    print(f"Summary:  {out / 'run.json'}")
+    _print_problems(summary.problems, summary.row_problems)
+    if summary.failed:
+        print(f"\n{summary.failed} job(s) failed; see status 'failed' in the manifest. Rerun the same command to retry them.", file=sys.stderr)
+
+
+def _print_problems(problems: list[str], count: int) -> None:
+    if not count:
+        return
+    print(f"\n{count} row problem(s); those rows were skipped (use --strict to stop instead):", file=sys.stderr)
+    for problem in problems[:20]:
+        print(f"  - {problem}", file=sys.stderr)
+    if count > 20:
+        print(f"  ... and {count - 20} more (all listed in run.json).", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

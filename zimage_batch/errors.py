@@ -1,0 +1,52 @@
+"""Errors a user can cause and fix.
+
+Every error here carries a one-paragraph message that names the file, row, column or
+variable at fault and says how to fix it. The CLI and the flow print that message and exit
+with the error's ``exit_code``; a user never sees a traceback for one of these.
+
+- ``ZImageBatchError``: base class.
+  - ``CatalogError``: a catalog that is missing, unreadable, malformed or lacks a column.
+  - ``TemplateError``: a template file that is missing, has bad front matter or bad Jinja.
+  - ``PlanError``: the plan has problems (collects every problem found, not only the first).
+  - ``ModelError``: the model cannot be found, downloaded or loaded.
+  - ``OutputError``: the output folder cannot be written.
+"""
+
+from __future__ import annotations
+
+
+class ZImageBatchError(Exception):
+    """Base class: a problem the user can fix; ``str()`` is the message to show."""
+
+    exit_code = 2
+
+
+class CatalogError(ZImageBatchError):
+    """A catalog file is missing, unreadable or malformed."""
+
+
+class TemplateError(ZImageBatchError):
+    """A template file is missing or invalid."""
+
+
+class PlanError(ZImageBatchError):
+    """The plan has one or more problems; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str], *, header: str = "The plan has problems; nothing was generated:"):
+        self.problems = list(problems)
+        shown = self.problems[:50]
+        more = len(self.problems) - len(shown)
+        lines = [header, *(f"  - {p}" for p in shown)]
+        if more:
+            lines.append(f"  ... and {more} more.")
+        super().__init__("\n".join(lines))
+
+
+class ModelError(ZImageBatchError):
+    """The model cannot be found or loaded."""
+
+    exit_code = 3
+
+
+class OutputError(ZImageBatchError):
+    """The output folder cannot be used."""

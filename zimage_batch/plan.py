@@ -1,0 +1,246 @@
+"""Planning: catalog rows x templates x variants -> jobs. Pure: no I/O beyond reading inputs, no torch.
+
+A job id is a content hash of everything that determines the generated image (prompt,
+negative prompt, seed, size, steps, guidance, sequence length, model identity), so a rerun
+finds finished work by id and a changed prompt is new work. Seeds are derived from
+(sku, template name, variant) unless the catalog has a ``seed`` column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import jinja2
+from pydantic import BaseModel, ConfigDict
+
+from .catalog import Catalog, Row, RowProblem
+from .errors import CatalogError, PlanError, TemplateError
+from .models import resolve_model
+from .templates import Template, load_template, parse_size
+
+SEED_COLUMN = "seed"
+
+
+class Job(BaseModel):
+    """One image to generate, with everything needed to reproduce it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    sku: str
+    catalog: str
+    row: int
+    template: str
+    template_path: str
+    template_sha256: str
+    variant: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    model: str
+    presets: tuple[str, ...]
+    background: str
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.max_sequence_length)
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 32-bit seed from the given parts."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def compute_job_id(prompt: str, negative_prompt: str, seed: int, width: int, height: int, steps: int,
+                   guidance_scale: float, max_sequence_length: int, model: str) -> str:
+    """Content hash of everything that determines the generated image."""
+    canonical = json.dumps(
+        [prompt, negative_prompt, seed, width, height, steps, float(guidance_scale), max_sequence_length, model],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Validated catalogs and templates, ready to expand into jobs."""
+
+    catalogs: list[Catalog]
+    templates: list[Template]
+    model: str  # the model identity that goes into job ids
+    size: tuple[int, int] | None = None  # --size: overrides every template's size
+    steps: int | None = None  # --steps: overrides every template's steps
+
+
+def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, known_presets: Iterable[str],
+                 *, size: str | None = None, steps: int | None = None) -> PlanInputs:
+    """Open every catalog and template and check they fit together; raise PlanError listing every problem."""
+    problems: list[str] = []
+    size_override = None
+    if size is not None:
+        try:
+            size_override = parse_size(size)
+        except ValueError as exc:
+            problems.append(f"--size: {exc}.")
+    if steps is not None and not 1 <= steps <= 100:
+        problems.append(f"--steps {steps}: must be between 1 and 100 (Z-Image-Turbo is made for 8).")
+    opened: list[Catalog] = []
+    loaded: list[Template] = []
+    if not catalogs:
+        problems.append("No catalog given. Pass one or more CSV or Parquet files.")
+    if not templates:
+        problems.append("No template given. Pass --template templates/product_white.j2 (several allowed).")
+    for path in catalogs:
+        try:
+            opened.append(Catalog(path))
+        except CatalogError as exc:
+            problems.append(str(exc))
+    for path in templates:
+        try:
+            loaded.append(load_template(path))
+        except TemplateError as exc:
+            problems.append(str(exc))
+    names: dict[str, str] = {}
+    known = sorted(known_presets)
+    for template in loaded:
+        if template.name in names:
+            problems.append(f"Templates {names[template.name]} and {template.path} have the same name {template.name!r}; output folders are named after it. Rename one.")
+        names.setdefault(template.name, template.path)
+        try:
+            template.settings.dimensions()
+        except ValueError as exc:
+            if size_override is None:
+                problems.append(f"Template {template.path}: {exc}.")
+        for preset in template.settings.presets:
+            if preset not in known:
+                hint = difflib.get_close_matches(preset, known, n=1)
+                problems.append(
+                    f"Template {template.path}: unknown preset {preset!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f". Known presets: {', '.join(known)}."
+                )
+        for catalog in opened:
+            for column in sorted(template.required_columns() - set(catalog.columns)):
+                hint = difflib.get_close_matches(column, catalog.columns, n=1)
+                problems.append(
+                    f"Template {template.path} uses {{{{ {column} }}}}, but catalog {catalog.name} has no "
+                    f"column {column!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f". Its columns: {', '.join(catalog.columns)}. Add the column or change the template."
+                )
+    try:
+        identity = resolve_model(model).identity
+    except Exception as exc:  # ModelError: report with the rest
+        problems.append(str(exc))
+        identity = model
+    if problems:
+        raise PlanError(problems)
+    return PlanInputs(opened, loaded, identity, size_override, steps)
+
+
+def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
+    """Expand rows x templates x variants into jobs, streaming; bad rows come out as RowProblems."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    for catalog in inputs.catalogs:
+        for item in catalog.rows():
+            if isinstance(item, RowProblem):
+                yield item
+                continue
+            sku = item.sku
+            if sku in first_seen:
+                where = first_seen[sku]
+                yield RowProblem(item.catalog, item.row, f"sku {sku!r} already appeared in {where[0]}, row {where[1]}; skus must be unique.")
+                continue
+            first_seen[sku] = (item.catalog, item.row)
+            yield from _row_jobs(item, inputs)
+
+
+def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
+    base_seed = None
+    if SEED_COLUMN in row.values:
+        try:
+            base_seed = int(str(row.values[SEED_COLUMN]).strip())
+            if not 0 <= base_seed < 2**32:
+                raise ValueError
+        except ValueError:
+            yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.")
+            return
+    for template in inputs.templates:
+        settings = template.settings
+        width, height = inputs.size or settings.dimensions()
+        steps = inputs.steps or settings.steps
+        for variant in range(len(settings.variant_contexts())):
+            try:
+                prompt, negative = template.render(row.values, variant)
+            except jinja2.UndefinedError as exc:
+                yield RowProblem(row.catalog, row.row, _undefined_message(exc, template))
+                break
+            except Exception as exc:  # sandbox SecurityError, a filter's TypeError, ...
+                yield RowProblem(row.catalog, row.row, f"template {template.path} failed to render: {type(exc).__name__}: {exc}.")
+                break
+            if not prompt:
+                yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.")
+                break
+            seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
+            job_id = compute_job_id(prompt, negative, seed, width, height, steps, settings.guidance_scale,
+                                    settings.max_sequence_length, inputs.model)
+            yield Job.model_construct(
+                job_id=job_id, sku=row.sku, catalog=row.catalog, row=row.row, template=template.name,
+                template_path=template.path, template_sha256=template.sha256, variant=variant, prompt=prompt,
+                negative_prompt=negative, seed=seed, width=width, height=height, steps=steps,
+                guidance_scale=settings.guidance_scale, max_sequence_length=settings.max_sequence_length,
+                model=inputs.model, presets=tuple(settings.presets), background=settings.background,
+            )
+
+
+def _undefined_message(exc: jinja2.UndefinedError, template: Template) -> str:
+    name = str(exc.message or exc).split("'")[1] if "'" in str(exc.message or exc) else str(exc)
+    return (
+        f"column {name!r} is empty in this row, but template {template.path} uses it. Fill it in, or guard "
+        f"it in the template with {{% if {name} is defined %}}...{{% endif %}}."
+    )
+
+
+@dataclass
+class PlanSummary:
+    """Counts of a planning pass."""
+
+    rows: int = 0
+    jobs: int = 0
+    problems: list[str] | None = None
+
+
+def summarize(items: Iterable[Job | RowProblem], on_job=None) -> PlanSummary:
+    """Consume a plan, counting jobs and rows and collecting problems; ``on_job`` sees each job."""
+    summary = PlanSummary(problems=[])
+    last_row = None
+    for item in items:
+        if isinstance(item, RowProblem):
+            summary.problems.append(str(item))
+            continue
+        summary.jobs += 1
+        if (item.catalog, item.row) != last_row:  # a row's jobs come out together
+            summary.rows += 1
+            last_row = (item.catalog, item.row)
+        if on_job is not None:
+            on_job(item)
+    return summary
+
+
+def strict_check(inputs: PlanInputs) -> PlanSummary:
+    """A full planning pass that raises PlanError if any row has a problem (``--strict``)."""
+    summary = summarize(plan_jobs(inputs))
+    if summary.problems:
+        raise PlanError(summary.problems, header=f"--strict: {len(summary.problems)} row(s) have problems; nothing was generated:")
+    return summary

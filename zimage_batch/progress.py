@@ -1,0 +1,70 @@
+"""Progress events from the run to whoever listens (the CLI's progress bar).
+
+Kept apart from Prefect's logging so a user sees one clean bar, not server log lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_listeners: list[Callable[[str, Any], None]] = []
+
+
+def emit(event: str, value: Any = None) -> None:
+    """Tell every listener: ``("planned", n)``, ``("record", ManifestRecord)``."""
+    for listener in list(_listeners):
+        listener(event, value)
+
+
+@contextmanager
+def listening(callback: Callable[[str, Any], None]) -> Iterator[None]:
+    """Receive events while the block runs."""
+    _listeners.append(callback)
+    try:
+        yield
+    finally:
+        _listeners.remove(callback)
+
+
+class ProgressBar:
+    """A rich progress bar fed by run events: images done, rate and ETA."""
+
+    def __init__(self, enabled: bool = True, device: str = ""):
+        self.enabled = enabled
+        self.device = device
+        self._progress = None
+        self._task = None
+        self._counts = {"ok": 0, "rejected": 0, "failed": 0}
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]images[/bold]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=Console(stderr=True), transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def on_event(self, event: str, value: Any) -> None:
+        if self._progress is None:
+            return
+        if event == "planned":
+            skipped = f", {value.skipped} already done" if value.skipped else ""
+            self._task = self._progress.add_task("images", total=value.pending, rate="", status=f"on {self.device}{skipped}")
+        elif event == "record" and self._task is not None:
+            self._counts[value.status] += 1
+            task = self._progress.tasks[self._task]
+            speed = task.speed
+            rate = f"{speed * 3600:,.0f} img/h" if speed else ""
+            status = ", ".join(f"{n} {k}" for k, n in self._counts.items() if n and k != "ok")
+            self._progress.update(self._task, advance=1, rate=rate, status=status)

@@ -1,0 +1,208 @@
+"""A whole run, in stages the Prefect flow calls as tasks: plan, run shards, finish.
+
+``plan_run`` checks the inputs, expands the plan, drops jobs already done (judged by the
+manifest and the files' SHA-256, not by file existence) and spools the pending jobs to a
+temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
+one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
+copy and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import progress
+from .manifest import Manifest, library_versions, utc_now
+from .models import DEFAULT_MODEL
+from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
+from .postprocess import PRESETS
+from .shard import ShardResult, process_shard
+from .store import LocalStore, write_atomic
+
+RUN_JSON = "run.json"
+MAX_LISTED_PROBLEMS = 1000
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs; the flow's typed parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    catalogs: list[str] = Field(min_length=1)
+    templates: list[str] = Field(min_length=1)
+    out: str
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(4, ge=1, le=64)
+    shard_size: int = Field(64, ge=1, le=100_000)
+    max_attempts: int = Field(3, ge=1, le=10)
+    strict: bool = False
+    limit: int | None = Field(None, ge=1)
+    size: str | None = None
+    steps: int | None = None
+
+
+@dataclass
+class RunPlan:
+    """The outcome of planning: counts, row problems and the spooled pending jobs."""
+
+    planned: int
+    pending: int
+    skipped: int
+    rows: int
+    problems: list[str]
+    problem_count: int
+    pending_file: str
+    model: str
+    seconds: float
+
+
+@dataclass
+class _Outputs:
+    store: LocalStore
+    manifest: Manifest
+
+
+_OPEN: dict[str, _Outputs] = {}
+
+
+def open_outputs(out: str) -> _Outputs:
+    """The process's store and manifest for an output folder (the manifest is read once)."""
+    key = str(Path(out).resolve())
+    if key not in _OPEN:
+        _OPEN[key] = _Outputs(LocalStore(out), Manifest(out))
+    return _OPEN[key]
+
+
+def close_outputs(out: str) -> None:
+    """Forget the cached store and manifest of ``out`` (after the run finishes)."""
+    outputs = _OPEN.pop(str(Path(out).resolve()), None)
+    if outputs is not None:
+        outputs.manifest.close()
+
+
+def check_run(config: RunConfig) -> PlanInputs:
+    """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
+    inputs = check_inputs(config.catalogs, config.templates, config.model, PRESETS, size=config.size, steps=config.steps)
+    LocalStore(config.out)  # fails early when --out is a file
+    if config.strict:
+        strict_check(inputs)
+    return inputs
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Expand the plan, skip finished jobs and spool the rest to a temp file."""
+    start = time.perf_counter()
+    inputs = check_run(config)
+    outputs = open_outputs(config.out)
+    outputs.store.remove_stale_temp_files()
+    planned = skipped = pending = rows = 0
+    problems: list[str] = []
+    problem_count = 0
+    last_row = None
+    fd, spool = tempfile.mkstemp(prefix="zimage-batch-plan-", suffix=".jsonl")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for item in plan_jobs(inputs):
+            if not isinstance(item, Job):
+                problem_count += 1
+                if len(problems) < MAX_LISTED_PROBLEMS:
+                    problems.append(str(item))
+                continue
+            if config.limit is not None and planned >= config.limit:
+                break
+            planned += 1
+            if (item.catalog, item.row) != last_row:
+                rows += 1
+                last_row = (item.catalog, item.row)
+            if outputs.manifest.is_done(item, outputs.store):
+                skipped += 1
+                continue
+            pending += 1
+            f.write(item.model_dump_json() + "\n")
+    plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
+                   time.perf_counter() - start)
+    progress.emit("planned", plan)
+    return plan
+
+
+def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
+    """Read the spooled pending jobs back in shards."""
+    shard: list[Job] = []
+    with open(plan.pending_file, encoding="utf-8") as f:
+        for line in f:
+            shard.append(Job.model_validate_json(line))
+            if len(shard) >= shard_size:
+                yield shard
+                shard = []
+    if shard:
+        yield shard
+
+
+def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
+    """Generate, post-process, store and record one shard on this process's engine."""
+    from .generate import load_engine
+
+    engine = load_engine(config.model, config.device)
+    outputs = open_outputs(config.out)
+    return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
+                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+
+
+class RunSummary(BaseModel):
+    """What ``run.json`` holds."""
+
+    out: str
+    model: str
+    planned: int
+    generated: int
+    skipped: int
+    failed: int
+    rejected: int
+    rows: int
+    row_problems: int
+    problems: list[str]
+    pipeline_loads: int
+    seconds: float
+    stage_seconds: dict[str, float]
+    started_at: str
+    finished_at: str
+    catalogs: list[str]
+    templates: list[str]
+    versions: dict[str, str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], started_at: str, wall_start: float) -> RunSummary:
+    """Compact the manifest, write its Parquet copy and run.json; return the summary."""
+    total = ShardResult()
+    for result in results:
+        total.add(result)
+    outputs = open_outputs(config.out)
+    outputs.manifest.finalize()
+    stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
+    summary = RunSummary(
+        out=str(config.out), model=plan.model, planned=plan.planned, generated=total.generated,
+        skipped=plan.skipped, failed=total.failed, rejected=total.rejected, rows=plan.rows,
+        row_problems=plan.problem_count, problems=plan.problems, pipeline_loads=len(total.engines),
+        seconds=round(time.perf_counter() - wall_start, 3),
+        stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
+        finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
+        versions=library_versions(),
+    )
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(config.out) / RUN_JSON, (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode())
+    Path(plan.pending_file).unlink(missing_ok=True)
+    close_outputs(config.out)
+    return summary

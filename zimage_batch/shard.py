@@ -1,0 +1,198 @@
+"""One shard of jobs: generate -> post-process -> store -> record, on one engine.
+
+Jobs are grouped into batches of equal size and settings. While the engine generates a
+batch, a single background thread post-processes, writes and records the previous one (at
+most two batches wait, so memory stays flat). An image that comes out black, blank or
+non-finite is regenerated with the next derived seed, up to ``max_attempts`` times, and is
+never delivered. A batch whose generation raises is recorded as failed and the shard goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .generate import Engine, image_problem
+from .manifest import Attempt, Manifest, ManifestRecord, OutputFile
+from .plan import Job, derive_seed
+from .postprocess import cut_out_white, get_preset, render
+from .store import LocalStore, safe_name
+
+
+@dataclass
+class ShardResult:
+    """Counts and per-stage seconds of one shard."""
+
+    generated: int = 0
+    rejected: int = 0
+    failed: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
+
+    def add(self, other: ShardResult) -> None:
+        self.engines.update(other.engines)
+        self.generated += other.generated
+        self.rejected += other.rejected
+        self.failed += other.failed
+        for stage, value in other.seconds.items():
+            self.seconds[stage] += value
+
+
+@dataclass
+class Generated:
+    """What generation produced for one job: the image (or None) and every attempt."""
+
+    job: Job
+    image: np.ndarray | None
+    attempts: list[Attempt]
+    reason: str | None
+    batch_size: int
+    seconds: float
+
+
+def batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
+    """Group jobs by size and settings, then cut each group into batches."""
+    groups: dict[tuple, list[Job]] = defaultdict(list)
+    for job in jobs:
+        groups[job.batch_key()].append(job)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[Generated]:
+    """Generate a batch, regenerating bad images with derived seeds; never raises for a job's failure."""
+    seeds = {job.job_id: job.seed for job in batch}
+    attempts: dict[str, list[Attempt]] = {job.job_id: [] for job in batch}
+    images: dict[str, np.ndarray] = {}
+    reasons: dict[str, str] = {}
+    todo = list(batch)
+    start = time.perf_counter()
+    for attempt in range(1, max_attempts + 1):
+        if not todo:
+            break
+        try:
+            arrays = engine.generate(todo, [seeds[j.job_id] for j in todo])
+        except Exception as exc:  # a failed batch must not take the run down
+            for job in todo:
+                attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome="error"))
+                reasons[job.job_id] = f"generation failed: {type(exc).__name__}: {str(exc)[:300]}"
+            todo = []
+            break
+        retry = []
+        for job, image in zip(todo, arrays):
+            problem = image_problem(image)
+            attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome=problem or "ok"))
+            if problem is None:
+                images[job.job_id] = image
+            else:
+                reasons[job.job_id] = f"{problem} image on all {max_attempts} attempts"
+                seeds[job.job_id] = derive_seed(job.seed, "retry", attempt)
+                retry.append(job)
+        todo = retry
+    per_image = (time.perf_counter() - start) / len(batch)
+    return [
+        Generated(job, images.get(job.job_id), attempts[job.job_id],
+                  None if job.job_id in images else reasons[job.job_id], len(batch), per_image)
+        for job in batch
+    ]
+
+
+def output_name(job: Job, suffix: str) -> str:
+    """``<sku>_v<variant>_<job id>_<suffix>``: unique per job, readable per product."""
+    return f"{safe_name(job.sku)}_v{job.variant}_{job.job_id[:12]}_{suffix}"
+
+
+def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRecord, dict[str, float]]:
+    """Post-process and store one generated image; return its manifest record and stage seconds."""
+    job = item.job
+    seconds = {"postprocess": 0.0, "store": 0.0}
+    common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, seconds=round(item.seconds, 4))
+    if item.image is None:
+        return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds
+    image_seed = item.attempts[-1].seed
+    folder = f"{safe_name(job.sku)}/{safe_name(job.template)}"
+    start = time.perf_counter()
+    image = Image.fromarray((item.image * 255.0).round().clip(0, 255).astype(np.uint8), "RGB")
+    mask = None
+    if job.background == "white":
+        cut = cut_out_white(image)
+        if cut.problem is not None:
+            seconds["postprocess"] += time.perf_counter() - start
+            rendered = render(image, get_preset("png"))
+            written = _store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", rendered, "rejected", seconds)
+            record = ManifestRecord.for_job(job, status="rejected", reasons=[cut.problem], image_seed=image_seed,
+                                            outputs=[written], **common)
+            return record, seconds
+        image, mask = cut.image, cut.mask
+    outputs = []
+    for preset_name in job.presets:
+        start = time.perf_counter()
+        rendered = render(image, get_preset(preset_name), mask)
+        seconds["postprocess"] += time.perf_counter() - start
+        path = f"images/{folder}/{output_name(job, preset_name)}.{rendered.extension}"
+        outputs.append(_store(store, path, rendered, preset_name, seconds))
+    return ManifestRecord.for_job(job, status="ok", image_seed=image_seed, outputs=outputs, **common), seconds
+
+
+def _store(store: LocalStore, path: str, rendered, preset: str, seconds: dict[str, float]) -> OutputFile:
+    start = time.perf_counter()
+    written = store.write(path, rendered.data)
+    seconds["store"] += time.perf_counter() - start
+    return OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
+                      width=rendered.width, height=rendered.height, format=rendered.format)
+
+
+def process_shard(
+    jobs: Sequence[Job],
+    engine: Engine,
+    store: LocalStore,
+    manifest: Manifest,
+    *,
+    batch_size: int = 4,
+    max_attempts: int = 3,
+    on_record: Callable[[ManifestRecord], None] | None = None,
+) -> ShardResult:
+    """Run every job of the shard; each finished job is in the manifest before this returns."""
+    result = ShardResult(engines={engine.load_id: engine.load_seconds})
+
+    def finish_all(items: list[Generated]) -> None:
+        for item in items:
+            try:
+                record, seconds = finish(item, store, engine.device)
+            except Exception as exc:  # one bad image must not stop the shard
+                reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
+                record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],
+                                                attempts=item.attempts, batch_size=item.batch_size,
+                                                device=engine.device, seconds=round(item.seconds, 4))
+                seconds = {}
+            manifest.append(record)
+            for stage, value in seconds.items():
+                result.seconds[stage] += value
+            if record.status == "ok":
+                result.generated += 1
+            elif record.status == "rejected":
+                result.rejected += 1
+            else:
+                result.failed += 1
+            if on_record is not None:
+                on_record(record)
+
+    waiting: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
+        for batch in batches(jobs, batch_size):
+            start = time.perf_counter()
+            generated = generate_batch(engine, batch, max_attempts)
+            result.seconds["generate"] += time.perf_counter() - start
+            waiting.append(finisher.submit(finish_all, generated))
+            while len(waiting) > 1:
+                waiting.popleft().result()
+        while waiting:
+            waiting.popleft().result()
+    return result

@@ -1,0 +1,106 @@
+"""Storage under ``--out``: safe names and atomic writes (temp file + fsync + rename).
+
+A reader never sees a half-written image: bytes go to a hidden temp file in the same folder,
+are flushed to disk, then renamed over the final name in one step. Temp files left by a
+killed run are removed by ``remove_stale_temp_files`` at the start of the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OutputError
+
+TEMP_PREFIX = ".zb-tmp-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str, max_length: int = 64) -> str:
+    """A file-system-safe name for ``text``; a short hash keeps altered names distinct."""
+    cleaned = _UNSAFE.sub("_", text).strip("._-")[:max_length]
+    if cleaned == text and cleaned:
+        return cleaned
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file that was written: path relative to the store root, hash and size."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class LocalStore:
+    """Files under one root folder, written atomically."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"--out {self.root} exists and is not a folder. Pass a folder path (it is created if missing).")
+
+    def write(self, relpath: str, data: bytes) -> Written:
+        """Write ``data`` to ``relpath`` atomically; return its hash and size."""
+        target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return Written(relpath, hashlib.sha256(data).hexdigest(), len(data))
+
+    def holds(self, relpath: str, sha256: str) -> bool:
+        """True when ``relpath`` exists with exactly this SHA-256."""
+        path = self.root / relpath
+        return path.is_file() and sha256_file(path) == sha256
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temp files a killed run left behind; return how many."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write one file atomically (for manifests and reports)."""
+    LocalStore(path.parent).write(path.name, data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,192 @@
+"""Prompt templates: optional YAML front matter (generation defaults) + a Jinja2 prompt body.
+
+    ---
+    size: 1024x1024
+    steps: 8
+    presets: [amazon_main, web]
+    background: white
+    ---
+    {{ title }}, {{ color }} {{ material }}, product photo on a pure white background
+
+Bodies render in a sandboxed environment with strict undefined variables. Catalog values
+are passed as data: a value that looks like ``{{ 7*7 }}`` stays that text. The rendered
+prompt has its whitespace collapsed (none kept between two CJK characters), so a template
+can be laid out over several lines.
+Besides the catalog's columns a template sees ``row`` (all values of the row, for column
+names that are not identifiers), ``variant`` (0, 1, ...) and the keys of the variant's
+mapping when ``variants`` is a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import jinja2.meta
+import yaml
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import TemplateError
+
+BUILTIN_NAMES = frozenset({"row", "variant"})
+
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+_CJK = "\u3000-\u303f\u3400-\u9fff\uff00-\uffef"
+_SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+
+
+def collapse_whitespace(text: str) -> str:
+    """Fold line breaks and runs of spaces into one space; none between two CJK characters."""
+    return _SPACE_BETWEEN_CJK.sub("", " ".join(text.split()))
+
+
+class TemplateSettings(BaseModel):
+    """The front matter: generation defaults for every job of the template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    size: str = "1024x1024"
+    steps: int = Field(8, ge=1, le=100)
+    guidance_scale: float = Field(0.0, ge=0.0, le=30.0)
+    negative_prompt: str = ""
+    variants: int | list[dict[str, Any]] = 1
+    presets: list[str] = Field(default_factory=lambda: ["web"])
+    background: Literal["white", "scene"] = "scene"
+    max_sequence_length: int = Field(512, ge=16, le=1024)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: int | list[dict[str, Any]]) -> int | list[dict[str, Any]]:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be between 1 and 64")
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    @field_validator("presets")
+    @classmethod
+    def _presets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one preset")
+        return value
+
+    def variant_contexts(self) -> list[dict[str, Any]]:
+        """One extra context per variant."""
+        if isinstance(self.variants, int):
+            return [{} for _ in range(self.variants)]
+        return [dict(v) for v in self.variants]
+
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) parsed from ``size``; raises ValueError with the reason."""
+        return parse_size(self.size)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """Parse ``WIDTHxHEIGHT``; both must be multiples of 16 between 256 and 2048."""
+    parts = str(size).lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
+    width, height = (int(p) for p in parts)
+    for name, value in (("width", width), ("height", height)):
+        if value % 16:
+            lower, upper = value // 16 * 16, value // 16 * 16 + 16
+            raise ValueError(
+                f"size {size}: {name} {value} is not a multiple of 16 (the model works on 16-pixel "
+                f"patches); use {lower or 16} or {upper}"
+            )
+        if not 256 <= value <= 2048:
+            raise ValueError(f"size {size}: {name} {value} is outside 256..2048")
+    return width, height
+
+
+@dataclass(frozen=True)
+class Template:
+    """A loaded template: its name (file stem), settings, compiled body and content hash."""
+
+    name: str
+    path: str
+    sha256: str
+    settings: TemplateSettings
+    variables: frozenset[str]
+    _body: jinja2.Template
+    _negative: jinja2.Template
+
+    def required_columns(self) -> set[str]:
+        """Catalog columns the body needs (names not given by the template itself)."""
+        provided = set(BUILTIN_NAMES)
+        for ctx in self.settings.variant_contexts():
+            provided |= set(ctx)
+        return set(self.variables) - provided
+
+    def render(self, values: dict[str, Any], variant: int) -> tuple[str, str]:
+        """Render (prompt, negative_prompt) for one row and variant; raises jinja2 errors."""
+        context = {**values, **self.settings.variant_contexts()[variant], "row": values, "variant": variant}
+        prompt = collapse_whitespace(self._body.render(context))
+        negative = collapse_whitespace(self._negative.render(context))
+        return prompt, negative
+
+
+def _split_front_matter(text: str) -> tuple[str, str, int]:
+    """Return (yaml text, body, line number where the body starts)."""
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != "---":
+        return "", text, 1
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            return "".join(lines[1:i]), "".join(lines[i + 1 :]), i + 2
+    raise ValueError("the front matter opened with '---' on line 1 is never closed by a '---' line")
+
+
+def load_template(path: str | Path) -> Template:
+    """Load and compile a template file; raises TemplateError naming the file and the fix."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TemplateError(f"Template {where} does not exist. Check the path, or list templates/ for the ones shipped.") from None
+    except OSError as exc:
+        raise TemplateError(f"Template {where} cannot be read: {exc.strerror}.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise TemplateError(f"Template {where} is not UTF-8 text. Save it as UTF-8.") from None
+    try:
+        front, body, body_line = _split_front_matter(text)
+        data = yaml.safe_load(front) if front.strip() else {}
+    except (ValueError, yaml.YAMLError) as exc:
+        raise TemplateError(f"Template {where}: bad front matter: {exc}. It must be a YAML mapping between two '---' lines.") from None
+    if not isinstance(data, dict):
+        raise TemplateError(f"Template {where}: the front matter must be a YAML mapping (key: value lines), got {type(data).__name__}.")
+    try:
+        settings = TemplateSettings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'front matter'}: {e['msg']}" for e in exc.errors())
+        known = ", ".join(TemplateSettings.model_fields)
+        raise TemplateError(f"Template {where}: invalid front matter ({problems}). Known keys: {known}.") from None
+    if not body.strip():
+        raise TemplateError(f"Template {where} has no prompt body after its front matter.")
+    try:
+        parsed = _ENV.parse(body)
+        compiled = _ENV.from_string(body)
+        negative = _ENV.from_string(settings.negative_prompt)
+        variables = frozenset(jinja2.meta.find_undeclared_variables(parsed))
+        variables |= jinja2.meta.find_undeclared_variables(_ENV.parse(settings.negative_prompt))
+    except jinja2.TemplateSyntaxError as exc:
+        line = (exc.lineno or 1) + body_line - 1
+        raise TemplateError(f"Template {where}, line {line}: Jinja syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} tags near that line.") from None
+    return Template(
+        name=path.stem,
+        path=where,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        settings=settings,
+        variables=frozenset(variables),
+        _body=compiled,
+        _negative=negative,
+    )
