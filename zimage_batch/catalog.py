@@ -86,13 +86,8 @@ class Catalog:
                 ) from None
         else:
             try:
-                with open(self.path, newline="", encoding="utf-8-sig") as f:
-                    names = next(csv.reader(f), [])
-            except UnicodeDecodeError:
-                raise CatalogError(
-                    f"Catalog {self.name}: the header is not UTF-8 text. Save the file as "
-                    f"'CSV UTF-8' (Excel) or convert it with `iconv -f GBK -t UTF-8`."
-                ) from None
+                with open(self.path, "rb") as f:
+                    names = next(csv.reader(self._decoded_lines(f)), [])
             except OSError as exc:
                 raise CatalogError(f"Catalog {self.name} cannot be read: {exc.strerror}.") from None
         names = [n.strip() for n in names]
@@ -146,8 +141,8 @@ class Catalog:
 
     def _csv_rows(self, size: int) -> Iterator[Row | RowProblem]:
         number = 0
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+        with open(self.path, "rb") as f:
+            reader = csv.reader(self._decoded_lines(f))
             try:
                 next(reader)  # header, already read by _read_columns
                 for fields in reader:
@@ -164,15 +159,23 @@ class Catalog:
                         )
                         continue
                     yield self._make_row(number, dict(zip(self.columns, fields)))
-            except UnicodeDecodeError:
-                raise CatalogError(
-                    f"Catalog {self.name}: line {reader.line_num + 1} is not UTF-8 text. "
-                    f"Save the file as 'CSV UTF-8' or convert it with `iconv -t UTF-8`."
-                ) from None
             except csv.Error as exc:
                 raise CatalogError(
                     f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). "
                     f"Check that quotes are balanced."
+                ) from None
+
+    def _decoded_lines(self, f) -> Iterator[str]:
+        """Decode line by line, so a non-UTF-8 line is reported by its number."""
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CatalogError(
+                    f"Catalog {self.name}: line {number} is not UTF-8 text. Save the file as 'CSV UTF-8' "
+                    f"(Excel) or convert it, e.g. `iconv -f GBK -t UTF-8 {self.name}`."
                 ) from None
 
     def _make_row(self, number: int, values: dict[str, Any]) -> Row | RowProblem:

@@ -105,7 +105,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if len(samples) < args.show:
             samples.append(job)
         if jobs_file is not None:
-            jobs_file.write(job.model_dump_json() + "\n")
+            jobs_file.write(job.to_json() + "\n")
 
     limited = _limit(plan_jobs(inputs), args.limit)
     try:

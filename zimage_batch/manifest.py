@@ -83,7 +83,8 @@ class ManifestRecord(BaseModel):
     @classmethod
     def for_job(cls, job: Job, **fields) -> ManifestRecord:
         """A record carrying the job's fields plus the run's results."""
-        base = job.model_dump(exclude={"presets", "background"})
+        base = job.to_dict()
+        del base["presets"], base["background"]
         return cls(**base, versions=library_versions(), created_at=utc_now(), **fields)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import jinja2
-from pydantic import BaseModel, ConfigDict
+from pydantic import TypeAdapter
 
 from .catalog import Catalog, Row, RowProblem
 from .errors import CatalogError, PlanError, TemplateError
@@ -25,10 +25,14 @@ from .templates import Template, load_template, parse_size
 SEED_COLUMN = "seed"
 
 
-class Job(BaseModel):
-    """One image to generate, with everything needed to reproduce it."""
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One image to generate, with everything needed to reproduce it.
 
-    model_config = ConfigDict(frozen=True)
+    A slotted dataclass rather than a pydantic model: planning makes millions of these and
+    construction cost matters (measured: 9 us per ``model_construct`` vs ~1 us). JSON goes
+    through a pydantic TypeAdapter (``to_json`` / ``from_json``), which validates on the way in.
+    """
 
     job_id: str
     sku: str
@@ -53,6 +57,19 @@ class Job(BaseModel):
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
         return (self.width, self.height, self.steps, self.guidance_scale, self.max_sequence_length)
+
+    def to_json(self) -> str:
+        return _JOB_JSON.dump_json(self).decode("utf-8")
+
+    @staticmethod
+    def from_json(text: str) -> Job:
+        return _JOB_JSON.validate_json(text)
+
+    def to_dict(self) -> dict:
+        return _JOB_JSON.dump_python(self)
+
+
+_JOB_JSON = TypeAdapter(Job)
 
 
 def derive_seed(*parts: object) -> int:
@@ -178,9 +195,9 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             return
     for template in inputs.templates:
         settings = template.settings
-        width, height = inputs.size or settings.dimensions()
+        width, height = inputs.size or template.dimensions
         steps = inputs.steps or settings.steps
-        for variant in range(len(settings.variant_contexts())):
+        for variant in range(template.variant_count):
             try:
                 prompt, negative = template.render(row.values, variant)
             except jinja2.UndefinedError as exc:
@@ -195,12 +212,12 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
             job_id = compute_job_id(prompt, negative, seed, width, height, steps, settings.guidance_scale,
                                     settings.max_sequence_length, inputs.model)
-            yield Job.model_construct(
+            yield Job(
                 job_id=job_id, sku=row.sku, catalog=row.catalog, row=row.row, template=template.name,
                 template_path=template.path, template_sha256=template.sha256, variant=variant, prompt=prompt,
                 negative_prompt=negative, seed=seed, width=width, height=height, steps=steps,
                 guidance_scale=settings.guidance_scale, max_sequence_length=settings.max_sequence_length,
-                model=inputs.model, presets=tuple(settings.presets), background=settings.background,
+                model=inputs.model, presets=template.presets, background=settings.background,
             )
 
 

@@ -127,7 +127,7 @@ def plan_run(config: RunConfig) -> RunPlan:
                 skipped += 1
                 continue
             pending += 1
-            f.write(item.model_dump_json() + "\n")
+            f.write(item.to_json() + "\n")
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
                    time.perf_counter() - start)
     progress.emit("planned", plan)
@@ -139,7 +139,7 @@ def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
     shard: list[Job] = []
     with open(plan.pending_file, encoding="utf-8") as f:
         for line in f:
-            shard.append(Job.model_validate_json(line))
+            shard.append(Job.from_json(line))
             if len(shard) >= shard_size:
                 yield shard
                 shard = []

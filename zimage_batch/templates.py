@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,7 +116,24 @@ class Template:
     settings: TemplateSettings
     variables: frozenset[str]
     _body: jinja2.Template
-    _negative: jinja2.Template
+    _negative: jinja2.Template | str  # a plain string when it has no Jinja tags
+
+    @cached_property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height); raises ValueError for a bad size."""
+        return self.settings.dimensions()
+
+    @cached_property
+    def variant_count(self) -> int:
+        return len(self._variants)
+
+    @cached_property
+    def presets(self) -> tuple[str, ...]:
+        return tuple(self.settings.presets)
+
+    @cached_property
+    def _variants(self) -> list[dict[str, Any]]:
+        return self.settings.variant_contexts()
 
     def required_columns(self) -> set[str]:
         """Catalog columns the body needs (names not given by the template itself)."""
@@ -126,10 +144,15 @@ class Template:
 
     def render(self, values: dict[str, Any], variant: int) -> tuple[str, str]:
         """Render (prompt, negative_prompt) for one row and variant; raises jinja2 errors."""
-        context = {**values, **self.settings.variant_contexts()[variant], "row": values, "variant": variant}
-        prompt = collapse_whitespace(self._body.render(context))
-        negative = collapse_whitespace(self._negative.render(context))
+        context = {**_ENV.globals, **values, **self._variants[variant], "row": values, "variant": variant}
+        prompt = collapse_whitespace(_render(self._body, context))
+        negative = self._negative if isinstance(self._negative, str) else collapse_whitespace(_render(self._negative, context))
         return prompt, negative
+
+
+def _render(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """``template.render(context)`` without copying the context (a third of planning time, measured)."""
+    return _ENV.concat(template.root_render_func(template.new_context(context, shared=True)))
 
 
 def _split_front_matter(text: str) -> tuple[str, str, int]:
@@ -175,7 +198,8 @@ def load_template(path: str | Path) -> Template:
     try:
         parsed = _ENV.parse(body)
         compiled = _ENV.from_string(body)
-        negative = _ENV.from_string(settings.negative_prompt)
+        negative_has_tags = any(tag in settings.negative_prompt for tag in ("{{", "{%", "{#"))
+        negative = _ENV.from_string(settings.negative_prompt) if negative_has_tags else collapse_whitespace(settings.negative_prompt)
         variables = frozenset(jinja2.meta.find_undeclared_variables(parsed))
         variables |= jinja2.meta.find_undeclared_variables(_ENV.parse(settings.negative_prompt))
     except jinja2.TemplateSyntaxError as exc:

@@ -1,0 +1,120 @@
+"""The command line: bad inputs give one clear paragraph, a non-zero exit and no output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CATALOGS, ROOT, TEMPLATES, write_csv, write_template
+from zimage_batch.cli import main
+
+WHITE = str(TEMPLATES / "product_white.j2")
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    good = write_csv(tmp_path / "good.csv", ["sku", "title", "color", "kind", "material"], [["S1", "Mug", "red", "mug", "clay"]])
+    no_col = write_csv(tmp_path / "nocolor.csv", ["sku", "title", "kind", "material"], [["S1", "Mug", "mug", "clay"]])
+    malformed = tmp_path / "malformed.csv"
+    malformed.write_text("sku,title,color,kind,material\nS1,Mug,red,mug,clay\nS2,Cup,red,mug\n", encoding="utf-8")
+    undefined = write_template(tmp_path / "undefined.j2", "{{ title }} in {{ colour_name }}")
+    syntax = write_template(tmp_path / "syntax.j2", "{{ title }\n")
+    size = write_template(tmp_path / "size.j2", "{{ title }}", "size: 1000x1000")
+    preset = write_template(tmp_path / "preset.j2", "{{ title }}", "presets: [amazon]")
+    return {
+        "missing catalog": ([tmp_path / "nope.csv", "-t", WHITE], 2, ["nope.csv does not exist"]),
+        "missing column": ([no_col, "-t", WHITE], 2, ["product_white.j2 uses {{ color }}", "nocolor.csv", "no column 'color'"]),
+        "malformed row, strict": ([malformed, "-t", WHITE, "--strict"], 2, ["malformed.csv, row 2", "4 fields but the header has 5"]),
+        "undefined variable": ([good, "-t", undefined], 2, ["undefined.j2 uses {{ colour_name }}", "good.csv"]),
+        "jinja syntax error": ([good, "-t", syntax], 2, ["syntax.j2, line 1: Jinja syntax error"]),
+        "size not multiple of 16": ([good, "-t", size], 2, ["size.j2", "1000 is not a multiple of 16", "use 992 or 1008"]),
+        "unknown preset": ([good, "-t", preset], 2, ["preset.j2", "unknown preset 'amazon'", "amazon_main"]),
+        "bad --size": ([good, "-t", WHITE, "--size", "500x500"], 2, ["--size", "500 is not a multiple of 16"]),
+        "unreachable model": ([good, "-t", WHITE, "--model", "Tongyi-MAI/Z-Image-Turbo"], 3, ["could not be loaded", "hf download"]),
+        "missing model folder": ([good, "-t", WHITE, "--model", tmp_path / "models/zimage"], 2, ["zimage does not exist"]),
+        "bad batch size": ([good, "-t", WHITE, "--batch-size", "0"], 2, ["--batch-size 0 is out of range"]),
+    }
+
+
+CASES = ["missing catalog", "missing column", "malformed row, strict", "undefined variable", "jinja syntax error",
+         "size not multiple of 16", "unknown preset", "bad --size", "unreachable model", "missing model folder", "bad batch size"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_a_clear_error_and_no_output(case, bad_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    args, code, phrases = bad_inputs[case]
+    out_dir = tmp_path / "out"
+    got, stdout, stderr = run_cli(capsys, "run", *args, "--out", out_dir, "--device", "cpu", "-q")
+    assert got == code, stderr
+    assert stderr.startswith("error: ") and "Traceback" not in stderr
+    for phrase in phrases:
+        assert phrase in stderr, stderr
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["missing column", "jinja syntax error", "unknown preset"])
+def test_plan_reports_the_same_errors(case, bad_inputs, capsys):
+    args, code, phrases = bad_inputs[case]
+    got, _, stderr = run_cli(capsys, "plan", *args)
+    assert got == 2 and phrases[0] in stderr
+
+
+def test_plan_writes_every_job_and_prints_samples(tmp_path, capsys):
+    jobs = tmp_path / "plan/jobs.jsonl"
+    code, out, _ = run_cli(capsys, "plan", CATALOGS / "demo.csv", "-t", WHITE, "-t", TEMPLATES / "poster_text.j2", "--jobs", jobs)
+    assert code == 0 and "28 jobs from 14 rows x 2 template(s)" in out and "BTL-001" in out
+    lines = [json.loads(line) for line in jobs.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 28 and {"job_id", "prompt", "seed"} <= set(lines[0])
+    assert [p.name for p in jobs.parent.iterdir()] == ["jobs.jsonl"]
+
+
+def test_plan_lists_row_problems_without_failing(tmp_path, capsys):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title", "color", "kind", "material"],
+                    [["S1", "Mug", "red", "mug", "clay"], ["S2", "Cup", "", "mug", "clay"]])
+    code, out, err = run_cli(capsys, "plan", cat, "-t", WHITE)
+    assert code == 0 and "1 jobs from 1 rows" in out
+    assert "c.csv, row 2: column 'color' is empty" in err
+
+
+def test_help_shows_real_examples(capsys):
+    for command in (["--help"], ["run", "--help"], ["plan", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+        assert exit_.value.code == 0
+        assert "zimage-batch run catalogs/demo.csv --template templates/product_white.j2" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_run_in_process_with_row_problems_and_summary(tmp_path, capsys):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title", "color", "kind", "material"],
+                    [["S1", "Mug", "red", "mug", "clay"], ["S2", "Cup", "", "mug", "clay"]])
+    scene = write_template(tmp_path / "scene.j2", "{{ color }} {{ title }}", "size: 256x256")
+    code, out, err = run_cli(capsys, "run", cat, "-t", scene, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "o", "-q")
+    assert code == 0, err
+    assert "1 generated, 0 skipped" in out and "Manifest:" in out and "row 2: column 'color' is empty" in err
+    run = json.loads((tmp_path / "o/run.json").read_text())
+    assert run["row_problems"] == 1 and run["generated"] == 1
+
+
+def test_the_installed_command_runs_end_to_end(tmp_path):
+    """A real subprocess on Prefect's embedded server, as a user runs it."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(Path(sys.executable).parent / "zimage-batch"), "run", str(CATALOGS / "demo.parquet"), "-t",
+           str(TEMPLATES / "poster_text.j2"), "--model", "tiny-random", "--size", "256x256", "--limit", "3",
+           "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "3 generated" in done.stdout and "Traceback" not in done.stderr and "database is locked" not in done.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "0 generated, 3 skipped" in again.stdout

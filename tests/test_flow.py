@@ -1,0 +1,103 @@
+"""End to end through the Prefect flow, with the real tiny pipeline."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_template
+from zimage_batch.manifest import read_jsonl
+from zimage_batch.run import RunConfig
+from zimage_batch.store import sha256_file
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def config(tmp_path, small_catalog, scene_template):
+    white = write_template(tmp_path / "white.j2", "Product photo of a {{ color }} {{ kind }} on pure white",
+                           "size: 256x256\npresets: [amazon_main, web]\nbackground: white")
+    return RunConfig(catalogs=[str(small_catalog)], templates=[str(scene_template), str(white)], out=str(tmp_path / "out"),
+                     model="tiny-random", device="cpu", batch_size=2, shard_size=2)
+
+
+def run_flow(config):
+    from flows.catalog_images import catalog_images
+
+    return catalog_images(config)
+
+
+def files_of(out: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(out)): (sha256_file(p), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+            and p.suffix in (".jpg", ".png", ".webp")}
+
+
+def test_flow_runs_every_job_and_writes_manifest_parquet_and_run_json(config):
+    summary = run_flow(config)
+    out = Path(config.out)
+    records = read_jsonl(out / "manifest.jsonl")
+    assert len(records) == 6 and len({r["job_id"] for r in records}) == 6
+    assert {r["status"] for r in records if r["template"] == "scene"} == {"ok"}
+    assert {r["status"] for r in records if r["template"] == "white"} == {"rejected"}  # tiny-random draws noise
+    for r in records:
+        assert r["model"] == "tiny-random/v1" and r["steps"] == 8 and r["guidance_scale"] == 0.0
+        for o in r["outputs"]:
+            assert sha256_file(out / o["path"]) == o["sha256"] and (out / o["path"]).stat().st_size == o["bytes"]
+    assert {r["sku"] for r in records} == {"A-1", "B/2", "C 3"}
+    assert all("/" not in o["path"].split("/")[1] for r in records for o in r["outputs"])
+    run = json.loads((out / "run.json").read_text())
+    assert (run["planned"], run["generated"], run["rejected"], run["skipped"], run["failed"]) == (6, 3, 3, 0, 0)
+    assert run["pipeline_loads"] == 1 and set(run["stage_seconds"]) >= {"load", "plan", "generate", "postprocess", "store"}
+    assert pq.read_table(out / "manifest.parquet").num_rows == 6
+    assert summary.exit_code == 0
+    assert not list(out.rglob(".zb-tmp-*"))
+
+
+def test_rerun_generates_nothing_and_touches_nothing(config):
+    run_flow(config)
+    out = Path(config.out)
+    before = files_of(out)
+    summary = run_flow(config)
+    assert (summary.generated, summary.rejected, summary.skipped, summary.pipeline_loads) == (0, 0, 6, 0)
+    assert files_of(out) == before
+    assert len(read_jsonl(out / "manifest.jsonl")) == 6
+
+
+def test_altered_or_deleted_file_is_regenerated_identically(config):
+    run_flow(config)
+    out = Path(config.out)
+    records = {r["job_id"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    ok = [r for r in records.values() if r["status"] == "ok"]
+    altered, deleted = out / ok[0]["outputs"][0]["path"], out / ok[1]["outputs"][0]["path"]
+    altered.write_bytes(altered.read_bytes()[:-10])
+    deleted.unlink()
+    summary = run_flow(config)
+    assert (summary.generated, summary.skipped) == (2, 4)
+    assert sha256_file(altered) == ok[0]["outputs"][0]["sha256"]  # same seed, same bytes on the CPU
+    assert sha256_file(deleted) == ok[1]["outputs"][0]["sha256"]
+    assert len(read_jsonl(out / "manifest.jsonl")) == 6
+
+
+def test_two_runs_make_identical_images(config, tmp_path):
+    # Same seed, same batch layout -> the same bytes. (Batched vs alone agree only up to float
+    # noise, ~1e-6; see test_generate. Images are quantised to 8 bits, so a few pixels may flip.)
+    run_flow(config)
+    other = config.model_copy(update={"out": str(tmp_path / "again")})
+    run_flow(other)
+    a = {r["job_id"]: [o["sha256"] for o in r["outputs"]] for r in read_jsonl(Path(config.out) / "manifest.jsonl")}
+    b = {r["job_id"]: [o["sha256"] for o in r["outputs"]] for r in read_jsonl(Path(other.out) / "manifest.jsonl")}
+    assert a == b
+
+
+def test_the_run_is_a_recorded_prefect_flow_run(config):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+
+    run_flow(config)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"]))))
+        names = {client.read_flow(r.flow_id).name for r in runs}
+        assert "catalog-images" in names
+        tasks = client.read_task_runs()
+        assert {"plan", "generate-shard", "finish"} <= {t.name.rsplit("-", 1)[0] for t in tasks}

@@ -1,0 +1,96 @@
+import pytest
+
+from conftest import CATALOGS, TEMPLATES, write_csv, write_template
+from zimage_batch.catalog import RowProblem
+from zimage_batch.errors import PlanError
+from zimage_batch.plan import Job, check_inputs, derive_seed, plan_jobs, strict_check, summarize
+from zimage_batch.postprocess import PRESETS
+
+ALL_TEMPLATES = [str(TEMPLATES / n) for n in ("product_white.j2", "lifestyle_scene.j2", "poster_text.j2")]
+
+
+def plan(catalogs, templates, model="tiny-random", **kw):
+    inputs = check_inputs([str(c) for c in catalogs], [str(t) for t in templates], model, PRESETS, **kw)
+    return list(plan_jobs(inputs))
+
+
+def test_rows_times_templates_times_variants():
+    jobs = plan([CATALOGS / "demo.csv"], ALL_TEMPLATES)
+    assert all(isinstance(j, Job) for j in jobs)
+    assert len(jobs) == 14 * (1 + 2 + 1)
+    assert len({j.job_id for j in jobs}) == len(jobs)
+    first = jobs[0]
+    assert (first.sku, first.template, first.variant, first.row) == ("BTL-001", "product_white", 0, 1)
+    assert first.presets == ("amazon_main", "web") and first.background == "white"
+
+
+def test_csv_and_parquet_plan_the_same_jobs():
+    a = plan([CATALOGS / "demo.csv"], ALL_TEMPLATES)
+    b = plan([CATALOGS / "demo.parquet"], ALL_TEMPLATES)
+    assert [(j.job_id, j.seed, j.prompt) for j in a] == [(j.job_id, j.seed, j.prompt) for j in b]
+
+
+def test_plan_is_deterministic_and_seeds_are_derived_from_sku_template_variant():
+    a = plan([CATALOGS / "demo.csv"], ALL_TEMPLATES)
+    b = plan([CATALOGS / "demo.csv"], ALL_TEMPLATES)
+    assert a == b
+    assert a[0].seed == derive_seed("BTL-001", "product_white", 0)
+    assert len({j.seed for j in a}) == len(a)
+
+
+def test_job_id_tracks_what_determines_the_image(tmp_path, scene_template):
+    header = ["sku", "title", "color", "kind", "price"]
+    base = write_csv(tmp_path / "a.csv", header, [["S1", "Mug", "red", "mug", "10"]])
+    price = write_csv(tmp_path / "b.csv", header, [["S1", "Mug", "red", "mug", "99"]])
+    title = write_csv(tmp_path / "c.csv", header, [["S1", "Big mug", "red", "mug", "10"]])
+    ids = [plan([c], [scene_template])[0].job_id for c in (base, price, title)]
+    assert ids[0] == ids[1]  # price is not used by the template
+    assert ids[0] != ids[2]  # title is
+    assert plan([base], [scene_template], model="tiny-random")[0].job_id != plan([base], [scene_template], model="org/other")[0].job_id
+    assert plan([base], [scene_template], size="512x512")[0].job_id != ids[0]
+
+
+def test_seed_column_overrides_derived_seed(tmp_path, scene_template):
+    cat = write_csv(tmp_path / "s.csv", ["sku", "title", "color", "kind", "seed"],
+                    [["S1", "Mug", "red", "mug", "42"], ["S2", "Cup", "red", "mug", ""], ["S3", "Cup", "red", "mug", "x"]])
+    items = plan([cat], [scene_template])
+    assert items[0].seed == 42
+    assert items[1].seed == derive_seed("S2", "scene", 0)
+    assert isinstance(items[2], RowProblem) and "'seed'" in items[2].message
+
+
+def test_every_input_problem_is_listed_in_one_error(tmp_path):
+    cat = write_csv(tmp_path / "cat.csv", ["sku", "title"], [["S1", "Mug"]])
+    t1 = write_template(tmp_path / "t1.j2", "{{ title }} {{ colr }} {{ brand }}", "size: 1000x1000")
+    t2 = write_template(tmp_path / "t2.j2", "{{ title }}", "presets: [amazon-main]")
+    with pytest.raises(PlanError) as err:
+        plan([cat, tmp_path / "missing.csv"], [t1, t2, tmp_path / "gone.j2"])
+    problems = err.value.problems
+    text = str(err.value)
+    assert len(problems) == 6, text
+    assert "missing.csv does not exist" in text and "gone.j2 does not exist" in text
+    assert "t1.j2 uses {{ brand }}" in text and "t1.j2 uses {{ colr }}" in text and "cat.csv" in text
+    assert "not a multiple of 16" in text
+    assert "unknown preset 'amazon-main' (did you mean 'amazon_main'?)" in text
+
+
+def test_row_problems_do_not_stop_other_rows(tmp_path, scene_template):
+    cat = write_csv(tmp_path / "r.csv", ["sku", "title", "color", "kind"],
+                    [["S1", "Mug", "red", "mug"], ["S2", "Cup", "", "mug"], ["S1", "Again", "red", "mug"], ["S4", "Pan", "red", "pan"]])
+    items = plan([cat], [scene_template])
+    problems = [i for i in items if isinstance(i, RowProblem)]
+    assert [j.sku for j in items if isinstance(j, Job)] == ["S1", "S4"]
+    assert problems[0].row == 2 and "'color' is empty" in problems[0].message and "scene.j2" in problems[0].message
+    assert problems[1].row == 3 and "already appeared" in problems[1].message
+    inputs = check_inputs([str(cat)], [str(scene_template)], "tiny-random", PRESETS)
+    with pytest.raises(PlanError, match="--strict: 2 row"):
+        strict_check(inputs)
+    summary = summarize(plan_jobs(inputs))
+    assert (summary.jobs, summary.rows, len(summary.problems)) == (2, 2, 2)
+
+
+def test_bad_overrides_and_bad_model_folder(tmp_path, small_catalog, scene_template):
+    with pytest.raises(PlanError) as err:
+        plan([small_catalog], [scene_template], model=str(tmp_path / "no-model"), size="100x100", steps=0)
+    text = str(err.value)
+    assert "--size" in text and "--steps 0" in text and "no-model does not exist" in text

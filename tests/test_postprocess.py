@@ -1,0 +1,498 @@
+"""Tests for zimage_batch.postprocess on synthetic product shots whose true masks are known."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, JpegImagePlugin
+from scipy import ndimage
+
+from zimage_batch.postprocess import (
+    PRESETS,
+    CutOut,
+    Preset,
+    Rendered,
+    UnknownPresetError,
+    cut_out_white,
+    get_preset,
+    render,
+)
+
+OFF_WHITE = (246.0, 245.0, 243.0)
+BOTTLE_BLUE = (30.0, 90.0, 160.0)
+MUG_RED = (180.0, 40.0, 40.0)
+
+
+@dataclass
+class Scene:
+    """A synthetic shot: the image, the true product mask and optional named regions."""
+
+    image: Image.Image
+    truth: np.ndarray
+    regions: dict[str, np.ndarray]
+
+
+# --- scene builders -----------------------------------------------------------------------------
+
+
+def _grid(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) for an image of (height, width)."""
+    ys, xs = np.mgrid[: size[0], : size[1]].astype(np.float32)
+    return ys + 0.5, xs + 0.5
+
+
+def _coverage(sdf: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage (0..1) of a shape from its signed distance (negative inside)."""
+    return np.clip(0.5 - sdf, 0.0, 1.0)
+
+
+def _rounded_rect(
+    size: tuple[int, int], centre: tuple[float, float], half: tuple[float, float], radius: float
+) -> np.ndarray:
+    """Signed distance to a rounded rectangle; centre and half extents given as (y, x)."""
+    ys, xs = _grid(size)
+    qy = np.abs(ys - centre[0]) - (half[0] - radius)
+    qx = np.abs(xs - centre[1]) - (half[1] - radius)
+    outside = np.hypot(np.maximum(qy, 0), np.maximum(qx, 0))
+    return outside + np.minimum(np.maximum(qy, qx), 0) - radius
+
+
+def _ring(size: tuple[int, int], centre: tuple[float, float], radius: float, thickness: float) -> np.ndarray:
+    """Signed distance to an annulus (a mug handle) of mid radius `radius`."""
+    ys, xs = _grid(size)
+    return np.abs(np.hypot(ys - centre[0], xs - centre[1]) - radius) - thickness / 2
+
+
+def _backdrop(
+    size: tuple[int, int], top: tuple[float, ...] = OFF_WHITE, bottom: tuple[float, ...] | None = None
+) -> np.ndarray:
+    """A plain (or vertically graded) backdrop as float RGB."""
+    bottom = top if bottom is None else bottom
+    t = np.linspace(0.0, 1.0, size[0], dtype=np.float32)[:, None, None]
+    return np.broadcast_to((1 - t) * np.array(top) + t * np.array(bottom), (*size, 3)).astype(np.float32)
+
+
+def _shaded(size: tuple[int, int], colour: tuple[float, ...]) -> np.ndarray:
+    """Product colour with a left-to-right shading, like a lit cylinder."""
+    _, xs = _grid(size)
+    shade = 0.8 + 0.4 * xs / size[1]
+    return np.clip(np.array(colour) * shade[..., None], 0, 255).astype(np.float32)
+
+
+def _finish(
+    pixels: np.ndarray, coverage: np.ndarray, colour: np.ndarray, noise: float = 1.5, seed: int = 0
+) -> tuple[Image.Image, np.ndarray]:
+    """Composite a product (coverage, colour) over `pixels`, add sensor-like noise, return image and truth."""
+    a = coverage[..., None]
+    out = pixels * (1 - a) + colour * a
+    out = out + np.random.default_rng(seed).normal(0.0, noise, out.shape)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8)), coverage >= 0.5
+
+
+def bottle_scene(
+    size: tuple[int, int] = (512, 512), backdrop: np.ndarray | None = None, colour: tuple[float, ...] = BOTTLE_BLUE
+) -> Scene:
+    """A bottle (rounded rectangle, blue by default) centred on an off-white backdrop."""
+    pixels = _backdrop(size) if backdrop is None else backdrop
+    h, w = size
+    sdf = _rounded_rect(size, (h * 0.5, w * 0.5), (h * 0.35, w * 0.15), radius=w * 0.05)
+    image, truth = _finish(pixels, _coverage(sdf), _shaded(size, colour))
+    return Scene(image, truth, {})
+
+
+def mug_scene(size: tuple[int, int] = (512, 512)) -> Scene:
+    """A red mug whose handle (a ring) shows the backdrop through its hole."""
+    h, w = size
+    body = _rounded_rect(size, (h * 0.5, w * 0.42), (h * 0.28, w * 0.2), radius=8)
+    handle_centre, handle_radius, thickness = (h * 0.5, w * 0.62), w * 0.11, w * 0.04
+    handle = _ring(size, handle_centre, handle_radius, thickness)
+    image, truth = _finish(_backdrop(size), _coverage(np.minimum(body, handle)), _shaded(size, MUG_RED))
+    ys, xs = _grid(size)
+    inside_ring = np.hypot(ys - handle_centre[0], xs - handle_centre[1]) < handle_radius - thickness / 2 - 2
+    hole = inside_ring & (body > 2)
+    return Scene(image, truth, {"hole": hole})
+
+
+def shadow_scene(size: tuple[int, int] = (512, 512)) -> Scene:
+    """A bottle standing on a soft contact shadow (a blurred grey ellipse) up to ~44 levels darker."""
+    h, w = size
+    ys, xs = _grid(size)
+    bottom = h * 0.85
+    ellipse = (((xs - w * 0.5) / (w * 0.22)) ** 2 + ((ys - bottom) / (h * 0.035)) ** 2 <= 1).astype(np.float32)
+    strength = ndimage.gaussian_filter(ellipse, sigma=6)
+    strength /= strength.max()
+    pixels = _backdrop(size) * (1 - 0.18 * strength[..., None])
+    sdf = _rounded_rect(size, (h * 0.5, w * 0.5), (bottom - h * 0.5, w * 0.15), radius=w * 0.05)
+    image, truth = _finish(pixels, _coverage(sdf), _shaded(size, BOTTLE_BLUE))
+    away = ndimage.binary_dilation(truth, iterations=3)
+    return Scene(image, truth, {"shadow": (strength > 0.5) & ~away, "clear": (strength < 0.01) & ~away})
+
+
+# --- helpers for assertions --------------------------------------------------------------------
+
+
+def iou_outside_edge(mask: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two masks, ignoring the 1-px band along the true edge (the feathered pixels)."""
+    band = ndimage.binary_dilation(truth) & ~ndimage.binary_erosion(truth)
+    a, b = mask & ~band, truth & ~band
+    return float((a & b).sum() / (a | b).sum())
+
+
+def ring_values(pixels: np.ndarray, width: int = 4) -> np.ndarray:
+    """All values in the outer ring of `width` px of an (H, W, 3) array."""
+    return np.concatenate(
+        [pixels[:width].ravel(), pixels[-width:].ravel(), pixels[:, :width].ravel(), pixels[:, -width:].ravel()]
+    )
+
+
+def decode(rendered: Rendered) -> Image.Image:
+    """Open rendered bytes with Pillow and load them."""
+    image = Image.open(io.BytesIO(rendered.data))
+    image.load()
+    return image
+
+
+def non_white_box(pixels: np.ndarray, below: int = 250) -> tuple[int, int, int, int]:
+    """Box (left, upper, right, lower) of pixels with any channel under `below`."""
+    ys, xs = np.nonzero((pixels < below).any(axis=2))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# --- cut_out_white -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scene_name", ["bottle", "mug", "graded"])
+def test_cut_out_matches_true_mask_and_whitens_backdrop(scene_name: str) -> None:
+    if scene_name == "graded":  # 238 at the top to 252 at the bottom: a backdrop graded by 14 levels
+        scene = bottle_scene(backdrop=_backdrop((512, 512), (238, 238, 236), (252, 251, 249)))
+    else:
+        scene = {"bottle": bottle_scene, "mug": mug_scene}[scene_name]()
+    cut = cut_out_white(scene.image)
+    assert cut.problem is None
+    assert cut.mask.dtype == bool and cut.mask.shape == scene.truth.shape
+    assert iou_outside_edge(cut.mask, scene.truth) >= 0.97
+    out = np.asarray(cut.image)
+    assert cut.image.mode == "RGB"
+    assert (ring_values(out) == 255).all()
+    background = ~ndimage.binary_dilation(scene.truth, iterations=2)
+    assert (out[background] == 255).all()
+    assert (out[ndimage.binary_erosion(scene.truth, iterations=2)] < 255).any(axis=-1).all()
+
+
+def test_mug_handle_hole_becomes_pure_white() -> None:
+    scene = mug_scene()
+    assert scene.regions["hole"].sum() > 200
+    before = np.asarray(scene.image)[scene.regions["hole"]]
+    assert before.mean() < 250 and not (before == 255).all(axis=-1).any()  # off-white before
+    cut = cut_out_white(scene.image)
+    assert (np.asarray(cut.image)[scene.regions["hole"]] == 255).all()
+    assert not cut.mask[scene.regions["hole"]].any()
+
+
+def test_small_backdrop_coloured_specks_inside_product_stay_product() -> None:
+    scene = bottle_scene()
+    pixels = np.asarray(scene.image).copy()
+    specks = np.zeros(scene.truth.shape, dtype=bool)
+    for y, x in [(200, 240), (260, 250), (320, 270)]:
+        specks[y : y + 2, x : x + 2] = True
+    pixels[specks] = OFF_WHITE
+    cut = cut_out_white(Image.fromarray(pixels))
+    assert cut.mask[specks].all()
+    assert (np.asarray(cut.image)[specks] == pixels[specks]).all()
+
+
+def test_edge_is_feathered_inwards_without_halo() -> None:
+    scene = bottle_scene()
+    cut = cut_out_white(scene.image)
+    before, after = np.asarray(scene.image).astype(int), np.asarray(cut.image).astype(int)
+    edge = cut.mask & ~ndimage.binary_erosion(cut.mask, structure=np.ones((3, 3)))
+    assert ((after - before)[edge].mean(axis=-1) > 5).mean() > 0.95  # blended towards white
+    inside = ndimage.binary_erosion(cut.mask, iterations=2)
+    assert (after[inside] == before[inside]).all()
+    assert (after[~cut.mask] == 255).all()  # no halo outside the mask
+
+
+def test_dust_and_hair_are_dropped_and_a_two_piece_product_is_kept() -> None:
+    size = (512, 512)
+    ys, xs = _grid(size)
+    pieces = np.minimum(np.hypot(ys - 256, xs - 170) - 60, np.hypot(ys - 256, xs - 342) - 60)  # two earrings
+    image, truth = _finish(_backdrop(size), _coverage(pieces), _shaded(size, MUG_RED))
+    pixels = np.asarray(image).copy()
+    dust = np.zeros(size, dtype=bool)
+    dust[40, 40] = dust[460, 100] = dust[100, 470] = True  # single dark pixels
+    dust[440:446, 440:446] = True  # a 6x6 crumb: survives the opening, far smaller than the product
+    dust[256, 402:440] = True  # a 1-px hair sticking out of the right piece: removed by the opening
+    pixels[dust] = (60, 60, 60)
+    cut = cut_out_white(Image.fromarray(pixels))
+    assert cut.problem is None
+    assert not cut.mask[dust].any()
+    assert (np.asarray(cut.image)[dust] == 255).all()
+    assert iou_outside_edge(cut.mask, truth) >= 0.97  # both pieces kept
+
+
+def test_bbox_is_the_product_box() -> None:
+    scene = bottle_scene()
+    cut = cut_out_white(scene.image)
+    ys, xs = np.nonzero(scene.truth)
+    expected = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert cut.bbox() is not None
+    assert np.abs(np.subtract(cut.bbox(), expected)).max() <= 1
+    assert CutOut(cut.image, np.zeros_like(cut.mask), "no_product").bbox() is None
+
+
+def test_soft_shadow_is_removed_by_default() -> None:
+    scene = shadow_scene()
+    before = np.asarray(scene.image)[scene.regions["shadow"]].astype(int)
+    assert (OFF_WHITE[0] - before[:, 0]).mean() > 25  # the shadow is well beyond the tolerance
+    cut = cut_out_white(scene.image)
+    assert cut.problem is None
+    assert iou_outside_edge(cut.mask, scene.truth) >= 0.97
+    out = np.asarray(cut.image)
+    assert (out[scene.regions["shadow"]] == 255).all()
+    assert (out[scene.regions["clear"]] == 255).all()
+
+
+def test_grey_product_is_not_mistaken_for_shadow() -> None:
+    scene = bottle_scene(colour=(200.0, 200.0, 200.0))  # neutral, 33..57 darker than the backdrop: shadow-like
+    cut = cut_out_white(scene.image)
+    assert cut.problem is None
+    assert iou_outside_edge(cut.mask, scene.truth) >= 0.97
+
+
+def test_kept_shadow_is_soft_grey_and_white_elsewhere() -> None:
+    scene = shadow_scene()
+    cut = cut_out_white(scene.image, keep_shadow=True)
+    assert cut.problem is None
+    assert iou_outside_edge(cut.mask, scene.truth) >= 0.97
+    out = np.asarray(cut.image).astype(int)
+    shadow = out[scene.regions["shadow"]]
+    assert shadow.mean() < 245 and (shadow < 255).all()
+    assert (shadow[:, 0] == shadow[:, 1]).all() and (shadow[:, 1] == shadow[:, 2]).all()  # neutral grey
+    assert (out[scene.regions["clear"]] == 255).all()
+    # No grey box: next to a pure-white pixel the kept shadow is nearly white too.
+    grey = out[..., 0]
+    off_product = ~ndimage.binary_dilation(cut.mask, iterations=2)
+    for a, b, keep in [(grey[:, 1:], grey[:, :-1], off_product[:, 1:] & off_product[:, :-1]),
+                       (grey[1:], grey[:-1], off_product[1:] & off_product[:-1])]:
+        step = np.abs(a - b)[keep & ((a == 255) | (b == 255))]
+        assert step.max() <= 12
+
+
+def test_product_touching_the_edge_is_flagged() -> None:
+    size = (512, 512)
+    sdf = _rounded_rect(size, (400, 256), (140, 80), radius=10)  # reaches below the bottom edge
+    image, truth = _finish(_backdrop(size), _coverage(sdf), _shaded(size, BOTTLE_BLUE))
+    cut = cut_out_white(image)
+    assert cut.problem == "product_touches_edge"
+    assert cut.mask[-1].any()
+    assert iou_outside_edge(cut.mask, truth) >= 0.97
+
+
+def test_noise_is_not_a_uniform_backdrop_and_stays_unchanged() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    cut = cut_out_white(Image.fromarray(pixels))
+    assert cut.problem == "backdrop_not_uniform"
+    assert np.array_equal(np.asarray(cut.image), pixels)
+    assert cut.mask.all()
+
+
+def test_saturated_backdrop_is_not_a_plain_light_backdrop() -> None:
+    scene = bottle_scene((256, 256), backdrop=_backdrop((256, 256), (250, 200, 60)))
+    assert cut_out_white(scene.image).problem == "backdrop_not_uniform"
+
+
+def test_black_image_is_not_ok() -> None:
+    cut = cut_out_white(Image.new("RGB", (256, 256), (0, 0, 0)))
+    assert cut.problem is not None
+    assert np.asarray(cut.image).max() == 0  # not whitened
+
+
+def test_empty_backdrop_has_no_product() -> None:
+    image, _ = _finish(_backdrop((256, 256)), np.zeros((256, 256), np.float32), _backdrop((256, 256)))
+    cut = cut_out_white(image)
+    assert cut.problem == "no_product"
+    assert not cut.mask.any() and cut.bbox() is None
+
+
+def test_bad_tolerance_is_rejected() -> None:
+    with pytest.raises(ValueError, match="tolerance"):
+        cut_out_white(bottle_scene().image, tolerance=300)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+def test_presets_are_the_documented_ones() -> None:
+    amazon = PRESETS["amazon_main"]
+    got = (amazon.width, amazon.height, amazon.fit, amazon.fill, amazon.format, amazon.quality)
+    assert got == (2000, 2000, "pad", 0.85, "JPEG", 90)
+    assert (PRESETS["web"].long_side, PRESETS["web"].format, PRESETS["web"].quality) == (1024, "JPEG", 88)
+    assert (PRESETS["web_webp"].long_side, PRESETS["web_webp"].format, PRESETS["web_webp"].quality) == (1024, "WEBP", 85)
+    assert (PRESETS["png"].long_side, PRESETS["png"].fit, PRESETS["png"].format) == (None, "long_side", "PNG")
+    assert all(name == preset.name for name, preset in PRESETS.items())
+    assert get_preset("web") is PRESETS["web"]
+
+
+def test_unknown_preset_names_it_and_the_known_ones() -> None:
+    with pytest.raises(UnknownPresetError) as caught:
+        get_preset("amazon_mian")
+    message = str(caught.value)
+    assert "amazon_mian" in message
+    assert all(name in message for name in PRESETS)
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"fit": "pad", "width": None, "height": 2000, "fill": 0.85},
+        {"fit": "pad", "width": 2000, "height": 2000, "fill": 1.5},
+        {"fit": "long_side", "width": 800, "height": None, "long_side": 800},
+        {"fit": "long_side", "width": None, "height": None, "long_side": 800, "extension": "png"},
+    ],
+)
+def test_inconsistent_presets_are_rejected(fields: dict[str, object]) -> None:
+    base = {"name": "bad", "format": "JPEG", "extension": "jpg", "description": "test"}
+    with pytest.raises(ValueError, match="bad"):
+        Preset(**{**base, **fields})
+
+
+# --- render -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "fmt"),
+    [
+        ("amazon_main", (2000, 2000), "JPEG"),
+        ("web", (1024, 768), "JPEG"),
+        ("web_webp", (1024, 768), "WEBP"),
+        ("png", (640, 480), "PNG"),
+    ],
+)
+def test_every_preset_has_exact_size_and_format(name: str, size: tuple[int, int], fmt: str) -> None:
+    cut = cut_out_white(bottle_scene((480, 640)).image)
+    rendered = render(cut.image, PRESETS[name], cut.mask)
+    decoded = decode(rendered)
+    assert (rendered.width, rendered.height) == decoded.size == size
+    assert rendered.format == decoded.format == fmt
+    assert rendered.preset == name and rendered.extension == PRESETS[name].extension
+    assert decoded.mode == "RGB"
+    if fmt == "PNG":
+        assert np.array_equal(np.asarray(decoded), np.asarray(cut.image))  # lossless at the original size
+
+
+def test_amazon_main_fills_85_percent_centred_on_pure_white() -> None:
+    cut = cut_out_white(bottle_scene().image)
+    decoded = decode(render(cut.image, get_preset("amazon_main"), cut.mask))
+    pixels = np.asarray(decoded)
+    left, upper, right, lower = non_white_box(pixels)
+    assert max(right - left, lower - upper) == pytest.approx(0.85 * 2000, rel=0.02)
+    assert (left + right) / 2 == pytest.approx(1000, abs=40)
+    assert (upper + lower) / 2 == pytest.approx(1000, abs=40)
+    assert (ring_values(pixels) == 255).all()  # exact after JPEG encoding
+    assert JpegImagePlugin.get_sampling(decoded) == 0  # 4:4:4 at quality >= 90
+
+
+def test_pad_without_mask_treats_the_whole_image_as_product() -> None:
+    product = Image.new("RGB", (400, 300), (30, 90, 160))
+    lossless = PRESETS["amazon_main"].model_copy(update={"format": "PNG", "extension": "png"})  # no JPEG ringing
+    pixels = np.asarray(decode(render(product, lossless)))
+    left, upper, right, lower = non_white_box(pixels)
+    assert right - left == pytest.approx(1700, abs=3)
+    assert lower - upper == pytest.approx(1275, abs=3)
+    assert (left + right) / 2 == pytest.approx(1000, abs=2) and (upper + lower) / 2 == pytest.approx(1000, abs=2)
+    assert (ring_values(pixels) == 255).all()
+
+
+def test_web_jpeg_keeps_white_border_and_uses_420() -> None:
+    cut = cut_out_white(bottle_scene().image)
+    decoded = decode(render(cut.image, PRESETS["web"], cut.mask))
+    assert (ring_values(np.asarray(decoded)) == 255).all()
+    assert JpegImagePlugin.get_sampling(decoded) == 2  # 4:2:0 below quality 90
+
+
+def test_kept_shadow_survives_the_amazon_frame() -> None:
+    scene = shadow_scene()
+    frames = {}
+    for keep in (False, True):
+        cut = cut_out_white(scene.image, keep_shadow=keep)
+        frames[keep] = np.asarray(decode(render(cut.image, PRESETS["amazon_main"], cut.mask)))
+    below_product = (slice(1860, 1960), slice(800, 1200))  # the bottle ends at row ~1850
+    assert frames[True][below_product].min() < 240
+    assert frames[False][below_product].min() >= 250
+    assert (ring_values(frames[True]) == 255).all()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_output_carries_no_exif(name: str) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"  # Make
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (30, 90, 160)).save(buffer, "JPEG", exif=exif)
+    tagged = Image.open(io.BytesIO(buffer.getvalue()))
+    assert "exif" in tagged.info  # the input does carry EXIF
+    rendered = render(tagged, PRESETS[name])
+    decoded = decode(rendered)
+    assert "exif" not in decoded.info and len(decoded.getexif()) == 0
+    assert b"CameraMaker" not in rendered.data
+
+
+def _swapped_primaries_profile() -> bytes:
+    """An RGB ICC profile whose red and blue primaries are exchanged (clearly not sRGB)."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {bytes(data[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    data[red + 4 : red + 12], data[blue + 4 : blue + 12] = data[blue + 4 : blue + 12], data[red + 4 : red + 12]
+    return bytes(data)
+
+
+def test_tagged_input_is_converted_to_untagged_srgb() -> None:
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    image.info["icc_profile"] = _swapped_primaries_profile()
+    decoded = decode(render(image, PRESETS["png"]))
+    red, _, blue = np.asarray(decoded)[24, 32].astype(int)
+    assert blue > red + 100  # "red" in the swapped space is blue in sRGB
+    assert "icc_profile" not in decoded.info
+
+
+def test_render_rejects_a_mask_that_does_not_fit() -> None:
+    image = bottle_scene((256, 256)).image
+    with pytest.raises(ValueError, match="shape"):
+        render(image, PRESETS["amazon_main"], np.ones((10, 10), dtype=bool))
+    with pytest.raises(ValueError, match="no product"):
+        render(image, PRESETS["amazon_main"], np.zeros((256, 256), dtype=bool))
+
+
+def test_rgba_input_is_flattened_on_white() -> None:
+    image = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+    image.paste((30, 90, 160, 255), (50, 25, 150, 75))
+    pixels = np.asarray(decode(render(image, PRESETS["png"])))
+    assert (pixels[:20] == 255).all()
+    assert tuple(pixels[50, 100]) == (30, 90, 160)
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+
+def test_time_for_1024_cut_out_and_amazon_render(capsys: pytest.CaptureFixture[str]) -> None:
+    scene = shadow_scene((1024, 1024))
+    cut_out_white(scene.image)  # warm up
+    cut_times, render_times = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        cut = cut_out_white(scene.image)
+        middle = time.perf_counter()
+        rendered = render(cut.image, PRESETS["amazon_main"], cut.mask)
+        cut_times.append(middle - start)
+        render_times.append(time.perf_counter() - middle)
+    with capsys.disabled():
+        cut_ms, render_ms = min(cut_times) * 1000, min(render_times) * 1000
+        print(f"\n1024x1024: cut_out_white {cut_ms:.0f} ms, render(amazon_main) {render_ms:.0f} ms")
+    assert cut.problem is None and iou_outside_edge(cut.mask, scene.truth) >= 0.97
+    assert (rendered.width, rendered.height) == (2000, 2000)

@@ -1,0 +1,106 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import RecordingEngine, product_on_white
+from test_generate import job
+from zimage_batch.generate import Engine, build_tiny_pipeline
+from zimage_batch.manifest import Manifest
+from zimage_batch.models import resolve_model
+from zimage_batch.plan import derive_seed
+from zimage_batch.shard import batches, process_shard
+from zimage_batch.store import LocalStore
+
+
+def noise(j, seed, call):
+    return np.random.default_rng(seed).random((j.height, j.width, 3), dtype=np.float32)
+
+
+def run(tmp_path, jobs, engine, **kw):
+    store, manifest = LocalStore(tmp_path), Manifest(tmp_path)
+    result = process_shard(jobs, engine, store, manifest, **kw)
+    return result, manifest
+
+
+def test_batches_group_by_size_and_settings():
+    jobs = [job(seed=i, size=256 if i % 2 else 512) for i in range(7)]
+    out = list(batches(jobs, 2))
+    assert [len(b) for b in out] == [2, 2, 2, 1]  # four 512s first (first seen), then three 256s
+    assert all(len({j.batch_key() for j in b}) == 1 for b in out)
+
+
+def test_black_image_is_regenerated_with_the_next_derived_seed(tmp_path):
+    j = job()
+    engine = RecordingEngine(lambda job_, seed, call: np.zeros((256, 256, 3), np.float32) if call == 0 else noise(job_, seed, call))
+    result, manifest = run(tmp_path, [j], engine)
+    rec = manifest.records[j.job_id]
+    retry_seed = derive_seed(j.seed, "retry", 1)
+    assert [(a.seed, a.outcome) for a in rec.attempts] == [(j.seed, "black"), (retry_seed, "ok")]
+    assert rec.status == "ok" and rec.image_seed == retry_seed and result.generated == 1
+    assert engine.calls == [[(j.job_id, j.seed)], [(j.job_id, retry_seed)]]
+
+
+def test_an_image_that_stays_black_is_never_delivered(tmp_path):
+    j = job()
+    engine = RecordingEngine(lambda *a: np.zeros((256, 256, 3), np.float32))
+    result, manifest = run(tmp_path, [j], engine, max_attempts=3)
+    rec = manifest.records[j.job_id]
+    assert rec.status == "failed" and rec.outputs == [] and len(rec.attempts) == 3
+    assert rec.reasons == ["black image on all 3 attempts"] and result.failed == 1
+    assert not (tmp_path / "images").exists()
+
+
+def test_a_failing_batch_is_recorded_and_the_shard_goes_on(tmp_path):
+    jobs = [job(seed=1, size=256), job(seed=2, size=512)]
+
+    def make(j, seed, call):
+        if j.width == 256:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return noise(j, seed, call)
+
+    result, manifest = run(tmp_path, jobs, RecordingEngine(make))
+    assert manifest.records[jobs[0].job_id].status == "failed"
+    assert "out of memory" in manifest.records[jobs[0].job_id].reasons[0]
+    assert manifest.records[jobs[1].job_id].status == "ok"
+    assert (result.generated, result.failed) == (1, 1)
+
+
+def test_white_background_job_is_cut_out_and_fit_to_amazon_main(tmp_path):
+    j = job(background="white", presets=("amazon_main", "web"))
+    result, manifest = run(tmp_path, [j], RecordingEngine(lambda *a: product_on_white()))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "ok", rec.reasons
+    outputs = {o.preset: o for o in rec.outputs}
+    assert set(outputs) == {"amazon_main", "web"}
+    amazon = Image.open(tmp_path / outputs["amazon_main"].path)
+    assert amazon.size == (2000, 2000) and amazon.format == "JPEG" and (outputs["amazon_main"].width, outputs["amazon_main"].height) == (2000, 2000)
+    pixels = np.asarray(amazon.convert("RGB"))
+    border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3), pixels[:, :4].reshape(-1, 3), pixels[:, -4:].reshape(-1, 3)])
+    assert (border == 255).all()
+    assert "/amazon_main" not in outputs["amazon_main"].path and outputs["amazon_main"].path.startswith("images/S/t/")
+
+
+def test_noise_on_a_white_template_is_rejected_and_kept_for_review(tmp_path):
+    j = job(background="white", presets=("amazon_main",))
+    result, manifest = run(tmp_path, [j], RecordingEngine(noise))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "rejected" and rec.reasons == ["backdrop_not_uniform"] and result.rejected == 1
+    assert rec.outputs[0].path.startswith("rejected/") and (tmp_path / rec.outputs[0].path).is_file()
+    assert not (tmp_path / "images").exists()
+
+
+def test_real_pipeline_that_only_makes_black_images_fails_cleanly(tmp_path):
+    pipe = build_tiny_pipeline()
+    with torch.no_grad():  # a decoder whose output is always -1, i.e. black
+        pipe.vae.decoder.conv_out.weight.zero_()
+        pipe.vae.decoder.conv_out.bias.fill_(-10.0)
+    pipe.set_progress_bar_config(disable=True)
+    engine = Engine(pipe, "cpu", resolve_model("tiny-random"), 0.0, "black:0")
+    j = job()
+    result, manifest = run(tmp_path, [j], engine, max_attempts=2)
+    rec = manifest.records[j.job_id]
+    assert rec.status == "failed" and [a.outcome for a in rec.attempts] == ["black", "black"]
+    assert rec.attempts[0].seed != rec.attempts[1].seed

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+
+from zimage_batch.errors import OutputError
+from zimage_batch.store import TEMP_PREFIX, LocalStore, safe_name
+
+
+@pytest.mark.parametrize("sku", ["A-1", "B/2", "../../etc/passwd", "咖啡杯", "C 3", "", ".hidden", "x" * 200, "a:b*c?"])
+def test_safe_names_stay_inside_and_are_distinct(sku):
+    name = safe_name(sku)
+    assert name and "/" not in name and not name.startswith(".") and len(name) <= 80
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+
+
+def test_safe_names_keep_clean_skus_and_separate_lookalikes():
+    assert safe_name("BTL-001") == "BTL-001"
+    assert len({safe_name(s) for s in ["a/b", "a_b", "a b", "a?b"]}) == 4
+
+
+def test_atomic_write_and_hash_check(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    written = store.write("images/x/y.jpg", b"hello")
+    assert (tmp_path / "out/images/x/y.jpg").read_bytes() == b"hello"
+    assert written.bytes == 5 and store.holds("images/x/y.jpg", written.sha256)
+    (tmp_path / "out/images/x/y.jpg").write_bytes(b"hellO")
+    assert not store.holds("images/x/y.jpg", written.sha256)
+    assert not store.holds("images/x/missing.jpg", written.sha256)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        store.write("a/b.jpg", b"data")
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    (tmp_path / "images/s").mkdir(parents=True)
+    (tmp_path / f"images/s/{TEMP_PREFIX}abc").write_bytes(b"half")
+    (tmp_path / "images/s/keep.jpg").write_bytes(b"x")
+    assert LocalStore(tmp_path).remove_stale_temp_files() == 1
+    assert [p.name for p in (tmp_path / "images/s").iterdir()] == ["keep.jpg"]
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="not a folder"):
+        LocalStore(tmp_path / "f")

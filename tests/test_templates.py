@@ -1,0 +1,103 @@
+import pytest
+
+from conftest import TEMPLATES, write_template
+from zimage_batch.errors import TemplateError
+from zimage_batch.templates import collapse_whitespace, load_template, parse_size
+
+
+def test_shipped_templates_load_with_their_settings():
+    white = load_template(TEMPLATES / "product_white.j2")
+    assert white.name == "product_white"
+    assert white.settings.background == "white" and "amazon_main" in white.settings.presets
+    assert white.settings.dimensions() == (1024, 1024) and white.settings.steps == 8
+    assert white.settings.guidance_scale == 0.0
+    scene = load_template(TEMPLATES / "lifestyle_scene.j2")
+    assert len(scene.settings.variant_contexts()) == 2 and "angle" not in scene.required_columns()
+    poster = load_template(TEMPLATES / "poster_text.j2")
+    assert {"brand", "title_zh"} <= poster.required_columns()
+    prompt, _ = poster.render({"brand": "茗香", "title_zh": "龙井"}, 0)
+    assert "“茗香”" in prompt and " " not in prompt  # CJK lines join without spaces
+
+
+def test_no_front_matter_uses_defaults(tmp_path):
+    t = load_template(write_template(tmp_path / "plain.j2", "a {{ title }}"))
+    assert t.settings.size == "1024x1024" and t.settings.presets == ["web"]
+    assert t.render({"title": "mug"}, 0) == ("a mug", "")
+
+
+def test_catalog_values_are_data_not_template_code(tmp_path):
+    t = load_template(write_template(tmp_path / "t.j2", "{{ title }}"))
+    assert t.render({"title": "{{ 7*7 }} {% if 1 %}x{% endif %}"}, 0)[0] == "{{ 7*7 }} {% if 1 %}x{% endif %}"
+
+
+def test_sandbox_blocks_unsafe_attribute_access(tmp_path):
+    from jinja2.exceptions import SecurityError
+
+    t = load_template(write_template(tmp_path / "t.j2", "{{ title.__class__.__mro__[1].__subclasses__() }}"))
+    with pytest.raises(SecurityError):
+        t.render({"title": "x"}, 0)
+
+
+def test_undefined_variable_is_strict(tmp_path):
+    import jinja2
+
+    t = load_template(write_template(tmp_path / "t.j2", "{{ title }} {{ colour }}"))
+    assert t.required_columns() == {"title", "colour"}
+    with pytest.raises(jinja2.UndefinedError):
+        t.render({"title": "x"}, 0)
+
+
+def test_variants_as_mappings_and_row_access(tmp_path):
+    t = load_template(write_template(tmp_path / "t.j2", "{{ row['product name'] }} {{ angle }} #{{ variant }}",
+                                     "variants:\n  - angle: front\n  - angle: side"))
+    assert t.required_columns() == set()
+    assert [t.render({"product name": "Mug"}, v)[0] for v in (0, 1)] == ["Mug front #0", "Mug side #1"]
+
+
+def test_whitespace_collapses_but_not_between_cjk():
+    assert collapse_whitespace("a\n   b\tc") == "a b c"
+    assert collapse_whitespace("国风茶馆，\n  红灯笼 and lanterns") == "国风茶馆，红灯笼 and lanterns"
+
+
+@pytest.mark.parametrize(
+    "front, body, expected",
+    [
+        ("size: [1, 2", "x", "bad front matter"),
+        ("- a\n- b", "x", "must be a YAML mapping"),
+        ("colour: red", "x", "colour"),
+        ("steps: 0", "x", "steps"),
+        ("presets: []", "x", "presets"),
+        ("background: black", "x", "background"),
+        ("size: 512x512", "   \n", "no prompt body"),
+        ("size: 512x512", "line one\n{{ title }\n", "line 5: Jinja syntax error"),
+        ("size: 512x512", "{% if x %}open", "Jinja syntax error"),
+    ],
+)
+def test_bad_templates_name_the_file_and_the_problem(tmp_path, front, body, expected):
+    path = write_template(tmp_path / "bad.j2", body, front)
+    with pytest.raises(TemplateError) as err:
+        load_template(path)
+    assert expected in str(err.value) and "bad.j2" in str(err.value)
+
+
+def test_unclosed_front_matter_and_missing_file(tmp_path):
+    (tmp_path / "open.j2").write_text("---\nsize: 512x512\nbody", encoding="utf-8")
+    with pytest.raises(TemplateError, match="never closed"):
+        load_template(tmp_path / "open.j2")
+    with pytest.raises(TemplateError, match="does not exist"):
+        load_template(tmp_path / "nope.j2")
+
+
+@pytest.mark.parametrize("size, ok", [("1024x1024", (1024, 1024)), ("896×1152", (896, 1152)), ("1000x1024", None),
+                                      ("1024", None), ("128x128", None), ("axb", None)])
+def test_parse_size(size, ok):
+    if ok:
+        assert parse_size(size) == ok
+    else:
+        with pytest.raises(ValueError):
+            parse_size(size)
+
+
+def test_size_error_suggests_multiples_of_16():
+    with pytest.raises(ValueError, match="use 992 or 1008"):
+        parse_size("1000x1024")
