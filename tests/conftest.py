@@ -92,11 +92,27 @@ class RecordingEngine:
     """
 
     def __init__(self, make, device: str = "cpu"):
+        from zimage_batch.generate import EngineOptions
+
         self.make = make
         self.device = device
         self.load_id = "recording:0"
         self.load_seconds = 0.0
+        self.options = EngineOptions()
         self.calls: list[list[tuple[str, int]]] = []
+        self.prepared: list[str] = []
+
+    def prepare(self, jobs):
+        self.prepared.extend(j.job_id for j in jobs)
+
+    def release(self):
+        pass
+
+    def batch_key(self, job):
+        return job.batch_key()
+
+    def caption_tokens(self, job):
+        return len(job.prompt)
 
     def generate(self, jobs, seeds):
         self.calls.append([(j.job_id, s) for j, s in zip(jobs, seeds)])

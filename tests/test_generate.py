@@ -97,3 +97,33 @@ def test_cuda_requested_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(ModelError, match="no CUDA GPU"):
         load_engine("tiny-random", "cuda")
+
+
+def test_pre_encoded_prompts_give_the_pipelines_own_images(engine):
+    import torch
+
+    j = job("a red teapot on a table", 11)
+    ours = engine.generate([j], [11])[0]
+    with torch.inference_mode():
+        theirs = engine.pipe(prompt=["a red teapot on a table"], height=256, width=256, num_inference_steps=8,
+                             guidance_scale=0.0, generator=[torch.Generator().manual_seed(11)], output_type="np").images[0]
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_caption_buckets_separate_lengths_only_when_asked(engine):
+    from dataclasses import replace
+
+    from zimage_batch.generate import EngineOptions
+
+    short, short2, long_ = job("a mug"), job("a cup"), job("a mug " * 40)
+    assert engine.caption_tokens(short) < engine.caption_tokens(long_)
+    assert engine.batch_key(short) == engine.batch_key(short2) != engine.batch_key(long_)
+    masked = replace(engine, options=EngineOptions(bucket_captions=False))
+    assert masked.batch_key(short) == masked.batch_key(long_)
+    engine.release()
+
+
+def test_vram_profile_caps_the_batch():
+    from zimage_batch.generate import EngineOptions
+
+    assert EngineOptions(vram_gb=16).max_batch == 1 and EngineOptions().max_batch is None

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     run.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process)")
+    run.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
+                     help="fit a GPU memory budget: 16 keeps the text encoder off the GPU between shards and batches 1 image")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
@@ -151,20 +155,18 @@ def prefect_environment() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunConfig, check_run
+    from .run import RunConfig, check_run, engine_for
 
     _check_numbers(args)
     config = RunConfig(
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
-        limit=args.limit, size=args.size, steps=args.steps,
+        limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
         print(f"Loading model {args.model} ...", file=sys.stderr)
-    from .generate import load_engine
-
-    engine = load_engine(config.model, config.device)  # fail fast, before any output
+    engine = engine_for(config)  # fail fast, before any output
     prefect_environment()
     from flows.catalog_images import catalog_images
 
@@ -187,7 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
-                                   ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None)):
+                                   ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
+                                   ("--vram", args.vram_gb, 8, 200)):
         if value is not None and (value < low or (high is not None and value > high)):
             raise ZImageBatchError(f"{flag} {value} is out of range: use {low}..{high if high else 'any'}.")
 

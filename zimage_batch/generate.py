@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .models import DEFAULT_MODEL, ModelRef, resolve_model
 from .plan import Job
 
 _LOCK = threading.Lock()
-_ENGINES: dict[tuple[str, str], Engine] = {}
+_ENGINES: dict[tuple[str, str, EngineOptions], Engine] = {}
 _LOADS = 0
 
 
@@ -51,35 +51,165 @@ def pick_device(device: str) -> str:
     return device
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the pipeline; part of the engine's cache key.
+
+    compile: regional ``torch.compile`` of the transformer's repeated blocks (CUDA; ~20 s warm-up,
+        cached on disk by Inductor for the next process).
+    bucket_captions: batch only prompts whose captions pad to the same length (no attention
+        mask, maybe smaller batches) rather than length-sorted batches with a mask where lengths
+        differ. Measured on an H100 (compiled, batch 4): 1.05 vs 1.12 s per image.
+    vram_gb: a GPU memory budget. ``16`` keeps the text encoder off the GPU except while a
+        shard's prompts are encoded (all of them first; the transformer waits in pinned CPU
+        memory meanwhile), and caps the batch at 1. Use big shards so the swap is amortised.
+    """
+
+    compile: bool = False
+    vram_gb: int | None = None
+    bucket_captions: bool = True
+
+    @property
+    def max_batch(self) -> int | None:
+        return 1 if self.vram_gb is not None and self.vram_gb <= 16 else None
+
+
+CAPTION_BUCKET = 32  # the transformer pads captions to multiples of 32 tokens
+
+
 @dataclass
 class Engine:
-    """A loaded pipeline on one device, and what it needs to generate."""
+    """A loaded pipeline on one device, and what it needs to generate.
+
+    Prompts are encoded once per shard (``prepare``), deduplicated, and looked up by
+    ``generate``. Batches are cut from jobs sorted by caption length, so little work goes to
+    padding; with ``bucket_captions`` only equal padded lengths share a batch (no attention mask).
+    """
 
     pipe: object
     device: str
     model: ModelRef
     load_seconds: float
     load_id: str = ""
+    options: EngineOptions = EngineOptions()
+    _embeds: dict = field(default_factory=dict, repr=False)
+    _swap: PinnedSwap = field(default_factory=lambda: PinnedSwap(), repr=False)
+
+    def prepare(self, jobs: Sequence[Job]) -> None:
+        """Encode every prompt of these jobs that is not encoded yet (the shard's prompts, up front)."""
+        import torch
+
+        wanted: dict[int, list[str]] = {}
+        for job in jobs:
+            texts = [job.prompt, job.negative_prompt] if job.guidance_scale > 0 else [job.prompt]
+            for text in texts:
+                if (text, job.max_sequence_length) not in self._embeds:
+                    wanted.setdefault(job.max_sequence_length, [])
+                    if text not in wanted[job.max_sequence_length]:
+                        wanted[job.max_sequence_length].append(text)
+        if not wanted:
+            return
+        swap = self._swap if self.options.vram_gb is not None and self.device.startswith("cuda") else None
+        if swap is not None:
+            swap.to_cpu(self.pipe.transformer)
+            swap.to_gpu(self.pipe.text_encoder, self.device)
+        try:
+            with torch.inference_mode():
+                for length, texts in wanted.items():
+                    for start in range(0, len(texts), 16):
+                        chunk = texts[start : start + 16]
+                        embeds, _ = self.pipe.encode_prompt(
+                            prompt=list(chunk), device=self.device, do_classifier_free_guidance=False,
+                            max_sequence_length=length,
+                        )
+                        for text, embed in zip(chunk, embeds):
+                            self._embeds[(text, length)] = embed
+        finally:
+            if swap is not None:
+                swap.to_cpu(self.pipe.text_encoder)
+                swap.to_gpu(self.pipe.transformer, self.device)
+
+    def release(self) -> None:
+        """Forget the encoded prompts (at the end of a shard)."""
+        self._embeds.clear()
+
+    def caption_tokens(self, job: Job) -> int:
+        """How many tokens the job's prompt encodes to."""
+        self.prepare([job])
+        return self._embeds[(job.prompt, job.max_sequence_length)].shape[0]
+
+    def batch_key(self, job: Job) -> tuple:
+        """Jobs with equal keys share a pipeline call: same settings (and caption bucket, if asked)."""
+        if self.options.bucket_captions:
+            return (*job.batch_key(), -(-self.caption_tokens(job) // CAPTION_BUCKET))
+        return job.batch_key()
 
     def generate(self, jobs: Sequence[Job], seeds: Sequence[int]) -> list[np.ndarray]:
         """Generate one batch (same size, steps and guidance); returns float32 HxWx3 arrays in [0, 1]."""
         import torch
 
         first = jobs[0]
+        self.prepare(jobs)
+        length = first.max_sequence_length
+        negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(
-                prompt=[j.prompt for j in jobs],  # a fresh list: the pipeline rewrites it in place
-                negative_prompt=[j.negative_prompt for j in jobs] if first.guidance_scale > 0 else None,
+                prompt_embeds=[self._embeds[(j.prompt, length)] for j in jobs],
+                negative_prompt_embeds=negative,
                 height=first.height,
                 width=first.width,
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
                 generator=generators,
-                max_sequence_length=first.max_sequence_length,
                 output_type="np",
             )
         return [np.asarray(img, dtype=np.float32) for img in out.images]
+
+
+class PinnedSwap:
+    """Moves a module's weights between the GPU and pinned CPU copies (made once), so a swap runs
+    at full PCIe speed and the GPU holds either the text encoder or the transformer, not both."""
+
+    def __init__(self):
+        self._pinned: dict[int, list] = {}
+
+    def to_cpu(self, module) -> None:
+        import torch
+
+        params = list(module.parameters()) + list(module.buffers())
+        if id(module) not in self._pinned:
+            self._pinned[id(module)] = [p.data.to("cpu").pin_memory() for p in params]
+        for param, pinned in zip(params, self._pinned[id(module)]):
+            param.data = pinned
+        torch.cuda.empty_cache()
+
+    def to_gpu(self, module, device: str) -> None:
+        import torch
+
+        for param in list(module.parameters()) + list(module.buffers()):
+            if param.device.type == "cpu":
+                param.data = param.data.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+
+
+def configure(pipe, device: str, options: EngineOptions):
+    """Apply the engine options to a freshly loaded pipeline and move it to ``device``."""
+    import torch
+
+    if options.vram_gb is not None and device.startswith("cuda"):
+        pipe.vae.to(device)
+        pipe.transformer.to(device)
+        pipe.text_encoder.to("cpu")  # on the GPU only while a shard's prompts are encoded
+        torch.cuda.empty_cache()
+    else:
+        pipe.to(device)
+    if options.compile and device.startswith("cuda"):
+        # Batch sizes (1 is specialised), caption lengths and mask/no mask each add a graph;
+        # the default limit of 8 is hit by a long-running worker (seen on an H100).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    return pipe
 
 
 def image_problem(image: np.ndarray) -> str | None:
@@ -93,18 +223,18 @@ def image_problem(image: np.ndarray) -> str | None:
     return None
 
 
-def load_engine(model: str = DEFAULT_MODEL, device: str = "auto") -> Engine:
+def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: EngineOptions = EngineOptions()) -> Engine:
     """The process's engine for ``model`` on ``device``, loaded on first use."""
     global _LOADS
     ref = resolve_model(model)
     device = pick_device(device)
-    key = (ref.identity, device)
+    key = (ref.identity, device, options)
     with _LOCK:
         if key not in _ENGINES:
             start = time.perf_counter()
-            pipe = _load_pipeline(ref, device)
+            pipe = configure(_load_pipeline(ref, device), device, options)
             load_id = f"{socket.gethostname()}:{os.getpid()}:{len(_ENGINES)}"
-            _ENGINES[key] = Engine(pipe, device, ref, time.perf_counter() - start, load_id)
+            _ENGINES[key] = Engine(pipe, device, ref, time.perf_counter() - start, load_id, options)
             _LOADS += 1
         return _ENGINES[key]
 
@@ -135,7 +265,7 @@ def _load_pipeline(ref: ModelRef, device: str):
     except Exception as exc:  # hub, network and file errors come in many types
         raise ModelError(_load_failure(ref, exc)) from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def _load_failure(ref: ModelRef, exc: Exception) -> str:

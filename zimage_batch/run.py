@@ -49,6 +49,8 @@ class RunConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     size: str | None = None
     steps: int | None = None
+    compile: bool | None = None  # None: compile on CUDA, not on the CPU
+    vram_gb: int | None = Field(None, ge=8, le=200)
 
 
 @dataclass
@@ -147,11 +149,18 @@ def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
         yield shard
 
 
+def engine_for(config: RunConfig):
+    """This process's engine for the run's model, device and options (loaded once)."""
+    from .generate import EngineOptions, load_engine, pick_device
+
+    device = pick_device(config.device)
+    compile_ = config.compile if config.compile is not None else device.startswith("cuda")
+    return load_engine(config.model, device, EngineOptions(compile=compile_, vram_gb=config.vram_gb))
+
+
 def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     """Generate, post-process, store and record one shard on this process's engine."""
-    from .generate import load_engine
-
-    engine = load_engine(config.model, config.device)
+    engine = engine_for(config)
     outputs = open_outputs(config.out)
     return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
                          max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))

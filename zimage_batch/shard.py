@@ -56,12 +56,15 @@ class Generated:
     seconds: float
 
 
-def batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
-    """Group jobs by size and settings, then cut each group into batches."""
+def batches(jobs: Sequence[Job], batch_size: int, key: Callable[[Job], tuple] = Job.batch_key,
+            order: Callable[[Job], int] | None = None) -> Iterator[list[Job]]:
+    """Group jobs by ``key`` (size and settings), sort each group by ``order``, cut it into batches."""
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in jobs:
-        groups[job.batch_key()].append(job)
+        groups[key(job)].append(job)
     for group in groups.values():
+        if order is not None:
+            group.sort(key=order)
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
 
@@ -185,14 +188,21 @@ def process_shard(
                 on_record(record)
 
     waiting: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
-        for batch in batches(jobs, batch_size):
-            start = time.perf_counter()
-            generated = generate_batch(engine, batch, max_attempts)
-            result.seconds["generate"] += time.perf_counter() - start
-            waiting.append(finisher.submit(finish_all, generated))
-            while len(waiting) > 1:
+    batch_size = min(batch_size, engine.options.max_batch or batch_size)
+    start = time.perf_counter()
+    engine.prepare(jobs)  # every prompt of the shard, encoded once, before any image
+    result.seconds["encode"] += time.perf_counter() - start
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
+            for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
+                start = time.perf_counter()
+                generated = generate_batch(engine, batch, max_attempts)
+                result.seconds["generate"] += time.perf_counter() - start
+                waiting.append(finisher.submit(finish_all, generated))
+                while len(waiting) > 1:
+                    waiting.popleft().result()
+            while waiting:
                 waiting.popleft().result()
-        while waiting:
-            waiting.popleft().result()
+    finally:
+        engine.release()
     return result
