@@ -14,11 +14,12 @@ server unless ``PREFECT_API_URL`` points at one.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from zimage_batch import run
+from zimage_batch import cluster, progress, run
 from zimage_batch.manifest import utc_now
 from zimage_batch.shard import ShardResult
 
@@ -30,9 +31,9 @@ def plan(config: run.RunConfig) -> run.RunPlan:
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, tags=["gpu"])
-def generate_shard(config: run.RunConfig, jobs: list) -> ShardResult:
+def generate_shard(config: run.RunConfig, index: int, jobs: list) -> ShardResult:
     """Generate, post-process, store and record one shard of jobs."""
-    return run.run_shard(config, jobs)
+    return run.run_shard(config, index, jobs)
 
 
 @task(name="finish", cache_policy=NO_CACHE)
@@ -46,5 +47,27 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     """Turn catalog rows into delivered images with a provenance manifest."""
     started_at, wall_start = utc_now(), time.perf_counter()
     the_plan = plan(config)
-    results = [generate_shard(config, shard) for shard in run.read_shards(the_plan, config.shard_size)]
+    workers, gpu_resource = cluster.shape(config)
+    limit = cluster.in_flight(config, workers)
+    results, waiting = [], deque()
+    for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
+        with cluster.gpu_annotation(gpu_resource):
+            waiting.append(generate_shard.submit(config, index, shard))
+        while len(waiting) >= limit:
+            results.append(collect(waiting.popleft()))
+    results.extend(collect(future) for future in waiting)
     return finish(config, the_plan, results, started_at, wall_start)
+
+
+def collect(future) -> ShardResult:
+    """Wait for a shard and report it to the progress bar."""
+    result = future.result()
+    progress.emit("shard", result)
+    return result
+
+
+def run_catalog(config: run.RunConfig, device: str = "cpu") -> run.RunSummary:
+    """Run the flow with the task runner the config asks for (in-process, local Dask or a cluster)."""
+    runner = cluster.task_runner(config, device)
+    flow_ = catalog_images.with_options(task_runner=runner) if runner is not None else catalog_images
+    return flow_(config)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process)")
     run.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
                      help="fit a GPU memory budget: 16 keeps the text encoder off the GPU between shards and batches 1 image")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
+    run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
@@ -162,20 +165,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
+        workers=args.workers, cluster=args.cluster,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
         print(f"Loading model {args.model} ...", file=sys.stderr)
-    engine = engine_for(config)  # fail fast, before any output
+    if args.workers and args.cluster:
+        raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
+    if config.cluster:
+        from .cluster import cluster_workers
+
+        cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
+    if config.workers or config.cluster:
+        from .generate import pick_device
+
+        device = pick_device(config.device)  # workers load the pipeline themselves
+    else:
+        device = engine_for(config).device  # fail fast, before any output
     prefect_environment()
-    from flows.catalog_images import catalog_images
+    from flows.catalog_images import run_catalog
 
     from . import progress
 
-    bar = progress.ProgressBar(enabled=not args.quiet, device=engine.device)
+    where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
+    bar = progress.ProgressBar(enabled=not args.quiet, device=where)
     with progress.listening(bar.on_event), bar:
         try:
-            summary = catalog_images(config)
+            summary = run_catalog(config, device)
         except RuntimeError as exc:
             if "ephemeral Prefect API server" in str(exc):
                 raise ZImageBatchError(
@@ -190,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
                                    ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
-                                   ("--vram", args.vram_gb, 8, 200)):
+                                   ("--vram", args.vram_gb, 8, 200), ("--workers", args.workers, 1, 256)):
         if value is not None and (value < low or (high is not None and value > high)):
             raise ZImageBatchError(f"{flag} {value} is out of range: use {low}..{high if high else 'any'}.")
 

@@ -57,6 +57,9 @@ class EngineOptions:
 
     compile: regional ``torch.compile`` of the transformer's repeated blocks (CUDA; ~20 s warm-up,
         cached on disk by Inductor for the next process).
+    one_per_call: one image per pipeline call. A batched image differs from the same image made
+        alone by float noise (~1e-6), enough to flip a few 8-bit pixels; one per call makes every
+        image's bytes independent of batching, shards and workers. The default on the CPU.
     bucket_captions: batch only prompts whose captions pad to the same length (no attention
         mask, maybe smaller batches) rather than length-sorted batches with a mask where lengths
         differ. Measured on an H100 (compiled, batch 4): 1.05 vs 1.12 s per image.
@@ -68,10 +71,13 @@ class EngineOptions:
     compile: bool = False
     vram_gb: int | None = None
     bucket_captions: bool = True
+    one_per_call: bool = False
 
     @property
     def max_batch(self) -> int | None:
-        return 1 if self.vram_gb is not None and self.vram_gb <= 16 else None
+        if self.one_per_call or (self.vram_gb is not None and self.vram_gb <= 16):
+            return 1
+        return None
 
 
 CAPTION_BUCKET = 32  # the transformer pads captions to multiples of 32 tokens
@@ -223,10 +229,56 @@ def image_problem(image: np.ndarray) -> str | None:
     return None
 
 
+@dataclass
+class SimulatedEngine:
+    """Stands in for the GPU in benchmarks and tests: sleeps a fixed time per image (no CPU burn)
+    and returns a synthetic product on an off-white backdrop, different per seed."""
+
+    seconds_per_image: float
+    model: ModelRef
+    load_id: str
+    device: str = "cpu"
+    load_seconds: float = 0.0
+    options: EngineOptions = EngineOptions()
+
+    def prepare(self, jobs: Sequence[Job]) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def caption_tokens(self, job: Job) -> int:
+        return len(job.prompt)
+
+    def batch_key(self, job: Job) -> tuple:
+        return job.batch_key()
+
+    def generate(self, jobs: Sequence[Job], seeds: Sequence[int]) -> list[np.ndarray]:
+        time.sleep(self.seconds_per_image * len(jobs))
+        return [synthetic_product(job.width, job.height, seed) for job, seed in zip(jobs, seeds)]
+
+
+def synthetic_product(width: int, height: int, seed: int) -> np.ndarray:
+    """A product-like block, its colour and size drawn from ``seed``, on an off-white backdrop."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), 246 / 255, dtype=np.float32)
+    w, h = int(width * rng.uniform(0.3, 0.6)), int(height * rng.uniform(0.4, 0.7))
+    x, y = (width - w) // 2, (height - h) // 2
+    image[y : y + h, x : x + w] = rng.uniform(0.05, 0.6, 3).astype(np.float32)
+    return image
+
+
 def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: EngineOptions = EngineOptions()) -> Engine:
     """The process's engine for ``model`` on ``device``, loaded on first use."""
     global _LOADS
     ref = resolve_model(model)
+    if ref.kind == "simulated":
+        key = (ref.identity + ref.source, "cpu", options)
+        with _LOCK:
+            if key not in _ENGINES:
+                _ENGINES[key] = SimulatedEngine(float(ref.source.split(":", 1)[1]), ref, f"{socket.gethostname()}:{os.getpid()}:sim")
+                _LOADS += 1
+            return _ENGINES[key]
     device = pick_device(device)
     key = (ref.identity, device, options)
     with _LOCK:

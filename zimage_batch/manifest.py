@@ -1,9 +1,10 @@
 """The provenance manifest: one record per job, appended as work finishes.
 
-``OUT/manifest.jsonl`` gets one JSON line per finished job, flushed and fsynced as it is
-written, so a crash loses at most the line being written (a torn last line is ignored on
-load and the job is redone). When a run ends the file is rewritten with exactly one record per
-job (the newest), and ``OUT/manifest.parquet`` is written with a fixed column schema.
+While a run goes, each shard appends one JSON line per finished job to its own part file,
+``OUT/.parts/<shard>.jsonl``, flushed and fsynced as it is written, so a crash (or a killed
+worker) loses at most the line being written: a torn line is ignored on load and the job is
+redone. When the run ends the parts are folded into ``OUT/manifest.jsonl`` with exactly one
+record per job (the newest), and ``OUT/manifest.parquet`` is written with a fixed column schema.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .store import LocalStore, write_atomic
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
+PARTS = ".parts"
 SCHEMA_VERSION = 1
 
 
@@ -76,6 +78,7 @@ class ManifestRecord(BaseModel):
     outputs: list[OutputFile]
     batch_size: int
     device: str
+    worker: str = ""
     seconds: float
     versions: dict[str, str]
     created_at: str
@@ -105,51 +108,54 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-class Manifest:
-    """The records of one output folder, loaded from disk and appended to as jobs finish."""
+def read_records(path: Path) -> tuple[list[ManifestRecord], int]:
+    """The records of a JSONL file and how many lines were unreadable (torn by a crash)."""
+    records, ignored = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(ManifestRecord.model_validate_json(line))
+            except ValidationError:
+                ignored += 1  # a torn line from a crash: the job is simply redone
+    return records, ignored
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.path = self.out / MANIFEST
-        self.records: dict[str, ManifestRecord] = {}
-        self.ignored_lines = 0
+
+def record_done(record: ManifestRecord | None, job: Job, store: LocalStore) -> bool:
+    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered."""
+    if record is None or record.status == "failed":
+        return False
+    if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
+        return False
+    return all(store.holds(o.path, o.sha256) for o in record.outputs)
+
+
+class ManifestPart:
+    """One shard's records, appended durably to ``OUT/.parts/<name>.jsonl`` by whichever process
+    runs the shard. A shard that is retried (its worker died) finds what it already finished here."""
+
+    def __init__(self, out: str | Path, name: str):
+        self.path = Path(out) / PARTS / f"{name}.jsonl"
         self._file: io.TextIOWrapper | None = None
         self._lock = threading.Lock()
-        if self.path.is_file():
-            self._load()
 
-    def _load(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = ManifestRecord.model_validate_json(line)
-                except ValidationError:
-                    self.ignored_lines += 1  # a torn line from a crash: the job is simply redone
-                    continue
-                self.records[record.job_id] = record
-
-    def is_done(self, job: Job, store: LocalStore) -> bool:
-        """True when the job finished ("ok" or "rejected") and its files are there, unaltered."""
-        record = self.records.get(job.job_id)
-        if record is None or record.status == "failed":
-            return False
-        if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
-            return False
-        return all(store.holds(o.path, o.sha256) for o in record.outputs)
+    def records(self) -> dict[str, ManifestRecord]:
+        """Records already written to this part (by an earlier attempt of the shard)."""
+        if not self.path.is_file():
+            return {}
+        return {r.job_id: r for r in read_records(self.path)[0]}
 
     def append(self, record: ManifestRecord) -> None:
         """Add a record and make it durable before returning."""
         line = record.model_dump_json() + "\n"
         with self._lock:
             if self._file is None:
-                self.out.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")
             self._file.write(line)
             self._file.flush()
             os.fsync(self._file.fileno())
-            self.records[record.job_id] = record
 
     def close(self) -> None:
         with self._lock:
@@ -157,14 +163,75 @@ class Manifest:
                 self._file.close()
                 self._file = None
 
-    def finalize(self) -> None:
-        """Rewrite the JSONL with one record per job and write the Parquet copy."""
+
+class Manifest:
+    """The records of one output folder: ``manifest.jsonl`` plus the part files of a run in progress.
+
+    Records in parts win over ``manifest.jsonl`` (they are newer), later lines over earlier ones.
+    ``part_records`` holds what the parts held when loaded: the current run's work, since a run
+    starts by folding older parts into ``manifest.jsonl`` (``compact``).
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.path = self.out / MANIFEST
+        self.records: dict[str, ManifestRecord] = {}
+        self.part_records: dict[str, ManifestRecord] = {}
+        self.ignored_lines = 0
+        self._local: ManifestPart | None = None
+        if self.path.is_file():
+            self._add(self.path, into_parts=False)
+        for part in self.part_files():
+            self._add(part, into_parts=True)
+
+    def _add(self, path: Path, into_parts: bool) -> None:
+        records, ignored = read_records(path)
+        self.ignored_lines += ignored
+        for record in records:
+            self.records[record.job_id] = record
+            if into_parts:
+                self.part_records[record.job_id] = record
+
+    def part_files(self) -> list[Path]:
+        return sorted((self.out / PARTS).glob("*.jsonl"))
+
+    def is_done(self, job: Job, store: LocalStore) -> bool:
+        """True when the job finished ("ok" or "rejected") and its files are there, unaltered."""
+        return record_done(self.records.get(job.job_id), job, store)
+
+    def append(self, record: ManifestRecord) -> None:
+        """Add a record (to this process's own part) and make it durable before returning."""
+        if self._local is None:
+            self._local = ManifestPart(self.out, f"local-{os.getpid()}")
+        self._local.append(record)
+        self.records[record.job_id] = record
+        self.part_records[record.job_id] = record
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+
+    def compact(self) -> None:
+        """Fold the part files into ``manifest.jsonl`` (one record per job), then delete them."""
         self.close()
-        if not self.records:
+        parts = self.part_files()
+        if not parts:
             return
         lines = "".join(r.model_dump_json() + "\n" for r in self.records.values())
         write_atomic(self.path, lines.encode("utf-8"))
-        write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values())))
+        for part in parts:  # after the rename: a crash in between only means merging again
+            part.unlink(missing_ok=True)
+        try:
+            (self.out / PARTS).rmdir()
+        except OSError:  # another process is writing a part right now
+            pass
+        self.part_records = {}
+
+    def finalize(self) -> None:
+        """Compact, then write the Parquet copy."""
+        self.compact()
+        if self.records:
+            write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values())))
 
 
 def parquet_schema():

@@ -2,7 +2,9 @@
 
 ``--model`` takes a Hugging Face hub id (default ``Tongyi-MAI/Z-Image-Turbo``), a local
 diffusers folder (one with ``model_index.json``), or ``tiny-random``: the real
-``ZImagePipeline`` with tiny random weights, built offline (its images are noise). This
+``ZImagePipeline`` with tiny random weights, built offline (its images are noise). For
+benchmarks and tests of the machinery around the GPU, ``simulated:SECONDS`` stands in for the
+GPU: it sleeps SECONDS per image and draws a synthetic product on white (no model at all). This
 module imports no torch: planning uses it to compute job ids without loading anything.
 """
 
@@ -18,13 +20,14 @@ from .errors import ModelError
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_VERSION = "v1"
+SIMULATED = "simulated"
 
 
 @dataclass(frozen=True)
 class ModelRef:
     """A resolved ``--model``: its kind, where to load it from, and its identity."""
 
-    kind: Literal["tiny", "local", "hub"]
+    kind: Literal["tiny", "local", "hub", "simulated"]
     source: str
     identity: str
 
@@ -33,6 +36,14 @@ def resolve_model(model: str) -> ModelRef:
     """Resolve ``--model`` without loading anything; raises ModelError for a bad local path."""
     if model == TINY_RANDOM:
         return ModelRef("tiny", TINY_RANDOM, f"{TINY_RANDOM}/{TINY_RANDOM_VERSION}")
+    if model.startswith(f"{SIMULATED}:"):
+        try:
+            seconds = float(model.split(":", 1)[1])
+            if not 0 <= seconds <= 60:
+                raise ValueError
+        except ValueError:
+            raise ModelError(f"--model {model}: use {SIMULATED}:SECONDS with SECONDS per image from 0 to 60, e.g. {SIMULATED}:0.8.") from None
+        return ModelRef("simulated", model, f"{SIMULATED}/v1")
     path = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
     if looks_local:

@@ -5,6 +5,7 @@ Kept apart from Prefect's logging so a user sees one clean bar, not server log l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -61,10 +62,17 @@ class ProgressBar:
         if event == "planned":
             skipped = f", {value.skipped} already done" if value.skipped else ""
             self._task = self._progress.add_task("images", total=value.pending, rate="", status=f"on {self.device}{skipped}")
+        elif event == "shard" and self._task is not None and value.process != os.getpid():
+            # the shard ran on a Dask worker, whose per-image events do not reach this process
+            for status, count in (("ok", value.generated), ("rejected", value.rejected), ("failed", value.failed)):
+                self._counts[status] += count
+            self._advance(value.images)
         elif event == "record" and self._task is not None:
             self._counts[value.status] += 1
-            task = self._progress.tasks[self._task]
-            speed = task.speed
-            rate = f"{speed * 3600:,.0f} img/h" if speed else ""
-            status = ", ".join(f"{n} {k}" for k, n in self._counts.items() if n and k != "ok")
-            self._progress.update(self._task, advance=1, rate=rate, status=status)
+            self._advance(1)
+
+    def _advance(self, images: int) -> None:
+        speed = self._progress.tasks[self._task].speed
+        rate = f"{speed * 3600:,.0f} img/h" if speed else ""
+        status = ", ".join(f"{n} {k}" for k, n in self._counts.items() if n and k != "ok")
+        self._progress.update(self._task, advance=images, rate=rate, status=status)

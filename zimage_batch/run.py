@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
-from .manifest import Manifest, library_versions, utc_now
+from .manifest import Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .postprocess import PRESETS
@@ -51,6 +52,8 @@ class RunConfig(BaseModel):
     steps: int | None = None
     compile: bool | None = None  # None: compile on CUDA, not on the CPU
     vram_gb: int | None = Field(None, ge=8, le=200)
+    workers: int | None = Field(None, ge=1, le=256)  # a local Dask cluster of this many worker processes
+    cluster: str | None = None  # the address of an existing Dask scheduler
 
 
 @dataclass
@@ -68,30 +71,6 @@ class RunPlan:
     seconds: float
 
 
-@dataclass
-class _Outputs:
-    store: LocalStore
-    manifest: Manifest
-
-
-_OPEN: dict[str, _Outputs] = {}
-
-
-def open_outputs(out: str) -> _Outputs:
-    """The process's store and manifest for an output folder (the manifest is read once)."""
-    key = str(Path(out).resolve())
-    if key not in _OPEN:
-        _OPEN[key] = _Outputs(LocalStore(out), Manifest(out))
-    return _OPEN[key]
-
-
-def close_outputs(out: str) -> None:
-    """Forget the cached store and manifest of ``out`` (after the run finishes)."""
-    outputs = _OPEN.pop(str(Path(out).resolve()), None)
-    if outputs is not None:
-        outputs.manifest.close()
-
-
 def check_run(config: RunConfig) -> PlanInputs:
     """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
     inputs = check_inputs(config.catalogs, config.templates, config.model, PRESETS, size=config.size, steps=config.steps)
@@ -105,8 +84,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     """Expand the plan, skip finished jobs and spool the rest to a temp file."""
     start = time.perf_counter()
     inputs = check_run(config)
-    outputs = open_outputs(config.out)
-    outputs.store.remove_stale_temp_files()
+    store, manifest = LocalStore(config.out), Manifest(config.out)
+    manifest.compact()  # fold in the parts a killed run left behind
+    store.remove_stale_temp_files()
     planned = skipped = pending = rows = 0
     problems: list[str] = []
     problem_count = 0
@@ -125,7 +105,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
-            if outputs.manifest.is_done(item, outputs.store):
+            if manifest.is_done(item, store):
                 skipped += 1
                 continue
             pending += 1
@@ -155,15 +135,28 @@ def engine_for(config: RunConfig):
 
     device = pick_device(config.device)
     compile_ = config.compile if config.compile is not None else device.startswith("cuda")
-    return load_engine(config.model, device, EngineOptions(compile=compile_, vram_gb=config.vram_gb))
+    options = EngineOptions(compile=compile_, vram_gb=config.vram_gb, one_per_call=device == "cpu")
+    return load_engine(config.model, device, options)
 
 
-def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
-    """Generate, post-process, store and record one shard on this process's engine."""
+def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
+    """Generate, post-process, store and record one shard on this process's engine.
+
+    Records go to the shard's own manifest part; if the shard runs again (its worker died), the
+    jobs that part shows finished are skipped, so every job ends up in the manifest exactly once.
+    """
+    store = LocalStore(config.out)
+    part = ManifestPart(config.out, f"shard-{index:06d}")
+    earlier = part.records()
+    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store)]
+    if not todo:
+        return ShardResult()
     engine = engine_for(config)
-    outputs = open_outputs(config.out)
-    return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
-                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+    try:
+        return process_shard(todo, engine, store, part, batch_size=config.batch_size,
+                             max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+    finally:
+        part.close()
 
 
 class RunSummary(BaseModel):
@@ -198,12 +191,13 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     total = ShardResult()
     for result in results:
         total.add(result)
-    outputs = open_outputs(config.out)
-    outputs.manifest.finalize()
+    manifest = Manifest(config.out)
+    statuses = Counter(r.status for r in manifest.part_records.values())  # this run's work, from every worker
+    manifest.finalize()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
     summary = RunSummary(
-        out=str(config.out), model=plan.model, planned=plan.planned, generated=total.generated,
-        skipped=plan.skipped, failed=total.failed, rejected=total.rejected, rows=plan.rows,
+        out=str(config.out), model=plan.model, planned=plan.planned, generated=statuses["ok"],
+        skipped=plan.skipped, failed=statuses["failed"], rejected=statuses["rejected"], rows=plan.rows,
         row_problems=plan.problem_count, problems=plan.problems, pipeline_loads=len(total.engines),
         seconds=round(time.perf_counter() - wall_start, 3),
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
@@ -213,5 +207,4 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     Path(config.out).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(config.out) / RUN_JSON, (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode())
     Path(plan.pending_file).unlink(missing_ok=True)
-    close_outputs(config.out)
     return summary

@@ -9,6 +9,9 @@ never delivered. A batch whose generation raises is recorded as failed and the s
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .generate import Engine, image_problem
-from .manifest import Attempt, Manifest, ManifestRecord, OutputFile
+from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile
 from .plan import Job, derive_seed
 from .postprocess import cut_out_white, get_preset, render
 from .store import LocalStore, safe_name
@@ -34,6 +37,11 @@ class ShardResult:
     failed: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
+    process: int = field(default_factory=os.getpid)  # where the shard ran
+
+    @property
+    def images(self) -> int:
+        return self.generated + self.rejected + self.failed
 
     def add(self, other: ShardResult) -> None:
         self.engines.update(other.engines)
@@ -76,12 +84,14 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     images: dict[str, np.ndarray] = {}
     reasons: dict[str, str] = {}
     todo = list(batch)
+    batch_size = len(batch)
     start = time.perf_counter()
     for attempt in range(1, max_attempts + 1):
         if not todo:
             break
         try:
-            arrays = engine.generate(todo, [seeds[j.job_id] for j in todo])
+            arrays, used = generate_splitting(engine, todo, [seeds[j.job_id] for j in todo])
+            batch_size = min(batch_size, used)
         except Exception as exc:  # a failed batch must not take the run down
             for job in todo:
                 attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome="error"))
@@ -102,9 +112,46 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     per_image = (time.perf_counter() - start) / len(batch)
     return [
         Generated(job, images.get(job.job_id), attempts[job.job_id],
-                  None if job.job_id in images else reasons[job.job_id], len(batch), per_image)
+                  None if job.job_id in images else reasons[job.job_id], batch_size, per_image)
         for job in batch
     ]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or CPU allocator) out-of-memory error."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def generate_splitting(engine: Engine, jobs: list[Job], seeds: list[int]) -> tuple[list[np.ndarray], int]:
+    """``engine.generate``, halving the batch on out-of-memory until it fits; returns the images
+    and the batch size that worked. One image that does not fit raises."""
+    try:
+        return engine.generate(jobs, seeds), len(jobs)
+    except Exception as exc:
+        if len(jobs) == 1 or not is_out_of_memory(exc):
+            raise
+    _free_gpu_cache()
+    half = len(jobs) // 2
+    first, used_first = generate_splitting(engine, jobs[:half], seeds[:half])
+    second, used_second = generate_splitting(engine, jobs[half:], seeds[half:])
+    return first + second, min(used_first, used_second)
+
+
+def _free_gpu_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker_name() -> str:
+    """The Dask worker's name when running on one, else host:pid."""
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            return str(distributed.get_worker().name)
+        except ValueError:  # not inside a worker
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def output_name(job: Job, suffix: str) -> str:
@@ -116,7 +163,8 @@ def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRec
     """Post-process and store one generated image; return its manifest record and stage seconds."""
     job = item.job
     seconds = {"postprocess": 0.0, "store": 0.0}
-    common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, seconds=round(item.seconds, 4))
+    common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, worker=worker_name(),
+                  seconds=round(item.seconds, 4))
     if item.image is None:
         return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds
     image_seed = item.attempts[-1].seed
@@ -156,7 +204,7 @@ def process_shard(
     jobs: Sequence[Job],
     engine: Engine,
     store: LocalStore,
-    manifest: Manifest,
+    manifest: ManifestPart,
     *,
     batch_size: int = 4,
     max_attempts: int = 3,
@@ -173,7 +221,7 @@ def process_shard(
                 reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],
                                                 attempts=item.attempts, batch_size=item.batch_size,
-                                                device=engine.device, seconds=round(item.seconds, 4))
+                                                device=engine.device, worker=worker_name(), seconds=round(item.seconds, 4))
                 seconds = {}
             manifest.append(record)
             for stage, value in seconds.items():

@@ -1,0 +1,149 @@
+"""Scaling out on real Dask workers (LocalCluster processes on the CPU), through the Prefect flow."""
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import RecordingEngine, write_csv, write_template
+from test_generate import job
+from zimage_batch.manifest import Manifest, read_jsonl
+from zimage_batch.run import RunConfig
+from zimage_batch.shard import process_shard
+from zimage_batch.store import LocalStore, sha256_file
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    rows = [[f"P-{i:02d}", f"Product {i}", ("red", "blue", "green")[i % 3], ("mug", "bottle")[i % 2]] for i in range(8)]
+    return write_csv(tmp_path / "cat.csv", ["sku", "title", "color", "kind"], rows)
+
+
+@pytest.fixture
+def templates(tmp_path):
+    scene = write_template(tmp_path / "scene.j2", "A {{ color }} {{ kind }}: {{ title }}", "size: 256x256\npresets: [png]")
+    white = write_template(tmp_path / "white.j2", "Studio photo of a {{ color }} {{ kind }} on white",
+                           "size: 256x256\npresets: [web]\nbackground: white")
+    return [str(scene), str(white)]
+
+
+def run_flow(config):
+    from flows.catalog_images import run_catalog
+
+    return run_catalog(config, "cpu")
+
+
+def hashes(out) -> dict[str, list[str]]:
+    return {r["job_id"]: [o["sha256"] for o in r["outputs"]] for r in read_jsonl(Path(out) / "manifest.jsonl")}
+
+
+def test_images_do_not_depend_on_the_number_of_workers(tmp_path, catalog, templates):
+    base = dict(catalogs=[str(catalog)], templates=templates, model="tiny-random", device="cpu", batch_size=2)
+    one = run_flow(RunConfig(**base, out=str(tmp_path / "one"), workers=1, shard_size=3))
+    two = run_flow(RunConfig(**base, out=str(tmp_path / "two"), workers=2, shard_size=3))
+    here = run_flow(RunConfig(**base, out=str(tmp_path / "here"), shard_size=16))  # in-process, other shards
+    assert one.planned == two.planned == 16
+    assert hashes(tmp_path / "one") == hashes(tmp_path / "two") == hashes(tmp_path / "here")
+    records = read_jsonl(tmp_path / "two/manifest.jsonl")
+    workers = {r["worker"] for r in records}
+    assert 1 <= len(workers) <= 2 and two.pipeline_loads == len(workers)
+    assert one.pipeline_loads == 1
+    assert not (tmp_path / "two/.parts").exists()
+
+
+def test_a_killed_worker_loses_nothing(tmp_path, catalog, templates):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = client.run(os.getpid)
+        config = RunConfig(catalogs=[str(catalog)], templates=templates, model="simulated:0.25", out=str(out),
+                           cluster=cluster.scheduler_address, shard_size=4, batch_size=2)
+        killed = []
+
+        def kill_a_busy_worker():
+            deadline = time.time() + 60
+            while time.time() < deadline and not killed:
+                parts = list((out / ".parts").glob("*.jsonl")) if (out / ".parts").exists() else []
+                busy = [p for p in parts if 0 < len(p.read_text().splitlines()) < 4]
+                for part in busy:
+                    worker = read_jsonl(part)[0]["worker"]
+                    names = {a: str(info["name"]) for a, info in client.scheduler_info()["workers"].items()}
+                    pid = next((pid for a, pid in pids.items() if worker in (names.get(a), f"{socket.gethostname()}:{pid}")), None)
+                    if pid is not None:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((part.name, worker))
+                        return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        summary = run_flow(config)
+        killer.join()
+    assert killed, f"the test did not manage to kill a worker mid-shard: {[r['worker'] for r in read_jsonl(out / 'manifest.jsonl')][:3]}"
+    records = read_jsonl(out / "manifest.jsonl")
+    assert len(records) == 16 and len({r["job_id"] for r in records}) == 16
+    assert summary.generated + summary.rejected == 16 and summary.failed == 0
+    for record in records:
+        for output in record["outputs"]:
+            assert sha256_file(out / output["path"]) == output["sha256"]
+    assert not list(out.rglob(".zb-tmp-*"))
+
+
+def test_out_of_memory_splits_the_batch_and_records_the_smaller_size(tmp_path):
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def make(j, seed, call):
+        return np.random.default_rng(seed).random((256, 256, 3), dtype=np.float32)
+
+    engine = RecordingEngine(make)
+    plain_generate = engine.generate
+
+    def generate(jobs, seeds):
+        if len(jobs) > 1:
+            engine.calls.append([(j.job_id, s) for j, s in zip(jobs, seeds)])
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return plain_generate(jobs, seeds)
+
+    engine.generate = generate
+    jobs = [job(seed=i) for i in range(4)]
+    manifest = Manifest(tmp_path)
+    result = process_shard(jobs, engine, LocalStore(tmp_path), manifest, batch_size=4)
+    assert result.generated == 4
+    assert [len(c) for c in engine.calls] == [4, 2, 1, 1, 2, 1, 1]
+    assert {r.batch_size for r in manifest.records.values()} == {1}
+
+
+def test_the_worker_preload_loads_the_pipeline_once_at_start(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setenv("ZIMAGE_BATCH_MODEL", "tiny-random")
+    monkeypatch.setenv("ZIMAGE_BATCH_DEVICE", "cpu")
+
+    def loads():
+        from zimage_batch.generate import pipeline_loads
+
+        return pipeline_loads()
+
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+                      preload=["zimage_batch.worker"]) as cluster, Client(cluster) as client:
+        assert list(client.run(loads).values()) == [1]
+
+
+def test_unreachable_cluster_is_a_clear_error(tmp_path, capsys, catalog, templates):
+    from zimage_batch.cli import main
+
+    code = main(["run", str(catalog), "-t", templates[0], "--model", "tiny-random", "--out", str(tmp_path / "o"),
+                 "--cluster", "tcp://127.0.0.1:9", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Dask scheduler at tcp://127.0.0.1:9 cannot be reached" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

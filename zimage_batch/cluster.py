@@ -1,0 +1,92 @@
+"""Scaling out on Dask: which Prefect task runner a run uses and how many shards it keeps in flight.
+
+``--workers N`` starts a local Dask cluster of N worker processes (one per GPU on a GPU host, via
+dask-cuda's ``LocalCUDACluster``, which sets ``CUDA_VISIBLE_DEVICES`` per worker); ``--cluster
+ADDRESS`` uses a running scheduler. Each worker process loads the pipeline once
+(``generate.load_engine`` caches it per process) and keeps it for every shard it runs. The flow
+keeps two shards per worker in flight, so a worker always has the next shard waiting and memory
+stays flat however large the catalog.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from .errors import ZImageBatchError
+from .run import RunConfig
+
+SHARDS_PER_WORKER = 2
+
+
+class ClusterError(ZImageBatchError):
+    """The Dask cluster cannot be reached or started."""
+
+
+def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
+    """(workers, every worker has a GPU resource) of a running scheduler; raises ClusterError."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"The Dask scheduler at {address} cannot be reached ({type(exc).__name__}: {exc}). Check that "
+            f"`dask scheduler` runs there, that the address and port (default 8786) are right and that "
+            f"this machine can reach it."
+        ) from None
+    workers = list(workers)
+    if not workers:
+        raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} --resources GPU=1 --preload zimage_batch.worker`.")
+    return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
+
+
+def task_runner(config: RunConfig, device: str):
+    """The Prefect task runner for the run: Dask when asked, else Prefect's default (in-process)."""
+    if config.cluster:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=config.cluster)
+    if config.workers:
+        from prefect_dask import DaskTaskRunner
+
+        if device.startswith("cuda"):
+            try:
+                import dask_cuda  # noqa: F401
+            except ImportError:
+                raise ClusterError(
+                    "--workers on a GPU host uses dask-cuda to give each worker its own GPU: "
+                    "`pip install dask-cuda`, or start the workers yourself and pass --cluster."
+                ) from None
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                                  cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1,
+                                                  "resources": {"GPU": 1}})
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": config.workers, "processes": True, "threads_per_worker": 1,
+                                              "resources": {"GPU": 1}, "dashboard_address": None})
+    return None
+
+
+def shape(config: RunConfig) -> tuple[int, bool]:
+    """(workers, whether to ask for a GPU resource) of the run's cluster; (1, False) without Dask."""
+    if config.cluster:
+        return cluster_workers(config.cluster)
+    if config.workers:
+        return config.workers, True
+    return 1, False
+
+
+def in_flight(config: RunConfig, workers: int) -> int:
+    """How many shards the flow keeps submitted at once (1 without Dask: shards run one by one)."""
+    if not (config.cluster or config.workers):
+        return 1
+    return SHARDS_PER_WORKER * workers
+
+
+def gpu_annotation(use_gpu_resource: bool):
+    """``dask.annotate(resources={"GPU": 1})`` when the workers declare a GPU resource."""
+    if not use_gpu_resource:
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
