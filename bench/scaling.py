@@ -80,7 +80,11 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     generator_only = 1 / args.seconds_per_image
-    with tempfile.TemporaryDirectory() as tmp:
+    from zimage_batch.cluster import shared_prefect_server
+    from zimage_batch.run import RunConfig
+
+    # One Prefect server for both runs: Prefect's in-process event client keeps the first server's URL.
+    with tempfile.TemporaryDirectory() as tmp, shared_prefect_server(RunConfig(catalogs=["-"], templates=["-"], out="-", workers=1)):
         one = run(1, args.images_per_worker, args.seconds_per_image, args.shard_size, Path(tmp))
         many = run(args.workers, args.images_per_worker * args.workers, args.seconds_per_image, args.shard_size, Path(tmp))
     print(json.dumps([one, many], indent=2))

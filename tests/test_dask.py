@@ -1,5 +1,6 @@
 """Scaling out on real Dask workers (LocalCluster processes on the CPU), through the Prefect flow."""
 
+import json
 import os
 import signal
 import socket
@@ -147,3 +148,21 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path, capsys, catalog, templat
     err = capsys.readouterr().err
     assert code == 2 and "Dask scheduler at tcp://127.0.0.1:9 cannot be reached" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_command_with_workers_shares_one_prefect_server(tmp_path, catalog, templates):
+    """`zimage-batch run --workers 2` as a user runs it: no PREFECT_API_URL, one embedded server for all."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", templates[1], "--model",
+           "simulated:0.05", "--workers", "2", "--shard-size", "2", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 generated" in done.stdout and "Timed out" not in done.stderr
+    run = json.loads((tmp_path / "out/run.json").read_text())
+    assert 1 <= run["pipeline_loads"] <= 2 and run["generated"] == 8

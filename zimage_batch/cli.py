@@ -187,9 +187,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import progress
 
+    from .cluster import shared_prefect_server
+
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with progress.listening(bar.on_event), bar:
+    with shared_prefect_server(config), progress.listening(bar.on_event), bar:
         try:
             summary = run_catalog(config, device)
         except RuntimeError as exc:

@@ -10,7 +10,9 @@ stays flat however large the catalog.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from .errors import ZImageBatchError
 from .run import RunConfig
@@ -90,3 +92,28 @@ def gpu_annotation(use_gpu_resource: bool):
     import dask
 
     return dask.annotate(resources={"GPU": 1})
+
+
+@contextmanager
+def shared_prefect_server(config: RunConfig) -> Iterator[None]:
+    """Without ``PREFECT_API_URL``, one embedded Prefect server for the flow and its local workers.
+
+    Otherwise every Dask worker process would start an embedded server of its own (seen: with four
+    workers on two cores they time out). Workers on other hosts need ``PREFECT_API_URL`` set to a
+    server they can reach (infra/README.md).
+    """
+    if not (config.workers or config.cluster) or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
