@@ -82,17 +82,6 @@ class Engine:
         return [np.asarray(img, dtype=np.float32) for img in out.images]
 
 
-def image_problem(image: np.ndarray) -> str | None:
-    """Why an image must not be delivered ("non_finite", "black", "blank"), or None."""
-    if not np.isfinite(image).all():
-        return "non_finite"
-    if float(image.max()) < 0.03:
-        return "black"
-    if float(image.std()) < 0.004:
-        return "blank"
-    return None
-
-
 def load_engine(model: str = DEFAULT_MODEL, device: str = "auto") -> Engine:
     """The process's engine for ``model`` on ``device``, loaded on first use."""
     global _LOADS

@@ -24,7 +24,7 @@ from . import progress
 from .manifest import Manifest, library_versions, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
-from .postprocess import PRESETS
+from .presets import load_presets
 from .shard import ShardResult, process_shard
 from .store import LocalStore, write_atomic
 
@@ -49,6 +49,7 @@ class RunConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     size: str | None = None
     steps: int | None = None
+    presets_file: str | None = None  # extra presets (TOML/YAML) the templates may name
 
 
 @dataclass
@@ -92,7 +93,8 @@ def close_outputs(out: str) -> None:
 
 def check_run(config: RunConfig) -> PlanInputs:
     """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
-    inputs = check_inputs(config.catalogs, config.templates, config.model, PRESETS, size=config.size, steps=config.steps)
+    presets = load_presets(config.presets_file)
+    inputs = check_inputs(config.catalogs, config.templates, config.model, presets, size=config.size, steps=config.steps)
     LocalStore(config.out)  # fails early when --out is a file
     if config.strict:
         strict_check(inputs)
@@ -154,7 +156,8 @@ def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     engine = load_engine(config.model, config.device)
     outputs = open_outputs(config.out)
     return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
-                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+                         max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
+                         on_record=lambda r: progress.emit("record", r))
 
 
 class RunSummary(BaseModel):
