@@ -159,3 +159,17 @@ def test_the_table_lists_every_rule() -> None:
     assert len(text.splitlines()) == len(PRESETS) + 1
     assert (format_bytes(3 * MB), format_bytes(500_000), format_bytes(1234), format_bytes(None)) == ("3 MB", "500 KB", "1234 B", "-")
 
+
+def test_the_readme_shows_the_current_presets_table() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert presets_table(PRESETS, markdown=True) in readme, "run `zimage-batch presets --markdown` and paste it into README.md"
+
+
+def test_the_readme_presets_file_example_loads(tmp_path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my_presets.toml"
+    path.write_text(example, encoding="utf-8")
+    presets = load_presets(path)
+    assert presets["amazon_tight"].shadow == "keep" and presets["amazon_tight"].width == 2000
+    assert (presets["lazada"].format, presets["lazada"].max_bytes) == ("WEBP", 2 * MB)
