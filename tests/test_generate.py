@@ -5,8 +5,9 @@ import pytest
 
 from zimage_batch import generate
 from zimage_batch.errors import ModelError
-from zimage_batch.generate import image_problem, load_engine
+from zimage_batch.generate import load_engine
 from zimage_batch.plan import Job
+from zimage_batch.postprocess import image_problem
 
 
 def job(prompt="a ceramic mug", seed=1, size=256, **kw) -> Job:

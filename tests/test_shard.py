@@ -11,6 +11,7 @@ from zimage_batch.generate import Engine, build_tiny_pipeline
 from zimage_batch.manifest import Manifest
 from zimage_batch.models import resolve_model
 from zimage_batch.plan import derive_seed
+from zimage_batch.presets import load_presets
 from zimage_batch.shard import batches, process_shard
 from zimage_batch.store import LocalStore
 
@@ -69,8 +70,8 @@ def test_a_failing_batch_is_recorded_and_the_shard_goes_on(tmp_path):
 
 
 def test_white_background_job_is_cut_out_and_fit_to_amazon_main(tmp_path):
-    j = job(background="white", presets=("amazon_main", "web"))
-    result, manifest = run(tmp_path, [j], RecordingEngine(lambda *a: product_on_white()))
+    j = job(background="white", presets=("amazon_main", "web"), size=1024)  # 256 px would need > 4x enlargement
+    result, manifest = run(tmp_path, [j], RecordingEngine(lambda *a: product_on_white(1024)))
     rec = manifest.records[j.job_id]
     assert rec.status == "ok", rec.reasons
     outputs = {o.preset: o for o in rec.outputs}
@@ -90,6 +91,31 @@ def test_noise_on_a_white_template_is_rejected_and_kept_for_review(tmp_path):
     assert rec.status == "rejected" and rec.reasons == ["backdrop_not_uniform"] and result.rejected == 1
     assert rec.outputs[0].path.startswith("rejected/") and (tmp_path / rec.outputs[0].path).is_file()
     assert not (tmp_path / "images").exists()
+
+
+def test_white_job_failing_a_gate_is_rejected_with_its_reasons_and_nothing_delivered(tmp_path):
+    def small_product(*a):  # 120 px on 1024: amazon_main's 85% would need 14x enlargement
+        image = np.full((1024, 1024, 3), 246 / 255, dtype=np.float32)
+        image[452:572, 482:542] = (0.15, 0.25, 0.5)
+        return image
+
+    j = job(background="white", presets=("amazon_main", "web"), size=1024)
+    result, manifest = run(tmp_path, [j], RecordingEngine(small_product))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "rejected" and rec.reasons == ["fill_out_of_bounds"] and result.rejected == 1
+    assert [o.preset for o in rec.outputs] == ["amazon_main", "web"]  # what each preset made, kept for review
+    assert all(o.path.startswith("rejected/") and (tmp_path / o.path).is_file() for o in rec.outputs)
+    assert not (tmp_path / "images").exists()
+
+
+def test_a_run_uses_presets_from_a_presets_file(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[square_white]\nextends = "jd_main"\nwidth = 600\nheight = 600\nformat = "WEBP"\n', encoding="utf-8")
+    j = job(background="white", presets=("square_white",), size=1024)
+    result, manifest = run(tmp_path, [j], RecordingEngine(lambda *a: product_on_white(1024)), presets=load_presets(mine))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "ok", rec.reasons
+    assert rec.outputs[0].path.endswith("_square_white.webp") and (rec.outputs[0].width, rec.outputs[0].format) == (600, "WEBP")
 
 
 def test_real_pipeline_that_only_makes_black_images_fails_cleanly(tmp_path):

@@ -22,9 +22,23 @@ examples:
   zimage-batch run catalogs/demo.csv --template templates/product_white.j2 --out out/ --model tiny-random
   zimage-batch run catalogs/demo.parquet --template templates/lifestyle_scene.j2 --model Tongyi-MAI/Z-Image-Turbo --out out/
   zimage-batch plan catalogs/demo.csv --template templates/poster_text.j2
+  zimage-batch postprocess photos/*.png --preset amazon_main --preset taobao_main --out delivered/
+  zimage-batch presets
+"""
+
+POSTPROCESS_EXAMPLES = """\
+examples:
+  zimage-batch postprocess photos/*.png --preset amazon_main --preset taobao_main --out delivered/
+  zimage-batch postprocess shoot/*.jpg --preset square_1080 --preset story_1080x1920 --out campaign/
+  zimage-batch postprocess photos/*.png --preset amazon_tight --presets-file my_presets.toml --out delivered/
+  zimage-batch postprocess photos/*.jpg --preset amazon_main --matting birefnet:models/BiRefNet-general-epoch_244.onnx --out delivered/
+
+writes OUT/<preset>/<input stem>.<ext>, OUT/rejected/<preset>/ (with a .reasons.txt per file) and
+OUT/postprocess.jsonl (one record per input and preset). Exit status 1 when any input was rejected.
 """
 
 EXIT_FAILED_JOBS = 1
+EXIT_REJECTED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -48,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="override every template's steps (Z-Image-Turbo: 8)")
         p.add_argument("--strict", action="store_true", help="stop before generating anything if any row has a problem")
         p.add_argument("--limit", type=int, help="plan only the first N jobs (for a quick try)")
+        p.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file of extra presets templates may name (see `zimage-batch presets`)")
 
     run = sub.add_parser("run", help="generate, post-process and store images, with a manifest",
                          description="Generate images for every catalog row x template, post-process them to the "
@@ -76,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     common(plan)
     plan.add_argument("--jobs", metavar="FILE", help="write every job as one JSON line to FILE")
     plan.add_argument("--show", type=int, default=5, help="how many sample jobs to print (default 5)")
+
+    post = sub.add_parser("postprocess", help="make marketplace files from existing images (no model)",
+                          description="Cut each image out onto pure white where a preset asks for it, fit it to each "
+                                      "preset's frame, encode it, and check it against the quality gates (plain backdrop, "
+                                      "product inside the frame, fill ratio, pure-white border, file-size cap, not "
+                                      "black/blank). Works on generated images and on a studio's own photos.",
+                          epilog=POSTPROCESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    post.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, AVIF, TIFF, ...)")
+    post.add_argument("-p", "--preset", dest="presets", action="append", required=True, metavar="NAME",
+                      help="an output preset; repeat for several (`zimage-batch presets` lists them)")
+    post.add_argument("--out", required=True, help="output folder (created if missing)")
+    post.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file adding or replacing presets")
+    post.add_argument("--matting", default="classical", metavar="BACKEND",
+                      help="how the product is found: 'classical' (default; offline, needs a plain light backdrop), "
+                           "'rembg:PATH' (a U^2-Net ONNX file, needs the rembg package) or 'birefnet:PATH' (a BiRefNet "
+                           "ONNX file, needs onnxruntime). Weights are never downloaded.")
+    post.add_argument("-q", "--quiet", action="store_true", help="print only the summary and the rejected images")
+
+    presets = sub.add_parser("presets", help="list the output presets and their rules",
+                             description="Print the presets (shipped, plus --presets-file) with size, fit, background, "
+                                         "fill ratio bounds, format, quality and file-size cap.",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file adding or replacing presets")
+    presets.add_argument("--markdown", action="store_true", help="print a Markdown table")
     return parser
 
 
@@ -84,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "postprocess":
+            return cmd_postprocess(args)
+        if args.command == "presets":
+            return cmd_presets(args)
         return cmd_run(args)
     except ZImageBatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -95,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import check_inputs, plan_jobs, strict_check, summarize
-    from .postprocess import PRESETS
+    from .presets import load_presets
 
-    inputs = check_inputs(args.catalogs, args.templates, args.model, PRESETS, size=args.size, steps=args.steps)
+    inputs = check_inputs(args.catalogs, args.templates, args.model, load_presets(args.presets_file), size=args.size, steps=args.steps)
     if args.strict:
         strict_check(inputs)
     samples = []
@@ -165,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
-        workers=args.workers, cluster=args.cluster,
+        workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
@@ -203,6 +246,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
     print_summary(summary)
     return summary.exit_code
+
+
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    from .postprocess_files import postprocess_files
+
+    def on_record(record) -> None:
+        if not args.quiet:
+            mark = "ok      " if record.status == "ok" else "REJECTED"
+            print(f"{mark} {record.input} -> {record.path}", flush=True)
+
+    summary = postprocess_files(args.images, args.presets, args.out, presets_file=args.presets_file,
+                                matting=args.matting, on_record=on_record)
+    total = summary.ok + summary.rejected_count
+    print(f"\nDone in {summary.seconds:.1f} s: {summary.inputs} image(s) x {len(summary.presets)} preset(s) "
+          f"({', '.join(summary.presets)}): {summary.ok} ok, {summary.rejected_count} rejected, of {total}.")
+    print(f"Delivered: {summary.out}/<preset>/")
+    print(f"Report:    {summary.report}")
+    if summary.rejected_count:
+        print(f"\n{summary.rejected_count} rejected (kept in {summary.out / 'rejected'}, never delivered):", file=sys.stderr)
+        for record in summary.rejected:
+            print(f"  - {record.input} for {record.preset}: {'; '.join(record.explanations)}", file=sys.stderr)
+        if summary.rejected_count > len(summary.rejected):
+            print(f"  ... and {summary.rejected_count - len(summary.rejected)} more (all in {summary.report}).", file=sys.stderr)
+        return EXIT_REJECTED
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import load_presets, presets_table
+
+    print(presets_table(load_presets(args.presets_file), markdown=args.markdown))
+    return 0
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -8,8 +8,10 @@ with the error's ``exit_code``; a user never sees a traceback for one of these.
   - ``CatalogError``: a catalog that is missing, unreadable, malformed or lacks a column.
   - ``TemplateError``: a template file that is missing, has bad front matter or bad Jinja.
   - ``PlanError``: the plan has problems (collects every problem found, not only the first).
-  - ``ModelError``: the model cannot be found, downloaded or loaded.
+  - ``ModelError``: the model (or a matting backend's weights) cannot be found, downloaded or loaded.
   - ``OutputError``: the output folder cannot be written.
+  - ``PresetError``: an unknown preset name, or a presets file that is missing or invalid.
+  - ``ImageInputError``: an input image that is missing, not an image, or clashes with another.
 """
 
 from __future__ import annotations
@@ -50,3 +52,11 @@ class ModelError(ZImageBatchError):
 
 class OutputError(ZImageBatchError):
     """The output folder cannot be used."""
+
+
+class PresetError(ZImageBatchError):
+    """A preset name is unknown, or a presets file is missing or invalid."""
+
+
+class ImageInputError(ZImageBatchError):
+    """An input image is missing, unreadable, or would overwrite another input's output."""

@@ -218,17 +218,6 @@ def configure(pipe, device: str, options: EngineOptions):
     return pipe
 
 
-def image_problem(image: np.ndarray) -> str | None:
-    """Why an image must not be delivered ("non_finite", "black", "blank"), or None."""
-    if not np.isfinite(image).all():
-        return "non_finite"
-    if float(image.max()) < 0.03:
-        return "black"
-    if float(image.std()) < 0.004:
-        return "blank"
-    return None
-
-
 @dataclass
 class SimulatedEngine:
     """Stands in for the GPU in benchmarks and tests: sleeps a fixed time per image (no CPU burn)

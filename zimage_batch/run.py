@@ -25,7 +25,7 @@ from . import progress
 from .manifest import Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
-from .postprocess import PRESETS
+from .presets import load_presets
 from .shard import ShardResult, process_shard
 from .store import LocalStore, write_atomic
 
@@ -54,6 +54,7 @@ class RunConfig(BaseModel):
     vram_gb: int | None = Field(None, ge=8, le=200)
     workers: int | None = Field(None, ge=1, le=256)  # a local Dask cluster of this many worker processes
     cluster: str | None = None  # the address of an existing Dask scheduler
+    presets_file: str | None = None  # extra presets (TOML/YAML) the templates may name
 
 
 @dataclass
@@ -73,7 +74,8 @@ class RunPlan:
 
 def check_run(config: RunConfig) -> PlanInputs:
     """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
-    inputs = check_inputs(config.catalogs, config.templates, config.model, PRESETS, size=config.size, steps=config.steps)
+    presets = load_presets(config.presets_file)
+    inputs = check_inputs(config.catalogs, config.templates, config.model, presets, size=config.size, steps=config.steps)
     LocalStore(config.out)  # fails early when --out is a file
     if config.strict:
         strict_check(inputs)
@@ -154,7 +156,8 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     engine = engine_for(config)
     try:
         return process_shard(todo, engine, store, part, batch_size=config.batch_size,
-                             max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+                             max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
+                             on_record=lambda r: progress.emit("record", r))
     finally:
         part.close()
 

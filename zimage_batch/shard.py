@@ -14,17 +14,17 @@ import socket
 import sys
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from .generate import Engine, image_problem
+from .generate import Engine
 from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile
 from .plan import Job, derive_seed
-from .postprocess import cut_out_white, get_preset, render
+from .postprocess import Rendered, Source, image_problem, process, render
+from .presets import PRESETS, Preset, get_preset
 from .store import LocalStore, safe_name
 
 
@@ -159,8 +159,14 @@ def output_name(job: Job, suffix: str) -> str:
     return f"{safe_name(job.sku)}_v{job.variant}_{job.job_id[:12]}_{suffix}"
 
 
-def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRecord, dict[str, float]]:
-    """Post-process and store one generated image; return its manifest record and stage seconds."""
+def finish(item: Generated, store: LocalStore, device: str,
+           presets: Mapping[str, Preset] = PRESETS) -> tuple[ManifestRecord, dict[str, float]]:
+    """Post-process and store one generated image; return its manifest record and stage seconds.
+
+    Every preset goes through the same quality gates as ``zimage-batch postprocess``; a white-background
+    job is cut out for every preset. If any preset fails a gate the job is rejected: its files go to
+    ``rejected/`` (never ``images/``) and the manifest lists every reason.
+    """
     job = item.job
     seconds = {"postprocess": 0.0, "store": 0.0}
     common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, worker=worker_name(),
@@ -170,29 +176,22 @@ def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRec
     image_seed = item.attempts[-1].seed
     folder = f"{safe_name(job.sku)}/{safe_name(job.template)}"
     start = time.perf_counter()
-    image = Image.fromarray((item.image * 255.0).round().clip(0, 255).astype(np.uint8), "RGB")
-    mask = None
-    if job.background == "white":
-        cut = cut_out_white(image)
-        if cut.problem is not None:
-            seconds["postprocess"] += time.perf_counter() - start
-            rendered = render(image, get_preset("png"))
-            written = _store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", rendered, "rejected", seconds)
-            record = ManifestRecord.for_job(job, status="rejected", reasons=[cut.problem], image_seed=image_seed,
-                                            outputs=[written], **common)
-            return record, seconds
-        image, mask = cut.image, cut.mask
-    outputs = []
-    for preset_name in job.presets:
-        start = time.perf_counter()
-        rendered = render(image, get_preset(preset_name), mask)
-        seconds["postprocess"] += time.perf_counter() - start
-        path = f"images/{folder}/{output_name(job, preset_name)}.{rendered.extension}"
-        outputs.append(_store(store, path, rendered, preset_name, seconds))
-    return ManifestRecord.for_job(job, status="ok", image_seed=image_seed, outputs=outputs, **common), seconds
+    source = Source(item.image)
+    results = [process(source, get_preset(name, presets), white=job.background == "white") for name in job.presets]
+    seconds["postprocess"] += time.perf_counter() - start
+    reasons = list(dict.fromkeys(reason for result in results for reason in result.reasons))
+    top = "rejected" if reasons else "images"
+    outputs = [_store(store, f"{top}/{folder}/{output_name(job, r.preset.name)}.{r.rendered.extension}", r.rendered,
+                      r.preset.name, seconds) for r in results if r.rendered is not None]
+    if len(outputs) < len(results):  # some preset could not even be framed: keep the raw image for review
+        raw = render(source.image, get_preset("png"))
+        outputs.append(_store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", raw, "rejected", seconds))
+    record = ManifestRecord.for_job(job, status="rejected" if reasons else "ok", reasons=reasons, image_seed=image_seed,
+                                    outputs=outputs, **common)
+    return record, seconds
 
 
-def _store(store: LocalStore, path: str, rendered, preset: str, seconds: dict[str, float]) -> OutputFile:
+def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, seconds: dict[str, float]) -> OutputFile:
     start = time.perf_counter()
     written = store.write(path, rendered.data)
     seconds["store"] += time.perf_counter() - start
@@ -208,6 +207,7 @@ def process_shard(
     *,
     batch_size: int = 4,
     max_attempts: int = 3,
+    presets: Mapping[str, Preset] = PRESETS,
     on_record: Callable[[ManifestRecord], None] | None = None,
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
@@ -216,7 +216,7 @@ def process_shard(
     def finish_all(items: list[Generated]) -> None:
         for item in items:
             try:
-                record, seconds = finish(item, store, engine.device)
+                record, seconds = finish(item, store, engine.device, presets)
             except Exception as exc:  # one bad image must not stop the shard
                 reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],

@@ -1,0 +1,207 @@
+"""`zimage-batch postprocess` and `zimage-batch presets`: files in, preset folders and a JSONL report out;
+bad inputs give one clear paragraph, a non-zero exit and no output at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_template
+from scenes import bottle_scene, encoded, mug_scene, noise_image
+from zimage_batch.cli import main
+from zimage_batch.postprocess_files import FileRecord, open_image
+from zimage_batch.presets import PRESETS, presets_table
+
+RECORD_FIELDS = {"input", "preset", "status", "reasons", "explanations", "path", "width", "height", "format", "bytes",
+                 "sha256", "quality", "fill_ratio", "border_white_fraction"}
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def report(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "postprocess.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """A studio's folder: two clean shots (PNG and JPEG), a noise picture and a tiny product."""
+    folder = tmp_path_factory.mktemp("photos")
+    files = {
+        "bottle": ("bottle.png", encoded(bottle_scene((1024, 1024)).image)),
+        "mug": ("mug.jpg", encoded(mug_scene((1024, 1024)).image, "JPEG", quality=95)),
+        "noise": ("noise.png", encoded(noise_image((512, 512)))),
+        "small": ("small.png", encoded(bottle_scene((1024, 1024), half=(0.1, 0.05)).image)),
+    }
+    for name, data in files.values():
+        (folder / name).write_bytes(data)
+    return {key: folder / name for key, (name, _) in files.items()}
+
+
+def test_clean_photos_are_delivered_to_each_preset_folder(photos, tmp_path, capsys) -> None:
+    out = tmp_path / "delivered"
+    code, stdout, stderr = run_cli(capsys, "postprocess", photos["bottle"], photos["mug"], "--preset", "amazon_main",
+                                   "--preset", "taobao_main", "--out", out)
+    assert code == 0, stderr
+    assert "2 image(s) x 2 preset(s) (amazon_main, taobao_main): 4 ok, 0 rejected" in stdout and stderr == ""
+    records = report(out)
+    assert [(r["input"], r["preset"]) for r in records] == [
+        (str(photos["bottle"]), "amazon_main"), (str(photos["bottle"]), "taobao_main"),
+        (str(photos["mug"]), "amazon_main"), (str(photos["mug"]), "taobao_main")]
+    for record in records:
+        assert set(record) == RECORD_FIELDS and record["status"] == "ok" and record["reasons"] == []
+        path = out / record["path"]
+        assert record["path"] == f"{record['preset']}/{Path(record['input']).stem}.jpg"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"] and path.stat().st_size == record["bytes"]
+        preset = PRESETS[record["preset"]]
+        with Image.open(path) as image:
+            assert image.size == (record["width"], record["height"]) == (preset.width, preset.height)
+            assert image.format == record["format"] == "JPEG"
+        assert record["fill_ratio"] == pytest.approx(preset.fill, abs=0.005) and record["border_white_fraction"] == 1.0
+    assert sorted(p.name for p in out.iterdir()) == ["amazon_main", "postprocess.jsonl", "taobao_main"]
+
+
+def test_rejected_inputs_are_named_with_their_reasons_and_never_delivered(photos, tmp_path, capsys) -> None:
+    out = tmp_path / "delivered"
+    code, stdout, stderr = run_cli(capsys, "postprocess", photos["bottle"], photos["noise"], photos["small"],
+                                   "-p", "amazon_main", "-p", "jd_main", "--out", out, "-q")
+    assert code == 1 and "Traceback" not in stderr
+    assert "3 image(s) x 2 preset(s) (amazon_main, jd_main): 3 ok, 3 rejected, of 6." in stdout
+    assert f"{photos['noise']} for amazon_main: backdrop_not_uniform" in stderr
+    assert f"{photos['noise']} for jd_main: backdrop_not_uniform" in stderr
+    assert f"{photos['small']} for amazon_main: fill_out_of_bounds: the product fills 41% of the frame" in stderr
+    records = {(Path(r["input"]).stem, r["preset"]): r for r in report(out)}
+    assert records[("small", "jd_main")]["status"] == "ok"  # 800 px needs no more than 4x
+    small = records[("small", "amazon_main")]
+    assert small["path"] == "rejected/amazon_main/small.jpg" and (out / small["path"]).is_file()
+    assert "fill_out_of_bounds" in (out / "rejected/amazon_main/small.reasons.txt").read_text(encoding="utf-8")
+    noise = records[("noise", "amazon_main")]
+    assert noise["path"] == "rejected/amazon_main/noise.png" and noise["fill_ratio"] is None
+    assert (out / noise["path"]).read_bytes() == photos["noise"].read_bytes()  # nothing framed: the input, for review
+    delivered = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "rejected" not in p.parts}
+    assert delivered == {"amazon_main/bottle.jpg", "jd_main/bottle.jpg", "jd_main/small.jpg", "postprocess.jsonl"}
+
+
+def test_a_rerun_moves_files_that_changed_status_and_replaces_the_report(photos, tmp_path, capsys) -> None:
+    out = tmp_path / "delivered"
+    assert run_cli(capsys, "postprocess", photos["bottle"], "-p", "jd_main", "--out", out)[0] == 0
+    assert (out / "jd_main/bottle.jpg").is_file()
+    stricter = tmp_path / "stricter.toml"
+    stricter.write_text('[jd_main]\nextends = "jd_main"\nfill = 0.95\nfill_min = 0.95\nmax_upscale = 1.0\n', encoding="utf-8")
+    code, _, stderr = run_cli(capsys, "postprocess", photos["bottle"], "-p", "jd_main", "--presets-file", stricter, "--out", out)
+    assert code == 1 and "fill_out_of_bounds" in stderr
+    assert not (out / "jd_main/bottle.jpg").exists() and (out / "rejected/jd_main/bottle.jpg").is_file()
+    assert [r["status"] for r in report(out)] == ["rejected"]
+    assert run_cli(capsys, "postprocess", photos["bottle"], "-p", "jd_main", "--out", out)[0] == 0
+    assert (out / "jd_main/bottle.jpg").is_file() and not any((out / "rejected/jd_main").iterdir())
+    assert not list(out.rglob(".zb-tmp-*"))
+
+
+def test_a_file_that_breaks_off_after_its_header_is_rejected_not_fatal(photos, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos["mug"].read_bytes()[:20_000])
+    code, _, stderr = run_cli(capsys, "postprocess", broken, photos["bottle"], "-p", "jd_main", "--out", tmp_path / "o")
+    assert code == 1 and f"{broken} for jd_main: unreadable_image" in stderr
+    assert [r["status"] for r in report(tmp_path / "o")] == ["rejected", "ok"]
+
+
+@pytest.fixture
+def bad(tmp_path, photos) -> dict[str, tuple[list, int, list[str]]]:
+    text = tmp_path / "notes.png"
+    text.write_text("not an image", encoding="utf-8")
+    twin = tmp_path / "other" / "bottle.jpg"
+    twin.parent.mkdir()
+    twin.write_bytes(photos["mug"].read_bytes())
+    presets = tmp_path / "bad.toml"
+    presets.write_text("[x]\nfit = 'pad'\n", encoding="utf-8")
+    good = [photos["bottle"], "-p", "jd_main"]
+    return {
+        "missing file": ([tmp_path / "nope.png", "-p", "jd_main"], 2, ["nope.png does not exist", "nothing was written"]),
+        "not an image": ([text, photos["bottle"], "-p", "jd_main"], 2, ["notes.png is not a readable image"]),
+        "a folder": ([tmp_path / "other", "-p", "jd_main"], 2, ["is a folder; pass the image files in it"]),
+        "same stem twice": ([photos["bottle"], twin, "-p", "jd_main"], 2, ["have the same name 'bottle'", "Rename one"]),
+        "unknown preset": ([photos["bottle"], "-p", "amazon"], 2, ["unknown preset 'amazon' (did you mean 'amazon_main'?)"]),
+        "bad presets file": ([*good, "--presets-file", presets], 2, ["bad.toml", "preset 'x'", "format: Field required"]),
+        "missing presets file": ([*good, "--presets-file", tmp_path / "none.toml"], 2, ["none.toml does not exist"]),
+        "missing weights": ([*good, "--matting", f"birefnet:{tmp_path / 'w.onnx'}"], 3, ["w.onnx does not exist", "never downloads"]),
+        "unknown matting": ([*good, "--matting", "magic"], 3, ["not a matting backend"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "not an image", "a folder", "same stem twice", "unknown preset",
+                                  "bad presets file", "missing presets file", "missing weights", "unknown matting"])
+def test_bad_input_gives_a_clear_error_and_no_output(case, bad, tmp_path, capsys) -> None:
+    args, expected, phrases = bad[case]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "postprocess", *args, "--out", out)
+    assert code == expected, stderr
+    assert stderr.startswith("error: ") and "Traceback" not in stderr and stdout == ""
+    for phrase in phrases:
+        assert phrase in stderr, stderr
+    assert not out.exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused(photos, tmp_path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("x", encoding="utf-8")
+    code, _, stderr = run_cli(capsys, "postprocess", photos["bottle"], "-p", "jd_main", "--out", taken)
+    assert code == 2 and "exists and is not a folder" in stderr
+
+
+def test_presets_prints_the_table_with_a_users_file(tmp_path, capsys) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[amazon_tight]\nextends = "amazon_main"\nfill = 0.9\nfill_max = 0.95\n', encoding="utf-8")
+    code, stdout, _ = run_cli(capsys, "presets", "--presets-file", mine)
+    assert code == 0 and "amazon_tight" in stdout and "90% (80%-95%)" in stdout
+    code, stdout, _ = run_cli(capsys, "presets", "--markdown")
+    assert code == 0 and stdout.strip() == presets_table(PRESETS, markdown=True)
+    code, _, stderr = run_cli(capsys, "presets", "--presets-file", tmp_path / "none.yaml")
+    assert code == 2 and stderr.startswith("error: Presets file") and "Traceback" not in stderr
+
+
+def test_templates_can_name_presets_from_a_presets_file(tmp_path, capsys) -> None:
+    from conftest import write_csv
+
+    catalog = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
+    template = write_template(tmp_path / "t.j2", "{{ title }} on white", "presets: [amazon_tight]\nbackground: white")
+    code, _, stderr = run_cli(capsys, "plan", catalog, "-t", template)
+    assert code == 2 and "unknown preset 'amazon_tight'" in stderr
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[amazon_tight]\nextends = "amazon_main"\nfill = 0.9\n', encoding="utf-8")
+    code, stdout, stderr = run_cli(capsys, "plan", catalog, "-t", template, "--presets-file", mine)
+    assert code == 0 and "1 jobs from 1 rows" in stdout, stderr
+
+
+def test_help_shows_real_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["postprocess", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "zimage-batch postprocess photos/*.png --preset amazon_main --preset taobao_main --out delivered/" in text
+    assert "--matting" in text and "--presets-file" in text and "postprocess.jsonl" in text
+
+
+def test_big_jpegs_are_decoded_at_a_reduced_scale(tmp_path) -> None:
+    path = tmp_path / "studio.jpg"
+    path.write_bytes(encoded(bottle_scene((2000, 3000)).image, "JPEG", quality=90))
+    assert open_image(path, max_side=1000).size == (1500, 1000)  # DCT scaling 1/2: still >= 1000 px long
+    assert open_image(path, max_side=2000).size == (3000, 2000)  # under 2x the working size: full decode
+
+
+def test_records_validate_as_the_documented_model(photos, tmp_path) -> None:
+    from zimage_batch.postprocess_files import postprocess_files
+
+    seen: list[FileRecord] = []
+    summary = postprocess_files([str(photos["bottle"])], ["web_avif", "png"], tmp_path / "o", on_record=seen.append)
+    assert [r.preset for r in seen] == ["web_avif", "png"] and summary.ok == 2 and summary.rejected_count == 0
+    assert [FileRecord(**r) for r in report(tmp_path / "o")] == seen
+    assert seen[0].format == "AVIF" and seen[0].quality == 70 and seen[1].quality is None
+    assert np.asarray(Image.open(tmp_path / "o" / seen[1].path)).shape == (1024, 1024, 3)
