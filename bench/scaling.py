@@ -2,12 +2,13 @@
 
     python -m bench.scaling [--seconds-per-image 1.0] [--workers 4] [--images-per-worker 64] [--shard-size 32]
 
-The generator is `--model simulated:SECONDS`: it sleeps a fixed time per image (standing in for the
-GPU, no CPU burn) and draws a synthetic product on off-white; everything else is real: the Prefect
-flow on a local Dask cluster, the white-background cut-out, amazon_main and web renders, atomic
+Each configuration is one `zimage-batch run --workers N` command in its own process. The generator
+is `--model simulated:SECONDS`: it sleeps a fixed time per image (standing in for the GPU, no CPU
+burn) and draws a synthetic product on off-white; everything else is real: the Prefect flow on a
+local Dask cluster, the white-background cut-out, amazon_main and web renders, atomic
 writes and manifest parts. Throughput is images over the span between the first and the last
 image each worker wrote (plus one batch time), summed over workers, so cluster and worker start-up
-are reported apart (flow_seconds). Prints:
+are reported apart (command_seconds). Prints:
   end-to-end / generator-only at 1 worker (target >= 0.95)
   scaling efficiency at N workers = throughput(N) / (N x throughput(1)) (target >= 0.9)
 """
@@ -19,6 +20,8 @@ import csv
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -48,9 +51,7 @@ def throughput(out: Path, batch_seconds: float) -> tuple[float, int]:
 
 
 def run(workers: int, images: int, seconds: float, shard_size: int, tmp: Path) -> dict:
-    from flows.catalog_images import run_catalog
-    from zimage_batch.run import RunConfig
-
+    """One `zimage-batch run --workers N` in its own process, as a user runs it."""
     catalog = tmp / f"catalog-{workers}.csv"
     with open(catalog, "w", newline="") as f:
         writer = csv.writer(f)
@@ -60,14 +61,18 @@ def run(workers: int, images: int, seconds: float, shard_size: int, tmp: Path) -
     template = tmp / "white.j2"
     template.write_text(TEMPLATE)
     out = tmp / f"out-{workers}"
-    config = RunConfig(catalogs=[str(catalog)], templates=[str(template)], out=str(out), model=f"simulated:{seconds}",
-                       device="cpu", workers=workers, batch_size=4, shard_size=shard_size)
+    cmd = [str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", str(template), "--out", str(out),
+           "--model", f"simulated:{seconds}", "--workers", str(workers), "--batch-size", "4", "--shard-size",
+           str(shard_size), "-q"]
     start = time.perf_counter()
-    summary = run_catalog(config, "cpu")
+    done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    rate, count = throughput(out, seconds * config.batch_size)
-    return {"workers": workers, "images": count, "images_per_s": rate, "flow_seconds": wall,
-            "rejected": summary.rejected, "failed": summary.failed, "pipeline_loads": summary.pipeline_loads}
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    rate, count = throughput(out, seconds * 4)
+    summary = json.loads((out / "run.json").read_text())
+    return {"workers": workers, "images": count, "images_per_s": rate, "command_seconds": wall,
+            "rejected": summary["rejected"], "failed": summary["failed"], "pipeline_loads": summary["pipeline_loads"]}
 
 
 def main() -> None:
@@ -77,14 +82,8 @@ def main() -> None:
     parser.add_argument("--images-per-worker", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=32)
     args = parser.parse_args()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     generator_only = 1 / args.seconds_per_image
-    from zimage_batch.cluster import shared_prefect_server
-    from zimage_batch.run import RunConfig
-
-    # One Prefect server for both runs: Prefect's in-process event client keeps the first server's URL.
-    with tempfile.TemporaryDirectory() as tmp, shared_prefect_server(RunConfig(catalogs=["-"], templates=["-"], out="-", workers=1)):
+    with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args.images_per_worker, args.seconds_per_image, args.shard_size, Path(tmp))
         many = run(args.workers, args.images_per_worker * args.workers, args.seconds_per_image, args.shard_size, Path(tmp))
     print(json.dumps([one, many], indent=2))
