@@ -10,6 +10,9 @@ with the error's ``exit_code``; a user never sees a traceback for one of these.
   - ``PlanError``: the plan has problems (collects every problem found, not only the first).
   - ``ModelError``: the model cannot be found, downloaded or loaded.
   - ``OutputError``: the output folder cannot be written.
+  - ``ManifestError``: a manifest that is missing, breaks its schema, or lacks the job asked for.
+  - ``SigningError``: a C2PA certificate or key that is missing, mismatched or expired, or
+    c2pa-python not installed.
 """
 
 from __future__ import annotations
@@ -50,3 +53,11 @@ class ModelError(ZImageBatchError):
 
 class OutputError(ZImageBatchError):
     """The output folder cannot be used."""
+
+
+class ManifestError(ZImageBatchError):
+    """A manifest is missing, does not follow its schema, or lacks the job asked for."""
+
+
+class SigningError(ZImageBatchError):
+    """C2PA signing cannot be set up: certificate, key or the c2pa-python package."""
