@@ -21,11 +21,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
+from .errors import SigningError
 from .manifest import Manifest, library_versions, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .postprocess import PRESETS
-from .shard import ShardResult, process_shard
+from .provenance import Sealer
+from .shard import ShardResult, default_sealer, process_shard
 from .store import LocalStore, write_atomic
 
 RUN_JSON = "run.json"
@@ -51,6 +53,8 @@ class RunConfig(BaseModel):
     steps: int | None = None
     compile: bool | None = None  # None: compile on CUDA, not on the CPU
     vram_gb: int | None = Field(None, ge=8, le=200)
+    c2pa_cert: str | None = None  # PEM chain, leaf first: sign every file with C2PA (with c2pa_key)
+    c2pa_key: str | None = None
 
 
 @dataclass
@@ -92,10 +96,31 @@ def close_outputs(out: str) -> None:
         outputs.manifest.close()
 
 
+_SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
+
+
+def sealer_for(config: RunConfig) -> Sealer:
+    """This process's sealer: provenance in every file, plus C2PA when a certificate and key are given."""
+    key = (config.c2pa_cert, config.c2pa_key)
+    if key not in _SEALERS:
+        sealer = default_sealer()
+        if config.c2pa_cert or config.c2pa_key:
+            if not (config.c2pa_cert and config.c2pa_key):
+                raise SigningError("C2PA signing needs both --c2pa-cert (PEM chain, signing certificate first) and "
+                                   "--c2pa-key (its PEM private key); only one was given.")
+            from .signing import C2paSigner, load_credentials
+
+            signer = C2paSigner(load_credentials(config.c2pa_cert, config.c2pa_key), library_versions()["zimage-batch"])
+            sealer = Sealer(sealer.software, signer)
+        _SEALERS[key] = sealer
+    return _SEALERS[key]
+
+
 def check_run(config: RunConfig) -> PlanInputs:
-    """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
+    """Validate catalogs, templates, presets, the model reference and any C2PA credentials; with ``strict``, every row too."""
     inputs = check_inputs(config.catalogs, config.templates, config.model, PRESETS, size=config.size, steps=config.steps)
     LocalStore(config.out)  # fails early when --out is a file
+    sealer_for(config)  # a bad certificate or key stops the run here
     if config.strict:
         strict_check(inputs)
     return inputs
@@ -163,7 +188,8 @@ def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     engine = engine_for(config)
     outputs = open_outputs(config.out)
     return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
-                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r),
+                         sealer=sealer_for(config))
 
 
 class RunSummary(BaseModel):

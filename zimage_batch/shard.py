@@ -5,6 +5,8 @@ batch, a single background thread post-processes, writes and records the previou
 most two batches wait, so memory stays flat). An image that comes out black, blank or
 non-finite is regenerated with the next derived seed, up to ``max_attempts`` times, and is
 never delivered. A batch whose generation raises is recorded as failed and the shard goes on.
+Every file is sealed before it is stored (provenance embedded, then optionally C2PA-signed), so
+the manifest's SHA-256 is of the final bytes.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from .generate import Engine, image_problem
-from .manifest import Attempt, Manifest, ManifestRecord, OutputFile
+from .manifest import Attempt, Manifest, ManifestRecord, OutputFile, library_versions
 from .plan import Job, derive_seed
 from .postprocess import cut_out_white, get_preset, render
+from .provenance import Sealer, Stamp, software_name
 from .store import LocalStore, safe_name
 
 
@@ -52,7 +55,7 @@ class Generated:
     image: np.ndarray | None
     attempts: list[Attempt]
     reason: str | None
-    batch_size: int
+    batch_size: int  # images in the pipeline call that made the image (or the first call, without one)
     seconds: float
 
 
@@ -74,6 +77,7 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     seeds = {job.job_id: job.seed for job in batch}
     attempts: dict[str, list[Attempt]] = {job.job_id: [] for job in batch}
     images: dict[str, np.ndarray] = {}
+    made_in: dict[str, int] = {}  # size of the call that made each delivered image (a retry's is smaller)
     reasons: dict[str, str] = {}
     todo = list(batch)
     start = time.perf_counter()
@@ -94,6 +98,7 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
             attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome=problem or "ok"))
             if problem is None:
                 images[job.job_id] = image
+                made_in[job.job_id] = len(todo)
             else:
                 reasons[job.job_id] = f"{problem} image on all {max_attempts} attempts"
                 seeds[job.job_id] = derive_seed(job.seed, "retry", attempt)
@@ -102,7 +107,7 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     per_image = (time.perf_counter() - start) / len(batch)
     return [
         Generated(job, images.get(job.job_id), attempts[job.job_id],
-                  None if job.job_id in images else reasons[job.job_id], len(batch), per_image)
+                  None if job.job_id in images else reasons[job.job_id], made_in.get(job.job_id, len(batch)), per_image)
         for job in batch
     ]
 
@@ -112,14 +117,22 @@ def output_name(job: Job, suffix: str) -> str:
     return f"{safe_name(job.sku)}_v{job.variant}_{job.job_id[:12]}_{suffix}"
 
 
-def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRecord, dict[str, float]]:
-    """Post-process and store one generated image; return its manifest record and stage seconds."""
+def default_sealer() -> Sealer:
+    """Embeds provenance naming this version of zimage-batch; no signature."""
+    return Sealer(software_name(library_versions()["zimage-batch"]))
+
+
+def finish(item: Generated, store: LocalStore, device: str,
+           sealer: Sealer | None = None) -> tuple[ManifestRecord, dict[str, float]]:
+    """Post-process, seal and store one generated image; return its manifest record and stage seconds."""
     job = item.job
+    sealer = sealer or default_sealer()
     seconds = {"postprocess": 0.0, "store": 0.0}
     common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, seconds=round(item.seconds, 4))
     if item.image is None:
         return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds
     image_seed = item.attempts[-1].seed
+    stamp = Stamp.of(job.to_dict(), image_seed, sealer.software)
     folder = f"{safe_name(job.sku)}/{safe_name(job.template)}"
     start = time.perf_counter()
     image = Image.fromarray((item.image * 255.0).round().clip(0, 255).astype(np.uint8), "RGB")
@@ -129,7 +142,8 @@ def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRec
         if cut.problem is not None:
             seconds["postprocess"] += time.perf_counter() - start
             rendered = render(image, get_preset("png"))
-            written = _store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", rendered, "rejected", seconds)
+            written = _store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", rendered, "rejected", seconds,
+                             sealer, stamp)
             record = ManifestRecord.for_job(job, status="rejected", reasons=[cut.problem], image_seed=image_seed,
                                             outputs=[written], **common)
             return record, seconds
@@ -140,13 +154,17 @@ def finish(item: Generated, store: LocalStore, device: str) -> tuple[ManifestRec
         rendered = render(image, get_preset(preset_name), mask)
         seconds["postprocess"] += time.perf_counter() - start
         path = f"images/{folder}/{output_name(job, preset_name)}.{rendered.extension}"
-        outputs.append(_store(store, path, rendered, preset_name, seconds))
+        outputs.append(_store(store, path, rendered, preset_name, seconds, sealer, stamp))
     return ManifestRecord.for_job(job, status="ok", image_seed=image_seed, outputs=outputs, **common), seconds
 
 
-def _store(store: LocalStore, path: str, rendered, preset: str, seconds: dict[str, float]) -> OutputFile:
+def _store(store: LocalStore, path: str, rendered, preset: str, seconds: dict[str, float], sealer: Sealer,
+           stamp: Stamp) -> OutputFile:
     start = time.perf_counter()
-    written = store.write(path, rendered.data)
+    data = sealer.seal(rendered.data, stamp, path.rsplit("/", 1)[-1])  # embed (and sign) first, then hash
+    seconds["postprocess"] += time.perf_counter() - start
+    start = time.perf_counter()
+    written = store.write(path, data)
     seconds["store"] += time.perf_counter() - start
     return OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
                       width=rendered.width, height=rendered.height, format=rendered.format)
@@ -161,6 +179,7 @@ def process_shard(
     batch_size: int = 4,
     max_attempts: int = 3,
     on_record: Callable[[ManifestRecord], None] | None = None,
+    sealer: Sealer | None = None,
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
     result = ShardResult(engines={engine.load_id: engine.load_seconds})
@@ -168,7 +187,7 @@ def process_shard(
     def finish_all(items: list[Generated]) -> None:
         for item in items:
             try:
-                record, seconds = finish(item, store, engine.device)
+                record, seconds = finish(item, store, engine.device, sealer)
             except Exception as exc:  # one bad image must not stop the shard
                 reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],
