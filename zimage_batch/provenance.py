@@ -400,17 +400,22 @@ class _Iloc:
             items.append([item_id, method, reference, base, extents])
         return cls(version, index_size, items)
 
-    def build(self) -> bytes:
+    def build(self, size: int) -> bytes:
+        """The box with ``size``-byte offsets and lengths (4 or 8), and base offsets only when used.
+
+        (c2pa-python 0.38 shifts items twice when base offsets are present, so leave them out.)
+        """
         id_size = 4 if self.version == 2 else 2
-        out = bytearray([self.version, 0, 0, 0, 0x88, 0x80 | self.index_size])  # 8-byte offsets, lengths, bases
+        base_size = size if any(item[3] for item in self.items) else 0
+        out = bytearray([self.version, 0, 0, 0, size << 4 | size, base_size << 4 | self.index_size])
         out += len(self.items).to_bytes(id_size, "big")
         for item_id, method, reference, base, extents in self.items:
             out += item_id.to_bytes(id_size, "big")
             if self.version in (1, 2):
                 out += method.to_bytes(2, "big")
-            out += reference.to_bytes(2, "big") + base.to_bytes(8, "big") + len(extents).to_bytes(2, "big")
+            out += reference.to_bytes(2, "big") + base.to_bytes(base_size, "big") + len(extents).to_bytes(2, "big")
             for index, offset, length in extents:
-                out += index.to_bytes(self.index_size, "big") + offset.to_bytes(8, "big") + length.to_bytes(8, "big")
+                out += index.to_bytes(self.index_size, "big") + offset.to_bytes(size, "big") + length.to_bytes(size, "big")
         return _box(b"iloc", bytes(out))
 
 
@@ -451,12 +456,13 @@ def _embed_avif(data: bytes, exif: bytes, xmp: bytes) -> bytes:
                     for item in (exif_id, xmp_id))
     new_iref = _box(b"iref", (body(b"iref") if b"iref" in children else bytes(4)) + refs)
     exif_payload = struct.pack(">I", 6) + _JPEG_EXIF_HEADER + exif
+    field_size = 4 if len(data) + len(exif_payload) + len(xmp) + (1 << 16) < 1 << 32 else 8
 
     def rebuild_meta() -> bytes:
         parts = []
         for kind, start, header, size in _boxes(data, meta_at + meta_header + 4, meta_at + meta_size):
             if kind == b"iloc":
-                parts.append(iloc.build())
+                parts.append(iloc.build(field_size))
             elif kind == b"iinf":
                 parts.append(new_iinf + (new_iref if b"iref" not in children else b""))
             elif kind == b"iref":
@@ -465,7 +471,7 @@ def _embed_avif(data: bytes, exif: bytes, xmp: bytes) -> bytes:
                 parts.append(data[start : start + size])
         return _box(b"meta", data[meta_at + meta_header : meta_at + meta_header + 4] + b"".join(parts))
 
-    # Sizes do not depend on offset values (all 8-byte), so one pass with placeholders fixes the growth.
+    # Field sizes are fixed up front, so one pass with placeholder offsets measures the growth.
     iloc.items += [[exif_id, 0, 0, 0, [[0, 0, len(exif_payload)]]], [xmp_id, 0, 0, 0, [[0, 0, len(xmp)]]]]
     growth = len(rebuild_meta()) - meta_size
     meta_end = meta_at + meta_size
