@@ -80,7 +80,7 @@ PARQUET_COLUMNS = [
     ("outputs", pa.list_(pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
                                     ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
                                     ("format", pa.string())]))),
-    ("batch_size", pa.int64()), ("device", pa.string()), ("seconds", pa.float64()),
+    ("batch_size", pa.int64()), ("device", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
 ]
 
@@ -105,7 +105,7 @@ def test_parquet_columns_are_pinned():
 def test_schema_describes_exactly_the_record_fields():
     schema = json.loads(SCHEMA_PATH.read_text())
     assert set(schema["properties"]) == set(ManifestRecord.model_fields)
-    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background"}
+    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker"}
     assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 2
     assert set(schema["properties"]["outputs"]["items"]["required"]) == set(OutputFile.model_fields)
 

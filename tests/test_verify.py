@@ -121,6 +121,7 @@ def test_a_v1_file_without_provenance_is_reported_as_such(tmp_path, capsys):
     ("invalid manifest", ["manifest.jsonl does not follow the manifest schema", "line 2: 'status' is a required property"]),
     ("no manifest", ["manifest.jsonl does not exist", "--out folder"]),
     ("not a folder", ["is not a folder"]),
+    ("unfinished run", ["holds manifest parts of a run that has not finished (.parts/shard-000001.jsonl", "Rerun the same"]),
     ("s3 prefix", ["s3://bucket/run: verifying an S3 prefix needs S3 delivery", "aws s3 sync"]),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, case, phrases):
@@ -134,9 +135,23 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, case, phrases):
         out.mkdir()
     elif case == "not a folder":
         target = tmp_path / "missing"
+    elif case == "unfinished run":
+        make_run(out)
+        (out / ".parts").mkdir()
+        (out / ".parts/shard-000001.jsonl").write_text("")
     else:
         target = "s3://bucket/run"
     code, stdout, stderr = verify_cli(capsys, target)
     assert code == 2 and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
     for phrase in phrases:
         assert phrase in stderr, stderr
+
+
+def test_provenance_and_verify_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, zimage_batch.provenance, zimage_batch.verify, zimage_batch.signing; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'c2pa') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

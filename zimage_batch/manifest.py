@@ -83,8 +83,9 @@ class ManifestRecord(BaseModel):
     background: str | None = None  # schema v2; None in v1 records
     attempts: list[Attempt]
     outputs: list[OutputFile]
-    batch_size: int  # images in the pipeline call that made the delivered image
+    batch_size: int
     device: str
+    worker: str = ""
     seconds: float
     versions: dict[str, str]
     created_at: str

@@ -23,6 +23,7 @@ from .manifest import MANIFEST, MANIFEST_PARQUET, ManifestRecord, load_records
 from .provenance import disagreements, read_embedded
 
 RUN_JSON = "run.json"
+PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
 BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON})
 
 Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
@@ -113,6 +114,10 @@ class Report:
 def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     """Check every output of every record in the location's manifest, then look for unlisted files."""
     records = read_manifest(location)
+    unfinished = [path for path in location.list() if path.startswith(PARTS)]
+    if unfinished:
+        raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
+                            f"{len(unfinished)} in all). Rerun the same `zimage-batch run` command to finish it, then verify.")
     report = Report(location.describe(), len(records))
     listed = set()
     for record in records.values():
@@ -182,7 +187,8 @@ _LABELS = {"missing": "MISSING", "altered": "ALTERED", "stripped": "STRIPPED", "
 
 def format_report(report: Report) -> str:
     """The report as a person reads it: one line per bad file, then a summary line."""
-    lines = [f"{_LABELS[f.kind]:<10} {f.path}: {f.detail}" for f in report.findings]
+    findings = sorted(report.findings, key=lambda f: (f.kind == "stray", f.path))
+    lines = [f"{_LABELS[f.kind]:<10} {f.path}: {f.detail}" for f in findings]
     signed = f", {report.signed} C2PA-signed" if report.signed else ""
     checked = f"{report.files} file(s) of {report.records} manifest record(s) in {report.location}{signed}"
     if report.ok:
