@@ -117,3 +117,61 @@ class RecordingEngine:
     def generate(self, jobs, seeds):
         self.calls.append([(j.job_id, s) for j, s in zip(jobs, seeds)])
         return [self.make(j, s, len(self.calls) - 1) for j, s in zip(jobs, seeds)]
+
+
+def make_certificates(folder: Path, *, days: int = 30, expired: bool = False, self_signed: bool = False,
+                      extended_key_usage: bool = True) -> dict[str, Path]:
+    """A throwaway CA and an ES256 signing certificate it issued (emailProtection), written as PEM files.
+
+    Returns paths: ``ca`` (the CA certificate), ``chain`` (signing certificate, then the CA), ``key``.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = (now - datetime.timedelta(days=60), now - datetime.timedelta(days=1)) if expired else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=days))
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zimage-batch tests")])
+
+    def usage(**kw) -> x509.KeyUsage:
+        flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                     key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False)
+        return x509.KeyUsage(**{**flags, **kw})
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("Test CA")).issuer_name(name("Test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=90)).not_valid_after(now + datetime.timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer, issuer_key = (name("Test Signer"), key) if self_signed else (ca.subject, ca_key)
+    leaf = (x509.CertificateBuilder().subject_name(name("Test Signer")).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage(digital_signature=True), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False))
+    if extended_key_usage:
+        leaf = leaf.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+    leaf = leaf.sign(issuer_key, hashes.SHA256())
+    folder.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    paths = {"ca": folder / "ca.pem", "chain": folder / "chain.pem", "key": folder / "signer.key"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["chain"].write_bytes(leaf.public_bytes(pem) + (b"" if self_signed else ca.public_bytes(pem)))
+    paths["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """A throwaway CA and signing certificate for the session (see make_certificates)."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))

@@ -92,6 +92,12 @@ def test_help_shows_real_examples(capsys):
             main(command)
         assert exit_.value.code == 0
         assert "zimage-batch run catalogs/demo.csv --template templates/product_white.j2" in capsys.readouterr().out
+    for command, example in ((["run", "--help"], "--c2pa-cert certs/chain.pem --c2pa-key certs/signer.key"),
+                             (["verify", "--help"], "zimage-batch verify out/ --c2pa-trust certs/ca.pem"),
+                             (["reproduce", "--help"], "zimage-batch reproduce out/ --job 3f9c2a1be0d4 --out repro/")):
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+        assert exit_.value.code == 0 and example in capsys.readouterr().out
 
 
 @pytest.mark.usefixtures("prefect_server")

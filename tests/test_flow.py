@@ -101,3 +101,19 @@ def test_the_run_is_a_recorded_prefect_flow_run(config):
         assert "catalog-images" in names
         tasks = client.read_task_runs()
         assert {"plan", "generate-shard", "finish"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+
+
+def test_a_signed_run_verifies_and_every_file_carries_its_provenance(config, certificates):
+    from zimage_batch.provenance import read_embedded
+    from zimage_batch.verify import LocalFolder, verify
+
+    signed = config.model_copy(update={"c2pa_cert": str(certificates["chain"]), "c2pa_key": str(certificates["key"])})
+    run_flow(signed)
+    out = Path(config.out)
+    report = verify(LocalFolder(out), certificates["ca"].read_bytes())
+    assert report.ok, report.findings
+    assert report.files == report.signed == 6  # 3 scene jobs (web JPEG) + 3 white jobs (rejected noise, raw PNG)
+    for record in read_jsonl(out / "manifest.jsonl"):
+        for output in record["outputs"]:
+            embedded = read_embedded((out / output["path"]).read_bytes())
+            assert embedded.xmp["zb:jobId"] == record["job_id"] and embedded.parameters["Seed"] == str(record["image_seed"])

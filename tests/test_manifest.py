@@ -57,3 +57,95 @@ def test_is_done_checks_presets_and_hashes(tmp_path):
     assert not m.is_done(j, store)
     m.append(record(j, status="failed"))
     assert not m.is_done(j, store)
+
+
+# --- the schema (schemas/manifest.schema.json) and the Parquet columns -------------------------
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from zimage_batch.errors import ManifestError
+from zimage_batch.manifest import SCHEMA_PATH, SCHEMA_VERSION, load_records, schema_problems
+
+PARQUET_COLUMNS = [
+    ("schema_version", pa.int64()), ("job_id", pa.string()), ("status", pa.string()), ("reasons", pa.list_(pa.string())),
+    ("sku", pa.string()), ("catalog", pa.string()), ("row", pa.int64()), ("template", pa.string()),
+    ("template_path", pa.string()), ("template_sha256", pa.string()), ("variant", pa.int64()), ("prompt", pa.string()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("image_seed", pa.int64()), ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()), ("width", pa.int64()), ("height", pa.int64()), ("max_sequence_length", pa.int64()),
+    ("model", pa.string()), ("background", pa.string()),
+    ("attempts", pa.list_(pa.struct([("seed", pa.int64()), ("outcome", pa.string())]))),
+    ("outputs", pa.list_(pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
+                                    ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+                                    ("format", pa.string())]))),
+    ("batch_size", pa.int64()), ("device", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
+    ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
+]
+
+# A record as schema version 1 wrote it (before 'background'), from a run of the core pipeline.
+V1_LINE = json.dumps({
+    "schema_version": 1, "job_id": "3c320cdafc983beadb64a60a", "status": "ok", "reasons": [], "sku": "BTL-001",
+    "catalog": "demo.csv", "row": 1, "template": "lifestyle_scene", "template_path": "templates/lifestyle_scene.j2",
+    "template_sha256": "9f2c", "variant": 1, "prompt": "A navy bottle on a desk", "negative_prompt": "", "seed": 3918,
+    "image_seed": 3918, "steps": 8, "guidance_scale": 0.0, "width": 256, "height": 256, "max_sequence_length": 512,
+    "model": "tiny-random/v1", "attempts": [{"seed": 3918, "outcome": "ok"}],
+    "outputs": [{"preset": "web", "path": "images/BTL-001/lifestyle_scene/BTL-001_v1_3c320cdafc98_web.jpg",
+                 "sha256": "ab" * 32, "bytes": 5120, "width": 256, "height": 256, "format": "JPEG"}],
+    "batch_size": 4, "device": "cpu", "seconds": 0.41, "versions": {"torch": "2.13.0", "zimage-batch": "0.1.0"},
+    "created_at": "2026-11-20T10:00:00.000Z",
+})
+
+
+def test_parquet_columns_are_pinned():
+    assert [(f.name, f.type) for f in parquet_schema()] == PARQUET_COLUMNS
+
+
+def test_schema_describes_exactly_the_record_fields():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert set(schema["properties"]) == set(ManifestRecord.model_fields)
+    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker"}
+    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 2
+    assert set(schema["properties"]["outputs"]["items"]["required"]) == set(OutputFile.model_fields)
+
+
+def test_new_records_follow_the_schema_and_carry_background():
+    data = json.loads(record(job(background="white")).model_dump_json())
+    assert schema_problems(data) == [] and data["schema_version"] == 2 and data["background"] == "white"
+    del data["background"]
+    assert schema_problems(data) == ["'background' is a required property"]
+
+
+def test_a_v1_record_still_loads(tmp_path):
+    assert schema_problems(json.loads(V1_LINE)) == []
+    old = load_records(V1_LINE + "\n", "old/manifest.jsonl")["3c320cdafc983beadb64a60a"]
+    assert old.schema_version == 1 and old.background is None and old.outputs[0].preset == "web"
+    (tmp_path / MANIFEST).write_text(V1_LINE + "\n")
+    m = Manifest(tmp_path)  # a resumed run over an old folder keeps it, and rewrites the Parquet with nulls
+    assert m.ignored_lines == 0 and m.records[old.job_id].schema_version == 1
+    m.finalize()
+    assert pq.read_table(tmp_path / "manifest.parquet").column("background").to_pylist() == [None]
+
+
+def test_a_manifest_that_breaks_the_schema_is_refused_with_every_line_named():
+    good = record(job()).model_dump_json()
+    bad_hash = json.loads(good)
+    bad_hash["outputs"] = [{"preset": "web", "path": "a.jpg", "sha256": "xyz", "bytes": 1, "width": 1, "height": 1, "format": "JPEG"}]
+    no_seed = json.loads(good)
+    del no_seed["seed"]
+    text = "\n".join([good, json.dumps(bad_hash), json.dumps(no_seed), '{"job_id": "torn'])
+    with pytest.raises(ManifestError) as err:
+        load_records(text, "out/manifest.jsonl")
+    message = str(err.value)
+    assert "out/manifest.jsonl does not follow the manifest schema" in message and "in 3 line(s)" in message
+    assert "line 2: outputs/0/sha256: 'xyz' does not match" in message
+    assert "line 3: 'seed' is a required property" in message and "line 4: not JSON" in message
+
+
+def test_append_refuses_a_record_that_breaks_the_schema(tmp_path):
+    bad = record(job(), outputs=[OutputFile(preset="web", path="a.jpg", sha256="not-a-hash", bytes=1, width=1, height=1,
+                                            format="JPEG")])
+    with pytest.raises(ValueError, match="does not follow manifest.schema.json"):
+        Manifest(tmp_path).append(bad)
+    assert not (tmp_path / MANIFEST).exists() or (tmp_path / MANIFEST).read_text() == ""

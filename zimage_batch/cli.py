@@ -24,7 +24,30 @@ examples:
   zimage-batch plan catalogs/demo.csv --template templates/poster_text.j2
   zimage-batch postprocess photos/*.png --preset amazon_main --preset taobao_main --out delivered/
   zimage-batch presets
+  zimage-batch verify out/
+  zimage-batch reproduce out/ --job 3f9c2a1be0d4 --out repro/
 """
+
+RUN_EXAMPLES = EXAMPLES + """  zimage-batch run catalogs/demo.csv -t templates/poster_text.j2 --out out/ --c2pa-cert certs/chain.pem --c2pa-key certs/signer.key
+"""
+
+VERIFY_EXAMPLES = """examples:
+  zimage-batch verify out/
+  zimage-batch verify out/ --c2pa-trust certs/ca.pem     # also require C2PA signatures from this CA
+
+exit status: 0 when every file holds; 1 when any is missing, altered, stripped of its metadata,
+badly signed, or not in the manifest (each listed with the reason); 2 for a bad manifest or path.
+"""
+
+REPRODUCE_EXAMPLES = """examples:
+  zimage-batch reproduce out/ --job 3f9c2a1be0d4 --out repro/
+  zimage-batch reproduce out/ --job 3f9c2a1be0d4 --out repro/ --model /models/z-image-turbo   # a local model folder
+
+exit status: 0 when every output is byte- or pixel-identical to the original, 1 when any differs
+(PSNR and perceptual hash distance are reported), 2 for a bad manifest, job id or --out, 3 for a model
+that cannot be loaded.
+"""
+
 
 POSTPROCESS_EXAMPLES = """\
 examples:
@@ -68,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate images for every catalog row x template, post-process them to the "
                                      "template's presets and store them under --out with manifest.jsonl, "
                                      "manifest.parquet and run.json. Rerunning the same command resumes: finished "
-                                     "jobs are skipped.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     "jobs are skipped. Every file carries its provenance (IPTC DigitalSourceType "
+                                     "XMP, A1111 parameters, job id); --c2pa-cert/--c2pa-key also sign it with C2PA.",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(run)
     run.add_argument("--out", required=True, help="output folder (created if missing)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
@@ -82,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N",
                      help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
     run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
+    run.add_argument("--c2pa-cert", metavar="PEM", help="sign every file with C2PA: certificate chain, signing certificate "
+                     "first (issued by a CA, emailProtection or documentSigning usage); needs --c2pa-key and c2pa-python")
+    run.add_argument("--c2pa-key", metavar="PEM", help="the signing certificate's unencrypted private key")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
@@ -115,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     presets.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file adding or replacing presets")
     presets.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    verify = sub.add_parser("verify", help="check delivered files against the manifest",
+                            description="Check every file the manifest lists: present, SHA-256 equal, embedded "
+                                        "provenance (XMP DigitalSourceType, A1111 parameters) naming the manifest's job "
+                                        "id, seed and model, and a valid C2PA signature where the file is signed. Also "
+                                        "lists files that are not in the manifest. Writes nothing.",
+                            epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("path", metavar="PATH", help="the --out folder of a run (s3://bucket/prefix once S3 delivery lands)")
+    verify.add_argument("--c2pa-trust", metavar="PEM", help="trust anchors (CA certificates, PEM): every file must carry a "
+                        "C2PA signature that chains to one of them")
+
+    reproduce = sub.add_parser("reproduce", help="regenerate one job from its manifest record and compare",
+                               description="Regenerate one job from its manifest record alone (prompt, seed, size, steps, "
+                                           "guidance, model), post-process and seal it as the run did, write the files "
+                                           "under --out, and report whether each is byte-identical to the original or "
+                                           "how far it is (PSNR, perceptual hash distance), naming version differences.",
+                               epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce.add_argument("run_dir", metavar="OUT", help="the --out folder of the run (holds manifest.jsonl)")
+    reproduce.add_argument("--job", required=True, help="job id (or a unique prefix of 8+ characters, as in file names)")
+    reproduce.add_argument("--out", required=True, help="folder for the reproduced files and reproduce.json (outside OUT)")
+    reproduce.add_argument("--model", help="model reference to load instead of the recorded one (needed for a local folder)")
+    reproduce.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the recorded device when available, else cpu")
     return parser
 
 
@@ -127,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_postprocess(args)
         if args.command == "presets":
             return cmd_presets(args)
+        if args.command == "verify":
+            return cmd_verify(args)
+        if args.command == "reproduce":
+            return cmd_reproduce(args)
         return cmd_run(args)
     except ZImageBatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -209,6 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
         workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
+        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
@@ -278,6 +332,32 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     print(presets_table(load_presets(args.presets_file), markdown=args.markdown))
     return 0
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .signing import read_pem
+    from .verify import format_report, open_location, verify
+
+    trust = read_pem(args.c2pa_trust, "--c2pa-trust") if args.c2pa_trust else None
+    report = verify(open_location(args.path), trust)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .generate import load_engine
+    from .reproduce import REPORT, check_model, check_repro_out, find_record, format_report, reproduce
+    from .store import write_atomic
+    from .verify import open_location, read_manifest
+
+    location = open_location(args.run_dir)
+    record = find_record(read_manifest(location), args.job, f"{args.run_dir.rstrip('/')}/manifest.jsonl")
+    check_repro_out(args.run_dir, args.out)
+    reference = check_model(record, args.model)
+    device = args.device or ("cpu" if record.device == "cpu" else "auto")
+    print(f"Loading model {reference} ...", file=sys.stderr)
+    report = reproduce(record, load_engine(reference, device), location, args.out)
+    write_atomic(Path(args.out) / REPORT, (json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
+    print(format_report(report))
+    return report.exit_code
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

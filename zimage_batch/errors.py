@@ -12,6 +12,9 @@ with the error's ``exit_code``; a user never sees a traceback for one of these.
   - ``OutputError``: the output folder cannot be written.
   - ``PresetError``: an unknown preset name, or a presets file that is missing or invalid.
   - ``ImageInputError``: an input image that is missing, not an image, or clashes with another.
+  - ``ManifestError``: a manifest that is missing, breaks its schema, or lacks the job asked for.
+  - ``SigningError``: a C2PA certificate or key that is missing, mismatched or expired, or
+    c2pa-python not installed.
 """
 
 from __future__ import annotations
@@ -60,3 +63,11 @@ class PresetError(ZImageBatchError):
 
 class ImageInputError(ZImageBatchError):
     """An input image is missing, unreadable, or would overwrite another input's output."""
+
+
+class ManifestError(ZImageBatchError):
+    """A manifest is missing, does not follow its schema, or lacks the job asked for."""
+
+
+class SigningError(ZImageBatchError):
+    """C2PA signing cannot be set up: certificate, key or the c2pa-python package."""

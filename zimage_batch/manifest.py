@@ -5,6 +5,11 @@ While a run goes, each shard appends one JSON line per finished job to its own p
 worker) loses at most the line being written: a torn line is ignored on load and the job is
 redone. When the run ends the parts are folded into ``OUT/manifest.jsonl`` with exactly one
 record per job (the newest), and ``OUT/manifest.parquet`` is written with a fixed column schema.
+
+Every record follows ``schemas/manifest.schema.json`` (JSON Schema; ``schema_version`` in each
+record). Records are checked against it as they are appended, and ``load_records`` (for verify
+and reproduce) refuses a manifest with any line that does not follow it. Version 2 added
+``background``; version 1 records still load (``background`` is then None).
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from .errors import ManifestError
 from .plan import Job
+from .provenance import Stamp, software_name
 from .store import LocalStore, write_atomic
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 PARTS = ".parts"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
 
 
 class OutputFile(BaseModel):
@@ -74,6 +82,7 @@ class ManifestRecord(BaseModel):
     height: int
     max_sequence_length: int
     model: str
+    background: str | None = None  # schema v2; None in v1 records
     attempts: list[Attempt]
     outputs: list[OutputFile]
     batch_size: int
@@ -87,8 +96,14 @@ class ManifestRecord(BaseModel):
     def for_job(cls, job: Job, **fields) -> ManifestRecord:
         """A record carrying the job's fields plus the run's results."""
         base = job.to_dict()
-        del base["presets"], base["background"]
+        del base["presets"]
         return cls(**base, versions=library_versions(), created_at=utc_now(), **fields)
+
+    def stamp(self) -> Stamp:
+        """The provenance its files carry (for a record with an image: status "ok" or "rejected")."""
+        if self.image_seed is None:
+            raise ValueError(f"job {self.job_id} has no image (status {self.status})")
+        return Stamp.of(self.model_dump(), self.image_seed, software_name(self.versions.get("zimage-batch", "unknown")))
 
 
 def utc_now() -> str:
@@ -147,8 +162,12 @@ class ManifestPart:
         return {r.job_id: r for r in read_records(self.path)[0]}
 
     def append(self, record: ManifestRecord) -> None:
-        """Add a record and make it durable before returning."""
-        line = record.model_dump_json() + "\n"
+        """Check a record against the schema, add it and make it durable before returning."""
+        line = record.model_dump_json()
+        problems = schema_problems(json.loads(line))
+        if problems:
+            raise ValueError(f"manifest record {record.job_id} does not follow {SCHEMA_PATH.name}: {'; '.join(problems)}")
+        line += "\n"
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +287,58 @@ def to_parquet_bytes(records: list[ManifestRecord]) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+@cache
+def _validator():
+    import jsonschema
+
+    try:
+        schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ManifestError(f"The manifest schema {SCHEMA_PATH} cannot be read ({exc.strerror}). "
+                            "Reinstall zimage-batch from its source folder (pip install -e .).") from None
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problems(data: object) -> list[str]:
+    """Where ``data`` breaks schemas/manifest.schema.json (empty when it follows it)."""
+    problems = []
+    for error in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in error.absolute_path)
+        problems.append(f"{where}: {error.message}" if where else error.message)
+    return problems
+
+
+def load_records(text: str, source: str) -> dict[str, ManifestRecord]:
+    """Every record of a manifest's text, newest per job; ManifestError if any line breaks the schema."""
+    records: dict[str, ManifestRecord] = {}
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not JSON ({exc.msg} at column {exc.colno})")
+            continue
+        found = schema_problems(data)
+        if found:
+            problems.append(f"line {number}: " + "; ".join(found[:5]))
+            continue
+        record = ManifestRecord.model_validate(data)
+        records[record.job_id] = record
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more." if len(problems) > 20 else ""
+        raise ManifestError(
+            f"{source} does not follow the manifest schema ({SCHEMA_PATH.name}, versions 1..{SCHEMA_VERSION}) "
+            f"in {len(problems)} line(s); nothing was checked or written. Restore the manifest that the run "
+            f"wrote, or rerun the job to rewrite it:\n{shown}{more}"
+        )
+    if not records:
+        raise ManifestError(f"{source} has no records. Point at an output folder of a finished `zimage-batch run`.")
+    return records
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -22,11 +22,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
+from .errors import SigningError
 from .manifest import Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
-from .shard import ShardResult, process_shard
+from .provenance import Sealer
+from .shard import ShardResult, default_sealer, process_shard
 from .store import LocalStore, write_atomic
 
 RUN_JSON = "run.json"
@@ -55,6 +57,8 @@ class RunConfig(BaseModel):
     workers: int | None = Field(None, ge=1, le=256)  # a local Dask cluster of this many worker processes
     cluster: str | None = None  # the address of an existing Dask scheduler
     presets_file: str | None = None  # extra presets (TOML/YAML) the templates may name
+    c2pa_cert: str | None = None  # PEM chain, leaf first: sign every file with C2PA (with c2pa_key)
+    c2pa_key: str | None = None
 
 
 @dataclass
@@ -72,11 +76,32 @@ class RunPlan:
     seconds: float
 
 
+_SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
+
+
+def sealer_for(config: RunConfig) -> Sealer:
+    """This process's sealer: provenance in every file, plus C2PA when a certificate and key are given."""
+    key = (config.c2pa_cert, config.c2pa_key)
+    if key not in _SEALERS:
+        sealer = default_sealer()
+        if config.c2pa_cert or config.c2pa_key:
+            if not (config.c2pa_cert and config.c2pa_key):
+                raise SigningError("C2PA signing needs both --c2pa-cert (PEM chain, signing certificate first) and "
+                                   "--c2pa-key (its PEM private key); only one was given.")
+            from .signing import C2paSigner, load_credentials
+
+            signer = C2paSigner(load_credentials(config.c2pa_cert, config.c2pa_key), library_versions()["zimage-batch"])
+            sealer = Sealer(sealer.software, signer)
+        _SEALERS[key] = sealer
+    return _SEALERS[key]
+
+
 def check_run(config: RunConfig) -> PlanInputs:
-    """Validate catalogs, templates, presets and the model reference; with ``strict``, every row too."""
+    """Validate catalogs, templates, presets, the model reference and any C2PA credentials; with ``strict``, every row too."""
     presets = load_presets(config.presets_file)
     inputs = check_inputs(config.catalogs, config.templates, config.model, presets, size=config.size, steps=config.steps)
     LocalStore(config.out)  # fails early when --out is a file
+    sealer_for(config)  # a bad certificate or key stops the run here
     if config.strict:
         strict_check(inputs)
     return inputs
@@ -157,7 +182,7 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     try:
         return process_shard(todo, engine, store, part, batch_size=config.batch_size,
                              max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
-                             on_record=lambda r: progress.emit("record", r))
+                             on_record=lambda r: progress.emit("record", r), sealer=sealer_for(config))
     finally:
         part.close()
 

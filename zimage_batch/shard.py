@@ -5,6 +5,8 @@ batch, a single background thread post-processes, writes and records the previou
 most two batches wait, so memory stays flat). An image that comes out black, blank or
 non-finite is regenerated with the next derived seed, up to ``max_attempts`` times, and is
 never delivered. A batch whose generation raises is recorded as failed and the shard goes on.
+Every file is sealed before it is stored (provenance embedded, then optionally C2PA-signed), so
+the manifest's SHA-256 is of the final bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .generate import Engine
-from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile
+from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile, library_versions
 from .plan import Job, derive_seed
 from .postprocess import Rendered, Source, image_problem, process, render
 from .presets import PRESETS, Preset, get_preset
+from .provenance import Sealer, Stamp, software_name
 from .store import LocalStore, safe_name
 
 
@@ -60,7 +63,7 @@ class Generated:
     image: np.ndarray | None
     attempts: list[Attempt]
     reason: str | None
-    batch_size: int
+    batch_size: int  # images in the pipeline call that made the image (or the first call, without one)
     seconds: float
 
 
@@ -82,16 +85,15 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     seeds = {job.job_id: job.seed for job in batch}
     attempts: dict[str, list[Attempt]] = {job.job_id: [] for job in batch}
     images: dict[str, np.ndarray] = {}
+    made_in: dict[str, int] = {}  # size of the call that made each delivered image (a retry's is smaller)
     reasons: dict[str, str] = {}
     todo = list(batch)
-    batch_size = len(batch)
     start = time.perf_counter()
     for attempt in range(1, max_attempts + 1):
         if not todo:
             break
         try:
             arrays, used = generate_splitting(engine, todo, [seeds[j.job_id] for j in todo])
-            batch_size = min(batch_size, used)
         except Exception as exc:  # a failed batch must not take the run down
             for job in todo:
                 attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome="error"))
@@ -104,6 +106,7 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
             attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome=problem or "ok"))
             if problem is None:
                 images[job.job_id] = image
+                made_in[job.job_id] = used
             else:
                 reasons[job.job_id] = f"{problem} image on all {max_attempts} attempts"
                 seeds[job.job_id] = derive_seed(job.seed, "retry", attempt)
@@ -112,7 +115,7 @@ def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[
     per_image = (time.perf_counter() - start) / len(batch)
     return [
         Generated(job, images.get(job.job_id), attempts[job.job_id],
-                  None if job.job_id in images else reasons[job.job_id], batch_size, per_image)
+                  None if job.job_id in images else reasons[job.job_id], made_in.get(job.job_id, len(batch)), per_image)
         for job in batch
     ]
 
@@ -159,21 +162,29 @@ def output_name(job: Job, suffix: str) -> str:
     return f"{safe_name(job.sku)}_v{job.variant}_{job.job_id[:12]}_{suffix}"
 
 
-def finish(item: Generated, store: LocalStore, device: str,
-           presets: Mapping[str, Preset] = PRESETS) -> tuple[ManifestRecord, dict[str, float]]:
-    """Post-process and store one generated image; return its manifest record and stage seconds.
+def default_sealer() -> Sealer:
+    """Embeds provenance naming this version of zimage-batch; no signature."""
+    return Sealer(software_name(library_versions()["zimage-batch"]))
+
+
+def finish(item: Generated, store: LocalStore, device: str, presets: Mapping[str, Preset] = PRESETS,
+           sealer: Sealer | None = None) -> tuple[ManifestRecord, dict[str, float]]:
+    """Post-process, seal and store one generated image; return its manifest record and stage seconds.
 
     Every preset goes through the same quality gates as ``zimage-batch postprocess``; a white-background
     job is cut out for every preset. If any preset fails a gate the job is rejected: its files go to
-    ``rejected/`` (never ``images/``) and the manifest lists every reason.
+    ``rejected/`` (never ``images/``) and the manifest lists every reason. Every file carries the
+    job's provenance (and a C2PA signature when the sealer signs) before it is hashed and stored.
     """
     job = item.job
+    sealer = sealer or default_sealer()
     seconds = {"postprocess": 0.0, "store": 0.0}
     common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, worker=worker_name(),
                   seconds=round(item.seconds, 4))
     if item.image is None:
         return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds
     image_seed = item.attempts[-1].seed
+    stamp = Stamp.of(job.to_dict(), image_seed, sealer.software)
     folder = f"{safe_name(job.sku)}/{safe_name(job.template)}"
     start = time.perf_counter()
     source = Source(item.image)
@@ -182,18 +193,23 @@ def finish(item: Generated, store: LocalStore, device: str,
     reasons = list(dict.fromkeys(reason for result in results for reason in result.reasons))
     top = "rejected" if reasons else "images"
     outputs = [_store(store, f"{top}/{folder}/{output_name(job, r.preset.name)}.{r.rendered.extension}", r.rendered,
-                      r.preset.name, seconds) for r in results if r.rendered is not None]
+                      r.preset.name, seconds, sealer, stamp) for r in results if r.rendered is not None]
     if len(outputs) < len(results):  # some preset could not even be framed: keep the raw image for review
         raw = render(source.image, get_preset("png"))
-        outputs.append(_store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", raw, "rejected", seconds))
+        outputs.append(_store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", raw, "rejected", seconds,
+                              sealer, stamp))
     record = ManifestRecord.for_job(job, status="rejected" if reasons else "ok", reasons=reasons, image_seed=image_seed,
                                     outputs=outputs, **common)
     return record, seconds
 
 
-def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, seconds: dict[str, float]) -> OutputFile:
+def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, seconds: dict[str, float], sealer: Sealer,
+           stamp: Stamp) -> OutputFile:
     start = time.perf_counter()
-    written = store.write(path, rendered.data)
+    data = sealer.seal(rendered.data, stamp, path.rsplit("/", 1)[-1])  # embed (and sign) first, then hash
+    seconds["postprocess"] += time.perf_counter() - start
+    start = time.perf_counter()
+    written = store.write(path, data)
     seconds["store"] += time.perf_counter() - start
     return OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
                       width=rendered.width, height=rendered.height, format=rendered.format)
@@ -209,6 +225,7 @@ def process_shard(
     max_attempts: int = 3,
     presets: Mapping[str, Preset] = PRESETS,
     on_record: Callable[[ManifestRecord], None] | None = None,
+    sealer: Sealer | None = None,
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
     result = ShardResult(engines={engine.load_id: engine.load_seconds})
@@ -216,7 +233,7 @@ def process_shard(
     def finish_all(items: list[Generated]) -> None:
         for item in items:
             try:
-                record, seconds = finish(item, store, engine.device, presets)
+                record, seconds = finish(item, store, engine.device, presets, sealer)
             except Exception as exc:  # one bad image must not stop the shard
                 reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],

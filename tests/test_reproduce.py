@@ -1,0 +1,114 @@
+"""reproduce: regenerate a job from its manifest record alone; byte-identical on the CPU with tiny-random."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_csv, write_template
+from zimage_batch.cli import main
+from zimage_batch.generate import load_engine
+from zimage_batch.manifest import MANIFEST, Manifest, read_jsonl
+from zimage_batch.plan import Job, check_inputs, plan_jobs
+from zimage_batch.postprocess import PRESETS
+from zimage_batch.reproduce import hash_distance, psnr
+from zimage_batch.shard import process_shard
+from zimage_batch.store import LocalStore
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real run of the tiny pipeline: 3 rows x (scene: web JPEG + PNG; white: rejected, noise) in batches of 2."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    catalog = write_csv(folder / "c.csv", ["sku", "title"], [["A-1", "Steel bottle"], ["B-2", "咖啡杯"], ["C-3", "Runner"]])
+    scene = write_template(folder / "scene.j2", "A {{ title }} in a sunny kitchen", "size: 256x256\npresets: [web, png]")
+    white = write_template(folder / "white.j2", "A {{ title }} on white", "size: 256x256\npresets: [amazon_main]\nbackground: white")
+    inputs = check_inputs([str(catalog)], [str(scene), str(white)], "tiny-random", PRESETS)
+    jobs = [j for j in plan_jobs(inputs) if isinstance(j, Job)]
+    out = folder / "out"
+    manifest = Manifest(out)
+    process_shard(jobs, load_engine("tiny-random", "cpu"), LocalStore(out), manifest, batch_size=2)
+    manifest.finalize()
+    return out
+
+
+def copy_run(tiny_run: Path, tmp_path: Path) -> tuple[Path, list[dict]]:
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    return out, read_jsonl(out / MANIFEST)
+
+
+def reproduce_cli(capsys, *args):
+    code = main(["reproduce", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("status", ["ok", "rejected"])
+def test_reproduction_is_byte_identical_from_the_record_alone(tiny_run, tmp_path, capsys, status):
+    out, records = copy_run(tiny_run, tmp_path)
+    record = next(r for r in records if r["status"] == status and r["batch_size"] == 2)
+    shutil.rmtree(out / "images"), shutil.rmtree(out / "rejected")  # nothing but the manifest is left
+    repro = tmp_path / "repro"
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"][:12], "--out", repro)
+    assert code == 0, stdout
+    assert f"Reproduced job {record['job_id']} with model tiny-random on cpu (recorded: tiny-random/v1 on cpu), batch of 2" in stdout
+    assert stdout.count(": byte-identical") == len(record["outputs"]) and "BYTE-IDENTICAL" in stdout
+    assert "Same versions and device as the recorded run." in stdout
+    for output in record["outputs"]:
+        assert hashlib.sha256((repro / output["path"]).read_bytes()).hexdigest() == output["sha256"]
+    report = json.loads((repro / "reproduce.json").read_text())
+    assert report["byte_identical"] is True and report["job_id"] == record["job_id"]
+
+
+def test_a_changed_record_reports_how_far_and_which_versions_differ(tiny_run, tmp_path, capsys, monkeypatch):
+    out, records = copy_run(tiny_run, tmp_path)
+    record = next(r for r in records if r["status"] == "ok")
+    record["steps"] = 4  # as if the run had used other settings than the record says
+    record["versions"]["torch"] = "2.11.0+cu128"
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", tmp_path / "repro")
+    assert code == 1 and "DIFFERENT: 2 output(s)" in stdout
+    for line in [line for line in stdout.splitlines() if line.startswith("  ")]:
+        assert ": differs: PSNR " in line and " dB, perceptual hash distance " in line
+    assert "torch 2.11.0+cu128 (recorded) vs " in stdout
+
+
+@pytest.mark.parametrize("case, code, phrase", [
+    ("unknown job", 2, "Job id 'feedfacefeed' is not in"),
+    ("failed job", 2, "failed in its run (black image on all 3 attempts); it has no image to reproduce"),
+    ("local model", 3, "made with a local model folder (local:zimage@0123abcd4567); its path is not in the manifest"),
+    ("out inside run", 2, "is inside the run's folder"),
+    ("invalid manifest", 2, "does not follow the manifest schema"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_run, tmp_path, capsys, case, code, phrase):
+    out, records = copy_run(tiny_run, tmp_path)
+    job_id, repro = records[0]["job_id"], tmp_path / "repro"
+    if case == "unknown job":
+        job_id = "feedfacefeed"
+    elif case == "failed job":
+        records[0].update(status="failed", reasons=["black image on all 3 attempts"], image_seed=None, outputs=[])
+    elif case == "local model":
+        records[0]["model"] = "local:zimage@0123abcd4567"
+    elif case == "out inside run":
+        repro = out / "repro"
+    else:
+        records[0]["seed"] = -1
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = sorted(p for p in out.rglob("*"))
+    got, stdout, stderr = reproduce_cli(capsys, out, "--job", job_id, "--out", repro)
+    assert got == code and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
+    assert phrase in stderr, stderr
+    assert not repro.exists() and sorted(p for p in out.rglob("*")) == before
+
+
+def test_psnr_and_perceptual_hash_distance():
+    rng = np.random.default_rng(0)
+    a = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    noisy = np.clip(a.astype(int) + rng.integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
+    assert psnr(a, a) == float("inf") and hash_distance(a, a) == 0
+    assert 35 < psnr(a, noisy) < 50 and hash_distance(a, noisy) <= 6
+    assert hash_distance(a, a[:, ::-1].copy()) > 10  # a mirrored image is a different picture

@@ -1,0 +1,149 @@
+"""C2PA signing with a throwaway CA (made at test time), read back by verify."""
+
+import hashlib
+import io
+import json
+import sys
+
+import pytest
+
+from conftest import make_certificates
+from test_provenance import FORMATS, encoded, stamp
+from test_verify import make_run, output_path, verify_cli
+from zimage_batch.cli import main
+from zimage_batch.errors import SigningError
+from zimage_batch.manifest import MANIFEST
+from zimage_batch.provenance import DIGITAL_SOURCE_TYPE, Sealer, embed, read_embedded
+from zimage_batch.signing import C2paSigner, c2pa_problems, load_credentials, read_c2pa
+
+
+@pytest.fixture(scope="module")
+def signer(certificates):
+    return C2paSigner(load_credentials(certificates["chain"], certificates["key"]), "0.1.0")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_is_signed_and_reads_back_valid(signer, certificates, fmt):
+    s = stamp()
+    signed = signer.sign(embed(encoded(fmt), s), s, f"x.{fmt.lower()}")
+    check = read_c2pa(signed)
+    assert check.state == "Valid" and check.failures == () and "Test Signer" in check.signer
+    assert check.generation["job_id"] == s.job_id and check.generation["image_seed"] == 42
+    assert check.generation["prompt"] == s.prompt and c2pa_problems(check, s, trusted_only=False) == []
+    assert read_c2pa(signed, certificates["ca"].read_bytes()).state == "Trusted"
+    assert read_embedded(signed).xmp["Iptc4xmpExt:DigitalSourceType"] == DIGITAL_SOURCE_TYPE  # our XMP survives signing
+    assert read_c2pa(embed(encoded(fmt), s)) is None
+
+
+def test_the_actions_assertion_marks_ai_generated_media(signer):
+    import c2pa
+
+    s = stamp()
+    signed = signer.sign(embed(encoded("JPEG"), s), s, "x.jpg")
+    manifest = c2pa.Reader("image/jpeg", io.BytesIO(signed)).get_active_manifest()
+    actions = next(a["data"]["actions"] for a in manifest["assertions"] if a["label"].startswith("c2pa.actions"))
+    assert actions[0]["action"] == "c2pa.created" and actions[0]["digitalSourceType"] == DIGITAL_SOURCE_TYPE
+    assert not any(a["label"].startswith("c2pa.thumbnail") for a in manifest["assertions"])
+
+
+def test_tampered_pixels_invalidate_the_signature(signer):
+    s = stamp()
+    signed = bytearray(signer.sign(embed(encoded("JPEG"), s), s, "x.jpg"))
+    signed[-10] ^= 0x01  # inside the entropy-coded image data
+    check = read_c2pa(bytes(signed))
+    assert check.state == "Invalid" and "assertion.dataHash.mismatch" in check.failures
+    assert c2pa_problems(check, s, trusted_only=False)[0].startswith("C2PA signature invalid (assertion.dataHash.mismatch")
+
+
+def test_another_ca_does_not_trust_the_signer(signer, tmp_path):
+    s = stamp()
+    other = make_certificates(tmp_path / "other")
+    check = read_c2pa(signer.sign(embed(encoded("PNG"), s), s, "x.png"), other["ca"].read_bytes())
+    assert check.state == "Valid" and c2pa_problems(check, s, trusted_only=True) == [
+        "C2PA signer Test Signer, zimage-batch tests is not trusted by --c2pa-trust"]
+
+
+def test_bad_credentials_are_refused_up_front(certificates, tmp_path):
+    other = make_certificates(tmp_path / "other")
+    with pytest.raises(SigningError, match="does not match the certificate"):
+        load_credentials(certificates["chain"], other["key"])
+    expired = make_certificates(tmp_path / "expired", expired=True)
+    with pytest.raises(SigningError, match=r"Test Signer.* expired on .* Renew it"):
+        load_credentials(expired["chain"], expired["key"])
+    with pytest.raises(SigningError, match="is not a PEM certificate chain"):
+        load_credentials(certificates["key"], certificates["key"])
+    with pytest.raises(SigningError, match="nope.pem cannot be read"):
+        load_credentials(tmp_path / "nope.pem", certificates["key"])
+    selfsigned = make_certificates(tmp_path / "self", self_signed=True)
+    with pytest.raises(SigningError, match="Test Signer in --c2pa-cert .* is self-signed"):
+        load_credentials(selfsigned["chain"], selfsigned["key"])
+    no_usage = make_certificates(tmp_path / "no-eku", extended_key_usage=False)
+    with pytest.raises(SigningError, match=r"The C2PA library refused the certificate .*Test Signer \(.*emailProtection"):
+        C2paSigner(load_credentials(no_usage["chain"], no_usage["key"]), "0.1.0")  # the trial signature
+
+
+def test_without_c2pa_python_signing_is_a_clear_error(certificates, monkeypatch):
+    monkeypatch.setitem(sys.modules, "c2pa", None)
+    with pytest.raises(SigningError, match=r"needs the optional package c2pa-python.*pip install 'zimage-batch\[c2pa\]'"):
+        C2paSigner(load_credentials(certificates["chain"], certificates["key"]), "0.1.0")
+
+
+@pytest.fixture
+def signed_run(tmp_path, signer):
+    out = tmp_path / "out"
+    return out, make_run(out, Sealer("zimage-batch 0.1.0", signer))
+
+
+def test_verify_checks_signatures_of_a_signed_run(signed_run, certificates, tmp_path, capsys):
+    out, records = signed_run
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 0 and "4 C2PA-signed: all present" in stdout
+    code, stdout, _ = verify_cli(capsys, out, "--c2pa-trust", certificates["ca"])
+    assert code == 0 and "4 C2PA-signed" in stdout
+    other = make_certificates(tmp_path / "other")
+    code, stdout, _ = verify_cli(capsys, out, "--c2pa-trust", other["ca"])
+    assert code == 1 and stdout.count("is not trusted by --c2pa-trust") == 4
+
+
+def test_verify_names_a_broken_signature_even_when_the_manifest_was_edited_to_match(signed_run, capsys):
+    out, records = signed_run
+    path = output_path(records, "web")
+    data = bytearray((out / path).read_bytes())
+    data[-10] ^= 0x01
+    (out / path).write_bytes(bytes(data))
+    for record in records:  # someone "fixed" the manifest's hash too
+        for output in record["outputs"]:
+            if output["path"] == path:
+                output["sha256"] = hashlib.sha256(data).hexdigest()
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1 and stdout.startswith(f"SIGNATURE  {path}: C2PA signature invalid (assertion.dataHash.mismatch")
+
+
+def test_an_unsigned_run_fails_when_signatures_are_required(tmp_path, certificates, capsys):
+    make_run(tmp_path / "out")
+    code, stdout, _ = verify_cli(capsys, tmp_path / "out", "--c2pa-trust", certificates["ca"])
+    assert code == 1 and stdout.count("no C2PA signature, but --c2pa-trust asks for signed files") == 4
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("mismatched key", "does not match the certificate"),
+    ("expired", "expired on"),
+    ("cert without key", "needs both --c2pa-cert"),
+])
+def test_run_with_bad_credentials_stops_before_anything(case, phrase, certificates, tmp_path, capsys):
+    from conftest import CATALOGS, TEMPLATES
+
+    if case == "mismatched key":
+        flags = ["--c2pa-cert", certificates["chain"], "--c2pa-key", make_certificates(tmp_path / "o")["key"]]
+    elif case == "expired":
+        expired = make_certificates(tmp_path / "e", expired=True)
+        flags = ["--c2pa-cert", expired["chain"], "--c2pa-key", expired["key"]]
+    else:
+        flags = ["--c2pa-cert", certificates["chain"]]
+    out = tmp_path / "out"
+    code = main(["run", str(CATALOGS / "demo.csv"), "-t", str(TEMPLATES / "poster_text.j2"), "--model", "tiny-random",
+                 "--out", str(out), "-q", *map(str, flags)])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.startswith("error: ") and phrase in stderr and "Traceback" not in stderr
+    assert not out.exists()

@@ -1,0 +1,157 @@
+"""verify: every file present, unaltered and carrying its provenance; damage is named per file."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import RecordingEngine, product_on_white
+from test_generate import job
+from test_manifest import V1_LINE
+from test_shard import noise
+from zimage_batch.cli import main
+from zimage_batch.manifest import MANIFEST, Manifest, read_jsonl
+from zimage_batch.shard import process_shard
+from zimage_batch.store import LocalStore
+
+
+def make_run(out: Path, sealer=None) -> list[dict]:
+    """A finished output folder: a scene job (JPEG, WebP, PNG) and a white job (amazon_main JPEG)."""
+    jobs = [job("a mug", 1, presets=("web", "web_webp", "png")),
+            job("a bottle", 2, size=1024, background="white", presets=("amazon_main",))]  # amazon_main enlarges at most 4x
+    engine = RecordingEngine(lambda j, seed, call: product_on_white(1024) if j.background == "white" else noise(j, seed, call))
+    manifest = Manifest(out)
+    process_shard(jobs, engine, LocalStore(out), manifest, sealer=sealer)
+    manifest.finalize()
+    return read_jsonl(out / MANIFEST)
+
+
+def verify_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(["verify", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def output_path(records, preset: str) -> str:
+    return next(o["path"] for r in records for o in r["outputs"] if o["preset"] == preset)
+
+
+def test_a_fresh_run_verifies(tmp_path, capsys):
+    records = make_run(tmp_path / "out")
+    assert {r["status"] for r in records} == {"ok"}
+    code, out, _ = verify_cli(capsys, tmp_path / "out")
+    assert code == 0, out
+    assert out.strip() == f"OK: 4 file(s) of 2 manifest record(s) in {tmp_path / 'out'}: all present, unaltered, with their provenance."
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def strip_metadata(path: Path) -> None:
+    image = Image.open(path)
+    image.load()
+    buffer = io.BytesIO()
+    image.save(buffer, image.format)  # Pillow writes no EXIF/XMP unless asked
+    path.write_bytes(buffer.getvalue())
+
+
+@pytest.mark.parametrize("preset, damage, label, reason", [
+    ("web", flip_byte, "ALTERED", "altered: SHA-256"),
+    ("web_webp", flip_byte, "ALTERED", "altered: SHA-256"),
+    ("png", strip_metadata, "STRIPPED", "metadata stripped: no XMP and no A1111 parameters"),
+    ("amazon_main", strip_metadata, "STRIPPED", "metadata stripped"),
+    ("web", Path.unlink, "MISSING", "missing"),
+])
+def test_damage_is_named_per_file(tmp_path, capsys, preset, damage, label, reason):
+    out = tmp_path / "out"
+    records = make_run(out)
+    path = output_path(records, preset)
+    damage(out / path)
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    lines = stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{label:<10} {path}: {reason}")
+    assert lines[1].startswith("FAILED: 4 file(s) of 2 manifest record(s)") and "1 bad file(s), 0 file(s) not in the manifest" in lines[1]
+
+
+def test_stray_files_are_listed(tmp_path, capsys):
+    out = tmp_path / "out"
+    make_run(out)
+    (out / "images/S/t/extra.jpg").write_bytes(b"not ours")
+    (out / "notes.txt").write_text("hello")
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    assert "STRAY      images/S/t/extra.jpg: not in the manifest" in stdout and "STRAY      notes.txt: not in the manifest" in stdout
+    assert "0 bad file(s), 2 file(s) not in the manifest" in stdout
+
+
+def test_embedded_metadata_that_disagrees_with_the_manifest_is_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = make_run(out)
+    records[0]["image_seed"] += 1  # the files still match their hashes, but no longer their record
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    bad = [line for line in stdout.splitlines() if line.startswith("METADATA")]
+    assert len(bad) == 3 and all("zb:imageSeed is '1', the manifest says '2'" in line for line in bad)
+
+
+def test_a_v1_file_without_provenance_is_reported_as_such(tmp_path, capsys):
+    out = tmp_path / "out"
+    record = json.loads(V1_LINE)
+    path = out / record["outputs"][0]["path"]
+    path.parent.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), "white").save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue())
+    import hashlib
+
+    record["outputs"][0]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (out / MANIFEST).write_text(json.dumps(record) + "\n")
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1 and "no embedded provenance: written by a run before provenance was embedded (manifest schema v1)" in stdout
+
+
+@pytest.mark.parametrize("case, phrases", [
+    ("invalid manifest", ["manifest.jsonl does not follow the manifest schema", "line 2: 'status' is a required property"]),
+    ("no manifest", ["manifest.jsonl does not exist", "--out folder"]),
+    ("not a folder", ["is not a folder"]),
+    ("unfinished run", ["holds manifest parts of a run that has not finished (.parts/shard-000001.jsonl", "Rerun the same"]),
+    ("s3 prefix", ["s3://bucket/run: verifying an S3 prefix needs S3 delivery", "aws s3 sync"]),
+])
+def test_bad_input_is_one_clear_error(tmp_path, capsys, case, phrases):
+    out = tmp_path / "out"
+    target = out
+    if case == "invalid manifest":
+        records = make_run(out)
+        del records[1]["status"]
+        (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif case == "no manifest":
+        out.mkdir()
+    elif case == "not a folder":
+        target = tmp_path / "missing"
+    elif case == "unfinished run":
+        make_run(out)
+        (out / ".parts").mkdir()
+        (out / ".parts/shard-000001.jsonl").write_text("")
+    else:
+        target = "s3://bucket/run"
+    code, stdout, stderr = verify_cli(capsys, target)
+    assert code == 2 and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
+    for phrase in phrases:
+        assert phrase in stderr, stderr
+
+
+def test_provenance_and_verify_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, zimage_batch.provenance, zimage_batch.verify, zimage_batch.signing; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'c2pa') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

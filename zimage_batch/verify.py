@@ -1,0 +1,200 @@
+"""Check delivered files against their manifest: present, unaltered, and carrying their provenance.
+
+For every output of every record: the file is there, its SHA-256 is the manifest's, its embedded
+XMP (IPTC DigitalSourceType) and A1111 parameters name the record's job id, image seed and
+model, and a C2PA manifest, when the file has one, validates. Files that no record lists are
+reported too. Reads only; writes nothing.
+
+Where the files are is a ``Location`` (read one file, list all files). ``LocalFolder`` is the
+only one so far; an S3 location (``s3://bucket/prefix``) plugs in through ``open_location`` with
+the same two methods once S3 delivery exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from .errors import ManifestError, SigningError, ZImageBatchError
+from .manifest import MANIFEST, MANIFEST_PARQUET, ManifestRecord, load_records
+from .provenance import disagreements, read_embedded
+
+RUN_JSON = "run.json"
+PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
+BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON})
+
+Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
+
+
+class Location(Protocol):
+    """Where a run's files are."""
+
+    def describe(self) -> str:
+        """How to name it in messages."""
+
+    def read(self, relpath: str) -> bytes | None:
+        """A file's bytes by path relative to the run's output root; None when it is not there."""
+
+    def list(self) -> Iterator[str]:
+        """Every file's path relative to the root, "/"-separated."""
+
+
+class LocalFolder:
+    """An output folder on this machine."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def read(self, relpath: str) -> bytes | None:
+        path = self.root / relpath
+        return path.read_bytes() if path.is_file() else None
+
+    def list(self) -> Iterator[str]:
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file():
+                yield path.relative_to(self.root).as_posix()
+
+
+def open_location(target: str) -> Location:
+    """The location ``target`` names: a local folder (S3 prefixes come with S3 delivery)."""
+    if target.startswith("s3://"):
+        raise ZImageBatchError(
+            f"{target}: verifying an S3 prefix needs S3 delivery, which this build does not have yet. Copy the "
+            f"prefix to a folder (e.g. `aws s3 sync {target} run/`) and verify the folder."
+        )
+    path = Path(target)
+    if not path.is_dir():
+        raise ManifestError(f"{target} is not a folder. Pass the --out folder of a `zimage-batch run`.")
+    return LocalFolder(path)
+
+
+def read_manifest(location: Location) -> dict[str, ManifestRecord]:
+    """The location's manifest records (newest per job), checked against the schema."""
+    data = location.read(MANIFEST)
+    source = f"{location.describe().rstrip('/')}/{MANIFEST}"
+    if data is None:
+        raise ManifestError(f"{source} does not exist. Pass the --out folder of a `zimage-batch run`.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{source} is not UTF-8 text; it is not a manifest that zimage-batch wrote.") from None
+    return load_records(text, source)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One file that does not hold, and why."""
+
+    path: str
+    kind: Kind
+    detail: str
+
+
+@dataclass
+class Report:
+    """The outcome of a verification."""
+
+    location: str
+    records: int
+    files: int = 0
+    signed: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
+    """Check every output of every record in the location's manifest, then look for unlisted files."""
+    records = read_manifest(location)
+    unfinished = [path for path in location.list() if path.startswith(PARTS)]
+    if unfinished:
+        raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
+                            f"{len(unfinished)} in all). Rerun the same `zimage-batch run` command to finish it, then verify.")
+    report = Report(location.describe(), len(records))
+    listed = set()
+    for record in records.values():
+        for output in record.outputs:
+            listed.add(output.path)
+            report.files += 1
+            finding = check_file(record, output.path, output.sha256, location.read(output.path), trust_anchors, report)
+            if finding is not None:
+                report.findings.append(finding)
+    for path in location.list():
+        if path not in listed and path not in BOOKKEEPING:
+            report.findings.append(Finding(path, "stray", "not in the manifest"))
+    return report
+
+
+def check_file(record: ManifestRecord, path: str, sha256: str, data: bytes | None, trust_anchors: bytes | None,
+               report: Report) -> Finding | None:
+    """Why one output file does not hold, or None."""
+    if data is None:
+        return Finding(path, "missing", "missing")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        embedded = read_embedded(data)
+    except Exception as exc:  # Pillow raises many types for a damaged file
+        embedded = None
+        unreadable = f"{type(exc).__name__}: {exc}"
+    if digest != sha256:
+        what = f"SHA-256 {digest[:12]}... differs from the manifest's {sha256[:12]}..."
+        if embedded is None:
+            return Finding(path, "altered", f"altered: {what}; the file no longer reads as an image ({unreadable[:120]})")
+        if embedded.empty:
+            return Finding(path, "stripped", f"metadata stripped: no XMP and no A1111 parameters; {what}")
+        problems = disagreements(embedded, record.stamp())
+        extra = f"; embedded metadata: {'; '.join(problems)}" if problems else ""
+        return Finding(path, "altered", f"altered: {what}{extra}")
+    if embedded is None:
+        return Finding(path, "unreadable", f"matches the manifest's SHA-256 but does not read as an image ({unreadable[:120]})")
+    if record.schema_version < 2 and embedded.empty:
+        return Finding(path, "metadata", "no embedded provenance: written by a run before provenance was embedded (manifest schema v1)")
+    problems = disagreements(embedded, record.stamp())
+    if problems:
+        return Finding(path, "metadata", "embedded metadata does not match the manifest: " + "; ".join(problems))
+    return _check_signature(record, path, data, trust_anchors, report)
+
+
+def _check_signature(record: ManifestRecord, path: str, data: bytes, trust_anchors: bytes | None,
+                     report: Report) -> Finding | None:
+    from .signing import c2pa_problems, has_c2pa, read_c2pa
+
+    if not has_c2pa(data) and trust_anchors is None:
+        return None
+    try:
+        check = read_c2pa(data, trust_anchors)
+    except SigningError:
+        return Finding(path, "signature", "carries a C2PA signature, but c2pa-python is not installed here to check it "
+                                          "(pip install 'zimage-batch[c2pa]')")
+    if check is None:
+        return Finding(path, "signature", "no C2PA signature, but --c2pa-trust asks for signed files") if trust_anchors else None
+    report.signed += 1
+    problems = c2pa_problems(check, record.stamp(), trusted_only=trust_anchors is not None)
+    return Finding(path, "signature", "; ".join(problems)) if problems else None
+
+
+_LABELS = {"missing": "MISSING", "altered": "ALTERED", "stripped": "STRIPPED", "metadata": "METADATA",
+           "signature": "SIGNATURE", "unreadable": "UNREADABLE", "stray": "STRAY"}
+
+
+def format_report(report: Report) -> str:
+    """The report as a person reads it: one line per bad file, then a summary line."""
+    findings = sorted(report.findings, key=lambda f: (f.kind == "stray", f.path))
+    lines = [f"{_LABELS[f.kind]:<10} {f.path}: {f.detail}" for f in findings]
+    signed = f", {report.signed} C2PA-signed" if report.signed else ""
+    checked = f"{report.files} file(s) of {report.records} manifest record(s) in {report.location}{signed}"
+    if report.ok:
+        lines.append(f"OK: {checked}: all present, unaltered, with their provenance.")
+    else:
+        bad = len({f.path for f in report.findings if f.kind != "stray"})
+        stray = sum(f.kind == "stray" for f in report.findings)
+        lines.append(f"FAILED: {checked}: {bad} bad file(s), {stray} file(s) not in the manifest.")
+    return "\n".join(lines)
