@@ -10,6 +10,8 @@ with the error's ``exit_code``; a user never sees a traceback for one of these.
   - ``PlanError``: the plan has problems (collects every problem found, not only the first).
   - ``ModelError``: the model cannot be found, downloaded or loaded.
   - ``OutputError``: the output folder cannot be written.
+  - ``DeliveryError``: the S3 destination is malformed or cannot be used (missing bucket, wrong
+    credentials, unreachable endpoint); the message names the bucket and endpoint, never a secret.
 """
 
 from __future__ import annotations
@@ -50,3 +52,9 @@ class ModelError(ZImageBatchError):
 
 class OutputError(ZImageBatchError):
     """The output folder cannot be used."""
+
+
+class DeliveryError(ZImageBatchError):
+    """The ``--dest`` S3 destination is malformed, missing or refuses us."""
+
+    exit_code = 4

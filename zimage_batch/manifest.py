@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 
 
 class OutputFile(BaseModel):
-    """One delivered file of a job."""
+    """One delivered file of a job; ``uri``, ``etag`` and ``checksum_crc32`` are set once S3 acknowledged it."""
 
     preset: str
     path: str
@@ -39,6 +39,9 @@ class OutputFile(BaseModel):
     width: int
     height: int
     format: str
+    uri: str | None = None
+    etag: str | None = None
+    checksum_crc32: str | None = None  # as S3 returned it (base64), after checking it against ours
 
 
 class Attempt(BaseModel):
@@ -79,6 +82,8 @@ class ManifestRecord(BaseModel):
     seconds: float
     versions: dict[str, str]
     created_at: str
+    delivery: Literal["delivered", "conflict", "failed"] | None = None  # None: no --dest, or not tried yet
+    delivery_error: str | None = None
 
     @classmethod
     def for_job(cls, job: Job, **fields) -> ManifestRecord:
@@ -172,7 +177,8 @@ def parquet_schema():
     import pyarrow as pa
 
     output = pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])
+                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("uri", pa.string()),
+                        ("etag", pa.string()), ("checksum_crc32", pa.string())])
     attempt = pa.struct([("seed", pa.int64()), ("outcome", pa.string())])
     fields = []
     for name, info in ManifestRecord.model_fields.items():
