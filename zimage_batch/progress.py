@@ -13,7 +13,7 @@ _listeners: list[Callable[[str, Any], None]] = []
 
 
 def emit(event: str, value: Any = None) -> None:
-    """Tell every listener: ``("planned", n)``, ``("record", ManifestRecord)``."""
+    """Tell every listener: ``("planned", RunPlan)``, ``("record", ManifestRecord)``, ``("delivered", ManifestRecord)``."""
     for listener in list(_listeners):
         listener(event, value)
 
@@ -37,6 +37,7 @@ class ProgressBar:
         self._progress = None
         self._task = None
         self._counts = {"ok": 0, "rejected": 0, "failed": 0}
+        self._deliveries = {"delivered": 0, "conflict": 0, "failed": 0}
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
@@ -66,5 +67,12 @@ class ProgressBar:
             task = self._progress.tasks[self._task]
             speed = task.speed
             rate = f"{speed * 3600:,.0f} img/h" if speed else ""
-            status = ", ".join(f"{n} {k}" for k, n in self._counts.items() if n and k != "ok")
-            self._progress.update(self._task, advance=1, rate=rate, status=status)
+            self._progress.update(self._task, advance=1, rate=rate, status=self._status())
+        elif event == "delivered" and self._task is not None:
+            self._deliveries[value.delivery] += 1
+            self._progress.update(self._task, status=self._status())
+
+    def _status(self) -> str:
+        parts = [f"{n} {k}" for k, n in self._counts.items() if n and k != "ok"]
+        parts += [f"{n} {'uploaded' if k == 'delivered' else 'upload ' + k}" for k, n in self._deliveries.items() if n]
+        return ", ".join(parts)

@@ -5,6 +5,11 @@ manifest and the files' SHA-256, not by file existence) and spools the pending j
 temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
 copy and ``run.json``.
+
+With ``dest`` (``--dest s3://bucket/prefix``) a job is also done when the destination's records
+say it was delivered there; a job done here but not delivered is queued for upload without being
+regenerated, and each new "ok" record is queued as it finishes, so uploads run beside generation.
+``finish_run`` waits for them and publishes ``manifest.jsonl`` and ``run.json`` there.
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
-from .manifest import Manifest, library_versions, utc_now
+from .errors import DeliveryError
+from .manifest import MANIFEST, Manifest, library_versions, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .postprocess import PRESETS
 from .shard import ShardResult, process_shard
 from .store import LocalStore, write_atomic
+
+if TYPE_CHECKING:
+    from .deliver import Uploader
 
 RUN_JSON = "run.json"
 MAX_LISTED_PROBLEMS = 1000
@@ -49,6 +58,7 @@ class RunConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     size: str | None = None
     steps: int | None = None
+    dest: str | None = None  # s3://bucket/prefix: also deliver there
 
 
 @dataclass
@@ -64,30 +74,44 @@ class RunPlan:
     pending_file: str
     model: str
     seconds: float
+    to_deliver: int = 0  # jobs done here earlier but not yet at the destination: uploaded, not regenerated
 
 
 @dataclass
 class _Outputs:
     store: LocalStore
     manifest: Manifest
+    uploader: Uploader | None = None
 
 
 _OPEN: dict[str, _Outputs] = {}
 
 
-def open_outputs(out: str) -> _Outputs:
-    """The process's store and manifest for an output folder (the manifest is read once)."""
-    key = str(Path(out).resolve())
+def open_outputs(config: RunConfig) -> _Outputs:
+    """The process's store, manifest and uploader for an output folder (each manifest is read once)."""
+    key = str(Path(config.out).resolve())
     if key not in _OPEN:
-        _OPEN[key] = _Outputs(LocalStore(out), Manifest(out))
+        outputs = _Outputs(LocalStore(config.out), Manifest(config.out))
+        if config.dest:
+            from .deliver import S3Destination, Uploader, connect
+
+            def on_result(record) -> None:
+                outputs.manifest.append(record)
+                progress.emit("delivered", record)
+
+            outputs.uploader = Uploader(S3Destination.parse(config.dest), connect(), config.out, on_result=on_result)
+            outputs.uploader.read_records()
+        _OPEN[key] = outputs
     return _OPEN[key]
 
 
 def close_outputs(out: str) -> None:
-    """Forget the cached store and manifest of ``out`` (after the run finishes)."""
+    """Forget the cached store, manifest and uploader of ``out`` (after the run finishes)."""
     outputs = _OPEN.pop(str(Path(out).resolve()), None)
     if outputs is not None:
         outputs.manifest.close()
+        if outputs.uploader is not None:
+            outputs.uploader.close()
 
 
 def check_run(config: RunConfig) -> PlanInputs:
@@ -96,16 +120,29 @@ def check_run(config: RunConfig) -> PlanInputs:
     LocalStore(config.out)  # fails early when --out is a file
     if config.strict:
         strict_check(inputs)
+    if config.dest:
+        from .deliver import check
+
+        check(config.dest)
     return inputs
+
+
+def _done_at_destination(outputs: _Outputs, job: Job) -> bool:
+    """True when the destination's records, or ours, say the job was delivered to this destination."""
+    from .deliver import is_delivered
+
+    uploader = outputs.uploader
+    return uploader is not None and any(
+        is_delivered(records.get(job.job_id), job, uploader.dest) for records in (uploader.remote, outputs.manifest.records))
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Expand the plan, skip finished jobs and spool the rest to a temp file."""
     start = time.perf_counter()
     inputs = check_run(config)
-    outputs = open_outputs(config.out)
+    outputs = open_outputs(config)
     outputs.store.remove_stale_temp_files()
-    planned = skipped = pending = rows = 0
+    planned = skipped = pending = rows = to_deliver = 0
     problems: list[str] = []
     problem_count = 0
     last_row = None
@@ -123,13 +160,20 @@ def plan_run(config: RunConfig) -> RunPlan:
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
+            if _done_at_destination(outputs, item):
+                skipped += 1
+                continue
             if outputs.manifest.is_done(item, outputs.store):
                 skipped += 1
+                record = outputs.manifest.records[item.job_id]
+                if outputs.uploader is not None and record.status == "ok":
+                    outputs.uploader.submit(record)
+                    to_deliver += 1
                 continue
             pending += 1
             f.write(item.to_json() + "\n")
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, to_deliver)
     progress.emit("planned", plan)
     return plan
 
@@ -152,9 +196,15 @@ def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     from .generate import load_engine
 
     engine = load_engine(config.model, config.device)
-    outputs = open_outputs(config.out)
+    outputs = open_outputs(config)
+
+    def on_record(record) -> None:
+        progress.emit("record", record)
+        if outputs.uploader is not None and record.status == "ok":
+            outputs.uploader.submit(record)  # uploads run beside the next batch's generation
+
     return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
-                         max_attempts=config.max_attempts, on_record=lambda r: progress.emit("record", r))
+                         max_attempts=config.max_attempts, on_record=on_record)
 
 
 class RunSummary(BaseModel):
@@ -178,20 +228,33 @@ class RunSummary(BaseModel):
     catalogs: list[str]
     templates: list[str]
     versions: dict[str, str]
+    dest: str | None = None
+    manifest_uri: str | None = None  # the destination's manifest.jsonl, once published
+    delivered: int = 0  # jobs whose images reached the destination in this run
+    delivery_conflicts: int = 0
+    delivery_failed: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    delivery_problems: list[str] = []
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        undelivered = self.dest is not None and bool(self.delivery_conflicts or self.delivery_failed or not self.manifest_uri)
+        return 1 if self.failed or undelivered else 0
 
 
 def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], started_at: str, wall_start: float) -> RunSummary:
-    """Compact the manifest, write its Parquet copy and run.json; return the summary."""
+    """Wait for uploads, compact the manifest, write its Parquet copy and run.json (and publish them); return the summary."""
     total = ShardResult()
     for result in results:
         total.add(result)
-    outputs = open_outputs(config.out)
+    outputs = open_outputs(config)
+    uploader = outputs.uploader
+    delivery = uploader.drain() if uploader is not None else None
     outputs.manifest.finalize()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
+    if delivery is not None:
+        stages["upload"] = delivery.seconds  # summed over the upload threads, which run beside generation
     summary = RunSummary(
         out=str(config.out), model=plan.model, planned=plan.planned, generated=total.generated,
         skipped=plan.skipped, failed=total.failed, rejected=total.rejected, rows=plan.rows,
@@ -201,8 +264,27 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(),
     )
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(config.out) / RUN_JSON, (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode())
+    if delivery is not None:
+        summary = summary.model_copy(update=dict(
+            dest=str(uploader.dest), manifest_uri=uploader.dest.uri(MANIFEST), delivered=delivery.delivered,
+            delivery_conflicts=delivery.conflicts, delivery_failed=delivery.failed, uploaded_files=delivery.files,
+            uploaded_bytes=delivery.bytes, delivery_problems=list(delivery.problems)))
+    _write_summary(config, summary)
+    if uploader is not None:
+        try:
+            uploader.publish(outputs.manifest.records.values(), _summary_json(summary))
+        except DeliveryError as exc:  # the local run.json says so; the rerun publishes
+            summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, str(exc)]))
+            _write_summary(config, summary)
     Path(plan.pending_file).unlink(missing_ok=True)
     close_outputs(config.out)
     return summary
+
+
+def _summary_json(summary: RunSummary) -> bytes:
+    return (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _write_summary(config: RunConfig, summary: RunSummary) -> None:
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(config.out) / RUN_JSON, _summary_json(summary))
