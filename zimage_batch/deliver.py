@@ -101,7 +101,7 @@ def connect(*, attempts: int = 3, pool: int = 16):
     from botocore.config import Config
 
     session = boto3.session.Session()
-    config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=60,
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=10, read_timeout=60,
                     max_pool_connections=pool, signature_version="s3v4", request_checksum_calculation="when_supported",
                     response_checksum_validation="when_supported")
     return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
