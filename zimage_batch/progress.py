@@ -61,6 +61,7 @@ class ProgressBar:
             return
         if event == "planned":
             skipped = f", {value.skipped} already done" if value.skipped else ""
+            skipped += f", {value.to_deliver} to upload" if value.to_deliver else ""
             self._task = self._progress.add_task("images", total=value.pending, rate="", status=f"on {self.device}{skipped}")
         elif event == "record" and self._task is not None:
             self._counts[value.status] += 1
