@@ -406,13 +406,13 @@ def all_logs():
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(name)s %(message)s"))  # a formatted handler: Prefect's setup leaves root alone
     root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
+    old_level, old_handlers = root.level, root.handlers[:]
+    root.handlers[:] = [handler]  # only ours: others (Prefect's console) may hold streams of earlier tests
     root.setLevel(logging.DEBUG)
     try:
         yield stream
     finally:
-        root.removeHandler(handler)
+        root.handlers[:] = old_handlers
         root.setLevel(old_level)
 
 
