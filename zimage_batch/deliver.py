@@ -161,6 +161,11 @@ class DeliveryReport:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
+    def add(self, other: DeliveryReport) -> None:
+        for name in ("delivered", "conflicts", "failed", "files", "bytes", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.problems += other.problems[: max(0, 100 - len(self.problems))]
+
 
 class _NotDelivered(Exception):
     """A job's upload did not happen. ``kind``: "failed", "conflict", or "skipped" (failed, already reported)."""
@@ -245,10 +250,8 @@ class Uploader:
                 for item in page.get("Contents", []):
                     self._parts_read.append(item["Key"])
                     texts.append(self._get_text(item["Key"]))
-        except DeliveryError:
-            raise
         except Exception as exc:
-            raise DeliveryError(self.explain(exc) + " Nothing was generated.") from None
+            raise DeliveryError(self.explain(exc)) from None
         for text in texts:
             for line in (text or "").splitlines():
                 try:
@@ -469,8 +472,7 @@ class Uploader:
             self._put(self.dest.key(MANIFEST), body, "application/x-ndjson", {}, cache_control=NO_CACHE)
             self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
         except _NotDelivered as exc:
-            raise DeliveryError(f"The manifest was not published to {self.dest} ({exc}); local outputs are kept. "
-                                f"Rerun the same command to deliver what is missing.") from None
+            raise DeliveryError(str(exc)) from None
         done = self._parts_read + self._parts_written
         for start in range(0, len(done), 1000):  # best effort: a part left behind is merged again next time
             try:

@@ -6,10 +6,11 @@ temporary file, so a million-row catalog is never held in memory. ``run_shard`` 
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
 copy and ``run.json``.
 
-With ``dest`` (``--dest s3://bucket/prefix``) a job is also done when the destination's records
-say it was delivered there; a job done here but not delivered is queued for upload without being
-regenerated, and each new "ok" record is queued as it finishes, so uploads run beside generation.
-``finish_run`` waits for them and publishes ``manifest.jsonl`` and ``run.json`` there.
+With ``dest`` (``--dest s3://bucket/prefix``) each stage delivers its own work and waits for it
+before it returns, so no upload outlives the task that started it: ``plan_run`` skips jobs the
+destination's records say were delivered there and uploads jobs done here but never delivered
+(without regenerating them); ``run_shard`` uploads each "ok" record as it finishes, beside the
+next batch's generation; ``finish_run`` publishes ``manifest.jsonl`` and ``run.json`` there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
+from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError
 from .manifest import MANIFEST, Manifest, library_versions, utc_now
 from .models import DEFAULT_MODEL
@@ -74,44 +76,32 @@ class RunPlan:
     pending_file: str
     model: str
     seconds: float
-    to_deliver: int = 0  # jobs done here earlier but not yet at the destination: uploaded, not regenerated
+    to_deliver: int = 0  # jobs done here earlier, never delivered: uploaded during planning, not regenerated
+    delivery: DeliveryReport = field(default_factory=DeliveryReport)
 
 
 @dataclass
 class _Outputs:
     store: LocalStore
     manifest: Manifest
-    uploader: Uploader | None = None
 
 
 _OPEN: dict[str, _Outputs] = {}
 
 
-def open_outputs(config: RunConfig) -> _Outputs:
-    """The process's store, manifest and uploader for an output folder (each manifest is read once)."""
-    key = str(Path(config.out).resolve())
+def open_outputs(out: str) -> _Outputs:
+    """The process's store and manifest for an output folder (the manifest is read once)."""
+    key = str(Path(out).resolve())
     if key not in _OPEN:
-        outputs = _Outputs(LocalStore(config.out), Manifest(config.out))
-        if config.dest:
-            from .deliver import S3Destination, Uploader, connect
-
-            def on_result(record) -> None:
-                outputs.manifest.append(record)
-                progress.emit("delivered", record)
-
-            outputs.uploader = Uploader(S3Destination.parse(config.dest), connect(), config.out, on_result=on_result)
-            outputs.uploader.read_records()
-        _OPEN[key] = outputs
+        _OPEN[key] = _Outputs(LocalStore(out), Manifest(out))
     return _OPEN[key]
 
 
 def close_outputs(out: str) -> None:
-    """Forget the cached store, manifest and uploader of ``out`` (after the run finishes)."""
+    """Forget the cached store and manifest of ``out`` (after the run finishes)."""
     outputs = _OPEN.pop(str(Path(out).resolve()), None)
     if outputs is not None:
         outputs.manifest.close()
-        if outputs.uploader is not None:
-            outputs.uploader.close()
 
 
 def check_run(config: RunConfig) -> PlanInputs:
@@ -127,21 +117,28 @@ def check_run(config: RunConfig) -> PlanInputs:
     return inputs
 
 
-def _done_at_destination(outputs: _Outputs, job: Job) -> bool:
-    """True when the destination's records, or ours, say the job was delivered to this destination."""
-    from .deliver import is_delivered
+def open_uploader(config: RunConfig, manifest: Manifest | None = None) -> Uploader | None:
+    """An uploader to ``config.dest`` (None without one) that records each result in ``manifest``."""
+    if not config.dest:
+        return None
+    from .deliver import S3Destination, Uploader, connect
 
-    uploader = outputs.uploader
-    return uploader is not None and any(
-        is_delivered(records.get(job.job_id), job, uploader.dest) for records in (uploader.remote, outputs.manifest.records))
+    def on_result(record) -> None:
+        if manifest is not None:
+            manifest.append(record)
+        progress.emit("delivered", record)
+
+    return Uploader(S3Destination.parse(config.dest), connect(), config.out, on_result=on_result)
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     """Expand the plan, skip finished jobs and spool the rest to a temp file."""
     start = time.perf_counter()
     inputs = check_run(config)
-    outputs = open_outputs(config)
+    outputs = open_outputs(config.out)
     outputs.store.remove_stale_temp_files()
+    uploader = open_uploader(config, outputs.manifest)
+    remote = uploader.read_records() if uploader is not None else {}
     planned = skipped = pending = rows = to_deliver = 0
     problems: list[str] = []
     problem_count = 0
@@ -160,20 +157,25 @@ def plan_run(config: RunConfig) -> RunPlan:
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
-            if _done_at_destination(outputs, item):
-                skipped += 1
+            local = outputs.manifest.records.get(item.job_id)
+            if uploader is not None and (is_delivered(remote.get(item.job_id), item, uploader.dest)
+                                         or is_delivered(local, item, uploader.dest)):
+                skipped += 1  # done at the destination, by this machine or another
                 continue
             if outputs.manifest.is_done(item, outputs.store):
                 skipped += 1
-                record = outputs.manifest.records[item.job_id]
-                if outputs.uploader is not None and record.status == "ok":
-                    outputs.uploader.submit(record)
+                if uploader is not None and local.status == "ok":
+                    uploader.submit(local)
                     to_deliver += 1
                 continue
             pending += 1
             f.write(item.to_json() + "\n")
+    delivery = DeliveryReport()
+    if uploader is not None:
+        delivery = uploader.drain()
+        uploader.close()
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
-                   time.perf_counter() - start, to_deliver)
+                   time.perf_counter() - start, to_deliver, delivery)
     progress.emit("planned", plan)
     return plan
 
@@ -196,15 +198,24 @@ def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     from .generate import load_engine
 
     engine = load_engine(config.model, config.device)
-    outputs = open_outputs(config)
+    outputs = open_outputs(config.out)
+    uploader = open_uploader(config, outputs.manifest)
 
     def on_record(record) -> None:
         progress.emit("record", record)
-        if outputs.uploader is not None and record.status == "ok":
-            outputs.uploader.submit(record)  # uploads run beside the next batch's generation
+        if uploader is not None and record.status == "ok":
+            uploader.submit(record)  # uploads run beside the next batch's generation
 
-    return process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
-                         max_attempts=config.max_attempts, on_record=on_record)
+    try:
+        result = process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
+                               max_attempts=config.max_attempts, on_record=on_record)
+    finally:
+        if uploader is not None:
+            delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
+            uploader.close()
+    if uploader is not None:
+        result.delivery = delivery
+    return result
 
 
 class RunSummary(BaseModel):
@@ -244,17 +255,16 @@ class RunSummary(BaseModel):
 
 
 def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], started_at: str, wall_start: float) -> RunSummary:
-    """Wait for uploads, compact the manifest, write its Parquet copy and run.json (and publish them); return the summary."""
+    """Compact the manifest, write its Parquet copy and run.json, publish them to the destination; return the summary."""
     total = ShardResult()
     for result in results:
         total.add(result)
-    outputs = open_outputs(config)
-    uploader = outputs.uploader
-    delivery = uploader.drain() if uploader is not None else None
+    total.delivery.add(plan.delivery)
+    outputs = open_outputs(config.out)
     outputs.manifest.finalize()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
-    if delivery is not None:
-        stages["upload"] = delivery.seconds  # summed over the upload threads, which run beside generation
+    if config.dest:
+        stages["upload"] = total.delivery.seconds  # summed over upload threads, which run beside generation
     summary = RunSummary(
         out=str(config.out), model=plan.model, planned=plan.planned, generated=total.generated,
         skipped=plan.skipped, failed=total.failed, rejected=total.rejected, rows=plan.rows,
@@ -264,20 +274,32 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(),
     )
-    if delivery is not None:
-        summary = summary.model_copy(update=dict(
-            dest=str(uploader.dest), manifest_uri=uploader.dest.uri(MANIFEST), delivered=delivery.delivered,
-            delivery_conflicts=delivery.conflicts, delivery_failed=delivery.failed, uploaded_files=delivery.files,
-            uploaded_bytes=delivery.bytes, delivery_problems=list(delivery.problems)))
-    _write_summary(config, summary)
-    if uploader is not None:
-        try:
-            uploader.publish(outputs.manifest.records.values(), _summary_json(summary))
-        except DeliveryError as exc:  # the local run.json says so; the rerun publishes
-            summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, str(exc)]))
-            _write_summary(config, summary)
+    if config.dest:
+        summary = publish(config, summary, total.delivery, outputs.manifest)
+    else:
+        _write_summary(config, summary)
     Path(plan.pending_file).unlink(missing_ok=True)
     close_outputs(config.out)
+    return summary
+
+
+def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest) -> RunSummary:
+    """Write run.json here and, with the destination's records merged with ours, manifest.jsonl and run.json there."""
+    uploader = open_uploader(config)
+    summary = summary.model_copy(update=dict(
+        dest=str(uploader.dest), manifest_uri=uploader.dest.uri(MANIFEST), delivered=delivery.delivered,
+        delivery_conflicts=delivery.conflicts, delivery_failed=delivery.failed, uploaded_files=delivery.files,
+        uploaded_bytes=delivery.bytes, delivery_problems=list(delivery.problems)))
+    _write_summary(config, summary)
+    try:
+        uploader.read_records()  # manifest.jsonl and every journal part, this run's included
+        uploader.publish(manifest.records.values(), _summary_json(summary))
+    except DeliveryError as exc:  # the local run.json says so; the rerun publishes
+        problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
+        summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))
+        _write_summary(config, summary)
+    finally:
+        uploader.close()
     return summary
 
 

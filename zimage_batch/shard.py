@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .deliver import DeliveryReport
 from .generate import Engine, image_problem
 from .manifest import Attempt, Manifest, ManifestRecord, OutputFile
 from .plan import Job, derive_seed
@@ -34,9 +35,11 @@ class ShardResult:
     failed: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
+    delivery: DeliveryReport = field(default_factory=DeliveryReport)  # with --dest: what reached S3
 
     def add(self, other: ShardResult) -> None:
         self.engines.update(other.engines)
+        self.delivery.add(other.delivery)
         self.generated += other.generated
         self.rejected += other.rejected
         self.failed += other.failed
