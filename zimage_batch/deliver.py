@@ -288,6 +288,7 @@ class Uploader:
         return self.report
 
     def close(self) -> None:
+        """Stop: uploads under way finish, queued ones are dropped (their jobs stay undelivered for the rerun)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _deliver_one(self, record: ManifestRecord) -> None:

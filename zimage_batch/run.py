@@ -209,12 +209,11 @@ def run_shard(config: RunConfig, jobs: list[Job]) -> ShardResult:
     try:
         result = process_shard(jobs, engine, outputs.store, outputs.manifest, batch_size=config.batch_size,
                                max_attempts=config.max_attempts, on_record=on_record)
+        if uploader is not None:
+            result.delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
     finally:
         if uploader is not None:
-            delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
-            uploader.close()
-    if uploader is not None:
-        result.delivery = delivery
+            uploader.close()  # after an error or Ctrl-C: running uploads end, queued ones are left to the rerun
     return result
 
 
