@@ -42,11 +42,13 @@ def bad_inputs(tmp_path):
         "unreachable model": ([good, "-t", WHITE, "--model", "Tongyi-MAI/Z-Image-Turbo"], 3, ["could not be loaded", "hf download"]),
         "missing model folder": ([good, "-t", WHITE, "--model", tmp_path / "models/zimage"], 2, ["zimage does not exist"]),
         "bad batch size": ([good, "-t", WHITE, "--batch-size", "0"], 2, ["--batch-size 0 is out of range"]),
+        "bad --dest": ([good, "-t", WHITE, "--dest", "assets-bucket/catalog"], 4, ["--dest 'assets-bucket/catalog' is not an S3 URI", "s3://BUCKET/PREFIX"]),
     }
 
 
 CASES = ["missing catalog", "missing column", "malformed row, strict", "undefined variable", "jinja syntax error",
-         "size not multiple of 16", "unknown preset", "bad --size", "unreachable model", "missing model folder", "bad batch size"]
+         "size not multiple of 16", "unknown preset", "bad --size", "unreachable model", "missing model folder", "bad batch size",
+         "bad --dest"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -79,9 +79,11 @@ PARQUET_COLUMNS = [
     ("attempts", pa.list_(pa.struct([("seed", pa.int64()), ("outcome", pa.string())]))),
     ("outputs", pa.list_(pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
                                     ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-                                    ("format", pa.string())]))),
+                                    ("format", pa.string()), ("uri", pa.string()), ("etag", pa.string()),
+                                    ("checksum_crc32", pa.string())]))),
     ("batch_size", pa.int64()), ("device", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
+    ("delivery", pa.string()), ("delivery_error", pa.string()),
 ]
 
 # A record as schema version 1 wrote it (before 'background'), from a run of the core pipeline.
@@ -106,13 +108,13 @@ def test_schema_describes_exactly_the_record_fields():
     schema = json.loads(SCHEMA_PATH.read_text())
     assert set(schema["properties"]) == set(ManifestRecord.model_fields)
     assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker"}
-    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 2
+    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 3
     assert set(schema["properties"]["outputs"]["items"]["required"]) == set(OutputFile.model_fields)
 
 
 def test_new_records_follow_the_schema_and_carry_background():
     data = json.loads(record(job(background="white")).model_dump_json())
-    assert schema_problems(data) == [] and data["schema_version"] == 2 and data["background"] == "white"
+    assert schema_problems(data) == [] and data["schema_version"] == 3 and data["background"] == "white"
     del data["background"]
     assert schema_problems(data) == ["'background' is a required property"]
 

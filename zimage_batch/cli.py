@@ -21,6 +21,7 @@ EXAMPLES = """\
 examples:
   zimage-batch run catalogs/demo.csv --template templates/product_white.j2 --out out/ --model tiny-random
   zimage-batch run catalogs/demo.parquet --template templates/lifestyle_scene.j2 --model Tongyi-MAI/Z-Image-Turbo --out out/
+  zimage-batch run catalogs/demo.csv --template templates/product_white.j2 --out work/ --dest s3://assets-bucket/catalog/2026-11-26
   zimage-batch plan catalogs/demo.csv --template templates/poster_text.j2
   zimage-batch postprocess photos/*.png --preset amazon_main --preset taobao_main --out delivered/
   zimage-batch presets
@@ -60,6 +61,16 @@ writes OUT/<preset>/<input stem>.<ext>, OUT/rejected/<preset>/ (with a .reasons.
 OUT/postprocess.jsonl (one record per input and preset). Exit status 1 when any input was rejected.
 """
 
+DEST_HELP = """
+delivering to S3 (--dest s3://BUCKET/PREFIX):
+  Every image goes to PREFIX/images/<sku>/<template>/<file> (its path under --out) with a <file>.json record
+  beside it, then PREFIX/manifest.jsonl and PREFIX/run.json. Uploads are create-only and checksummed; an
+  existing object with other content is reported as a conflict, never overwritten. Rerunning uploads only
+  what is missing; with a fresh --out, jobs already at the destination are skipped, not regenerated.
+  Endpoint: AWS_ENDPOINT_URL (unset: AWS). Credentials: AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY
+  (+ AWS_SESSION_TOKEN), or AWS_PROFILE. Region: AWS_REGION (default us-east-1).
+"""
+
 EXIT_FAILED_JOBS = 1
 EXIT_REJECTED = 1
 EXIT_INTERRUPTED = 130
@@ -92,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "template's presets and store them under --out with manifest.jsonl, "
                                      "manifest.parquet and run.json. Rerunning the same command resumes: finished "
                                      "jobs are skipped. Every file carries its provenance (IPTC DigitalSourceType "
-                                     "XMP, A1111 parameters, job id); --c2pa-cert/--c2pa-key also sign it with C2PA.",
-                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     "XMP, A1111 parameters, job id); --c2pa-cert/--c2pa-key also sign it with C2PA. "
+                                     "With --dest, every image also goes to S3.",
+                         epilog=RUN_EXAMPLES + DEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(run)
     run.add_argument("--out", required=True, help="output folder (created if missing)")
+    run.add_argument("--dest", metavar="S3_URI", help="also deliver to s3://BUCKET/PREFIX (see 'delivering to S3' below)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     run.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     run.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
@@ -262,7 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
         workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
-        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key,
+        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
@@ -382,9 +395,24 @@ def print_summary(summary) -> None:
         print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
     print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
     print(f"Summary:  {out / 'run.json'}")
+    if summary.dest:
+        print_delivery(summary)
     _print_problems(summary.problems, summary.row_problems)
     if summary.failed:
         print(f"\n{summary.failed} job(s) failed; see status 'failed' in the manifest. Rerun the same command to retry them.", file=sys.stderr)
+
+
+def print_delivery(summary) -> None:
+    print(f"Delivered: {summary.delivered} job(s), {summary.uploaded_files} image(s), {summary.uploaded_bytes / 1e6:.1f} MB "
+          f"to {summary.dest}; {summary.delivery_conflicts} conflict(s), {summary.delivery_failed} failed.")
+    if summary.manifest_uri:
+        print(f"Published: {summary.manifest_uri} (and run.json)")
+    if summary.delivery_problems:
+        print(f"\nDelivery problems (local outputs are kept; rerun the same command to deliver what is missing):", file=sys.stderr)
+        for problem in summary.delivery_problems[:20]:
+            print(f"  - {problem}", file=sys.stderr)
+        if len(summary.delivery_problems) > 20:
+            print(f"  ... and {len(summary.delivery_problems) - 20} more (listed in run.json).", file=sys.stderr)
 
 
 def _print_problems(problems: list[str], count: int) -> None:

@@ -15,6 +15,8 @@ with the error's ``exit_code``; a user never sees a traceback for one of these.
   - ``ManifestError``: a manifest that is missing, breaks its schema, or lacks the job asked for.
   - ``SigningError``: a C2PA certificate or key that is missing, mismatched or expired, or
     c2pa-python not installed.
+  - ``DeliveryError``: the S3 destination is malformed or cannot be used (missing bucket, wrong
+    credentials, unreachable endpoint); the message names the bucket and endpoint, never a secret.
 """
 
 from __future__ import annotations
@@ -71,3 +73,9 @@ class ManifestError(ZImageBatchError):
 
 class SigningError(ZImageBatchError):
     """C2PA signing cannot be set up: certificate, key or the c2pa-python package."""
+
+
+class DeliveryError(ZImageBatchError):
+    """The ``--dest`` S3 destination is malformed, missing or refuses us."""
+
+    exit_code = 4

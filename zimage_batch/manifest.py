@@ -9,7 +9,8 @@ record per job (the newest), and ``OUT/manifest.parquet`` is written with a fixe
 Every record follows ``schemas/manifest.schema.json`` (JSON Schema; ``schema_version`` in each
 record). Records are checked against it as they are appended, and ``load_records`` (for verify
 and reproduce) refuses a manifest with any line that does not follow it. Version 2 added
-``background``; version 1 records still load (``background`` is then None).
+``background``; version 3 the delivery fields (``delivery``, ``delivery_error`` and the outputs'
+``uri``, ``etag``, ``checksum_crc32``). Older records still load.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from .store import LocalStore, write_atomic
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 PARTS = ".parts"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
 
 
 class OutputFile(BaseModel):
-    """One delivered file of a job."""
+    """One delivered file of a job; ``uri``, ``etag`` and ``checksum_crc32`` are set once S3 acknowledged it."""
 
     preset: str
     path: str
@@ -49,6 +50,9 @@ class OutputFile(BaseModel):
     width: int
     height: int
     format: str
+    uri: str | None = None
+    etag: str | None = None
+    checksum_crc32: str | None = None  # as S3 returned it (base64), after checking it against ours
 
 
 class Attempt(BaseModel):
@@ -91,6 +95,8 @@ class ManifestRecord(BaseModel):
     seconds: float
     versions: dict[str, str]
     created_at: str
+    delivery: Literal["delivered", "conflict", "failed"] | None = None  # None: no --dest, or not tried yet
+    delivery_error: str | None = None
 
     @classmethod
     def for_job(cls, job: Job, **fields) -> ManifestRecord:
@@ -187,8 +193,8 @@ class Manifest:
     """The records of one output folder: ``manifest.jsonl`` plus the part files of a run in progress.
 
     Records in parts win over ``manifest.jsonl`` (they are newer), later lines over earlier ones.
-    ``part_records`` holds what the parts held when loaded: the current run's work, since a run
-    starts by folding older parts into ``manifest.jsonl`` (``compact``).
+    ``part_records`` holds what the shard parts held when loaded: the current run's work, since a
+    run starts by folding older parts into ``manifest.jsonl`` (``compact``).
     """
 
     def __init__(self, out: str | Path):
@@ -201,7 +207,7 @@ class Manifest:
         if self.path.is_file():
             self._add(self.path, into_parts=False)
         for part in self.part_files():
-            self._add(part, into_parts=True)
+            self._add(part, into_parts=part.name.startswith("shard-"))  # not uploads of earlier runs' work
 
     def _add(self, path: Path, into_parts: bool) -> None:
         records, ignored = read_records(path)
@@ -258,7 +264,8 @@ def parquet_schema():
     import pyarrow as pa
 
     output = pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])
+                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("uri", pa.string()),
+                        ("etag", pa.string()), ("checksum_crc32", pa.string())])
     attempt = pa.struct([("seed", pa.int64()), ("outcome", pa.string())])
     fields = []
     for name, info in ManifestRecord.model_fields.items():

@@ -14,7 +14,7 @@ _listeners: list[Callable[[str, Any], None]] = []
 
 
 def emit(event: str, value: Any = None) -> None:
-    """Tell every listener: ``("planned", n)``, ``("record", ManifestRecord)``."""
+    """Tell every listener: ``("planned", RunPlan)``, ``("record", ManifestRecord)``, ``("delivered", ManifestRecord)``."""
     for listener in list(_listeners):
         listener(event, value)
 
@@ -38,6 +38,7 @@ class ProgressBar:
         self._progress = None
         self._task = None
         self._counts = {"ok": 0, "rejected": 0, "failed": 0}
+        self._deliveries = {"delivered": 0, "conflict": 0, "failed": 0}
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
@@ -61,6 +62,7 @@ class ProgressBar:
             return
         if event == "planned":
             skipped = f", {value.skipped} already done" if value.skipped else ""
+            skipped += f", {value.to_deliver} to upload" if value.to_deliver else ""
             self._task = self._progress.add_task("images", total=value.pending, rate="", status=f"on {self.device}{skipped}")
         elif event == "shard" and self._task is not None and value.process != os.getpid():
             # the shard ran on a Dask worker, whose per-image events do not reach this process
@@ -70,9 +72,16 @@ class ProgressBar:
         elif event == "record" and self._task is not None:
             self._counts[value.status] += 1
             self._advance(1)
+        elif event == "delivered" and self._task is not None:
+            self._deliveries[value.delivery] += 1
+            self._progress.update(self._task, status=self._status())
 
     def _advance(self, images: int) -> None:
         speed = self._progress.tasks[self._task].speed
         rate = f"{speed * 3600:,.0f} img/h" if speed else ""
-        status = ", ".join(f"{n} {k}" for k, n in self._counts.items() if n and k != "ok")
-        self._progress.update(self._task, advance=images, rate=rate, status=status)
+        self._progress.update(self._task, advance=images, rate=rate, status=self._status())
+
+    def _status(self) -> str:
+        parts = [f"{n} {k}" for k, n in self._counts.items() if n and k != "ok"]
+        parts += [f"{n} {'uploaded' if k == 'delivered' else 'upload ' + k}" for k, n in self._deliveries.items() if n]
+        return ", ".join(parts)

@@ -5,6 +5,12 @@ manifest and the files' SHA-256, not by file existence) and spools the pending j
 temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
 copy and ``run.json``.
+
+With ``dest`` (``--dest s3://bucket/prefix``) each stage delivers its own work and waits for it
+before it returns, so no upload outlives the task that started it: ``plan_run`` skips jobs the
+destination's records say were delivered there and uploads jobs done here but never delivered
+(without regenerating them); ``run_shard`` uploads each "ok" record as it finishes, beside the
+next batch's generation; ``finish_run`` publishes ``manifest.jsonl`` and ``run.json`` there.
 """
 
 from __future__ import annotations
@@ -17,19 +23,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import progress
-from .errors import SigningError
-from .manifest import Manifest, ManifestPart, library_versions, record_done, utc_now
+from .deliver import DeliveryReport, is_delivered
+from .errors import DeliveryError, SigningError
+from .manifest import MANIFEST, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
 from .provenance import Sealer
 from .shard import ShardResult, default_sealer, process_shard
 from .store import LocalStore, write_atomic
+
+if TYPE_CHECKING:
+    from .deliver import Uploader
 
 RUN_JSON = "run.json"
 MAX_LISTED_PROBLEMS = 1000
@@ -59,6 +69,7 @@ class RunConfig(BaseModel):
     presets_file: str | None = None  # extra presets (TOML/YAML) the templates may name
     c2pa_cert: str | None = None  # PEM chain, leaf first: sign every file with C2PA (with c2pa_key)
     c2pa_key: str | None = None
+    dest: str | None = None  # s3://bucket/prefix: also deliver there
 
 
 @dataclass
@@ -74,6 +85,8 @@ class RunPlan:
     pending_file: str
     model: str
     seconds: float
+    to_deliver: int = 0  # jobs done here earlier, never delivered: uploaded during planning, not regenerated
+    delivery: DeliveryReport = field(default_factory=DeliveryReport)
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -104,7 +117,25 @@ def check_run(config: RunConfig) -> PlanInputs:
     sealer_for(config)  # a bad certificate or key stops the run here
     if config.strict:
         strict_check(inputs)
+    if config.dest:
+        from .deliver import check
+
+        check(config.dest)
     return inputs
+
+
+def open_uploader(config: RunConfig, manifest: Manifest | ManifestPart | None = None) -> Uploader | None:
+    """An uploader to ``config.dest`` (None without one) that records each result in ``manifest``."""
+    if not config.dest:
+        return None
+    from .deliver import S3Destination, Uploader, connect
+
+    def on_result(record) -> None:
+        if manifest is not None:
+            manifest.append(record)
+        progress.emit("delivered", record)
+
+    return Uploader(S3Destination.parse(config.dest), connect(), config.out, on_result=on_result)
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -114,7 +145,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     store, manifest = LocalStore(config.out), Manifest(config.out)
     manifest.compact()  # fold in the parts a killed run left behind
     store.remove_stale_temp_files()
-    planned = skipped = pending = rows = 0
+    uploader = open_uploader(config, manifest)
+    remote = uploader.read_records() if uploader is not None else {}
+    planned = skipped = pending = rows = to_deliver = 0
     problems: list[str] = []
     problem_count = 0
     last_row = None
@@ -132,13 +165,25 @@ def plan_run(config: RunConfig) -> RunPlan:
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
+            local = manifest.records.get(item.job_id)
+            if uploader is not None and (is_delivered(remote.get(item.job_id), item, uploader.dest)
+                                         or is_delivered(local, item, uploader.dest)):
+                skipped += 1  # done at the destination, by this machine or another
+                continue
             if manifest.is_done(item, store):
                 skipped += 1
+                if uploader is not None and local.status == "ok":
+                    uploader.submit(local)
+                    to_deliver += 1
                 continue
             pending += 1
             f.write(item.to_json() + "\n")
+    delivery = DeliveryReport()
+    if uploader is not None:
+        delivery = uploader.drain()
+        uploader.close()
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, to_deliver, delivery)
     progress.emit("planned", plan)
     return plan
 
@@ -179,11 +224,23 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     if not todo:
         return ShardResult()
     engine = engine_for(config)
+    uploader = open_uploader(config, part)
+
+    def on_record(record) -> None:
+        progress.emit("record", record)
+        if uploader is not None and record.status == "ok":
+            uploader.submit(record)  # uploads run beside the next batch's generation
+
     try:
-        return process_shard(todo, engine, store, part, batch_size=config.batch_size,
-                             max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
-                             on_record=lambda r: progress.emit("record", r), sealer=sealer_for(config))
+        result = process_shard(todo, engine, store, part, batch_size=config.batch_size,
+                               max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
+                               on_record=on_record, sealer=sealer_for(config))
+        if uploader is not None:
+            result.delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
+        return result
     finally:
+        if uploader is not None:
+            uploader.close()  # after an error or Ctrl-C: running uploads end, queued ones are left to the rerun
         part.close()
 
 
@@ -208,21 +265,33 @@ class RunSummary(BaseModel):
     catalogs: list[str]
     templates: list[str]
     versions: dict[str, str]
+    dest: str | None = None
+    manifest_uri: str | None = None  # the destination's manifest.jsonl, once published
+    delivered: int = 0  # jobs whose images reached the destination in this run
+    delivery_conflicts: int = 0
+    delivery_failed: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    delivery_problems: list[str] = []
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        undelivered = self.dest is not None and bool(self.delivery_conflicts or self.delivery_failed or not self.manifest_uri)
+        return 1 if self.failed or undelivered else 0
 
 
 def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], started_at: str, wall_start: float) -> RunSummary:
-    """Compact the manifest, write its Parquet copy and run.json; return the summary."""
+    """Compact the manifest, write its Parquet copy and run.json, publish them to the destination; return the summary."""
     total = ShardResult()
     for result in results:
         total.add(result)
+    total.delivery.add(plan.delivery)
     manifest = Manifest(config.out)
     statuses = Counter(r.status for r in manifest.part_records.values())  # this run's work, from every worker
     manifest.finalize()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
+    if config.dest:
+        stages["upload"] = total.delivery.seconds  # summed over upload threads, which run beside generation
     summary = RunSummary(
         out=str(config.out), model=plan.model, planned=plan.planned, generated=statuses["ok"],
         skipped=plan.skipped, failed=statuses["failed"], rejected=statuses["rejected"], rows=plan.rows,
@@ -232,7 +301,38 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(),
     )
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(config.out) / RUN_JSON, (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode())
+    if config.dest:
+        summary = publish(config, summary, total.delivery, manifest)
+    else:
+        _write_summary(config, summary)
     Path(plan.pending_file).unlink(missing_ok=True)
     return summary
+
+
+def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest) -> RunSummary:
+    """Write run.json here and, with the destination's records merged with ours, manifest.jsonl and run.json there."""
+    uploader = open_uploader(config)
+    summary = summary.model_copy(update=dict(
+        dest=str(uploader.dest), manifest_uri=uploader.dest.uri(MANIFEST), delivered=delivery.delivered,
+        delivery_conflicts=delivery.conflicts, delivery_failed=delivery.failed, uploaded_files=delivery.files,
+        uploaded_bytes=delivery.bytes, delivery_problems=list(delivery.problems)))
+    _write_summary(config, summary)
+    try:
+        uploader.read_records()  # manifest.jsonl and every journal part, this run's included
+        uploader.publish(manifest.records.values(), _summary_json(summary))
+    except DeliveryError as exc:  # the local run.json says so; the rerun publishes
+        problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
+        summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))
+        _write_summary(config, summary)
+    finally:
+        uploader.close()
+    return summary
+
+
+def _summary_json(summary: RunSummary) -> bytes:
+    return (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _write_summary(config: RunConfig, summary: RunSummary) -> None:
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(config.out) / RUN_JSON, _summary_json(summary))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .deliver import DeliveryReport
 from .generate import Engine
 from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile, library_versions
 from .plan import Job, derive_seed
@@ -41,6 +42,7 @@ class ShardResult:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
     process: int = field(default_factory=os.getpid)  # where the shard ran
+    delivery: DeliveryReport = field(default_factory=DeliveryReport)  # with --dest: what reached S3
 
     @property
     def images(self) -> int:
@@ -48,6 +50,7 @@ class ShardResult:
 
     def add(self, other: ShardResult) -> None:
         self.engines.update(other.engines)
+        self.delivery.add(other.delivery)
         self.generated += other.generated
         self.rejected += other.rejected
         self.failed += other.failed

@@ -1,0 +1,438 @@
+"""Delivery to S3, against a real SeaweedFS started by the tests (it checks signatures and checksums)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import S3_SECRET_KEY
+from s3server import FaultProxy, free_port
+from test_generate import job
+from zimage_batch import deliver
+from zimage_batch.deliver import IMMUTABLE, METADATA_LIMIT, S3Destination, Uploader, connect, object_metadata
+from zimage_batch.errors import DeliveryError
+from zimage_batch.manifest import Attempt, ManifestRecord, OutputFile, read_jsonl
+from zimage_batch.shard import output_name
+from zimage_batch.store import LocalStore
+
+PREFIX = "catalog/2026-11-26"
+
+
+def make_record(root: Path, seed: int = 1, sizes: dict[str, int] | None = None) -> ManifestRecord:
+    """An "ok" record whose files exist under ``root``, with random bytes of the given sizes per preset."""
+    sizes = sizes or {"web": 30_000, "png": 50_000}
+    j = job(seed=seed, sku=f"SKU-{seed}", presets=tuple(sizes))
+    rng = np.random.default_rng(seed)
+    outputs = []
+    for preset, size in sizes.items():
+        written = LocalStore(root).write(f"images/{j.sku}/t/{output_name(j, preset)}.jpg", rng.bytes(size))
+        outputs.append(OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
+                                  width=8, height=8, format="JPEG"))
+    return ManifestRecord.for_job(j, status="ok", image_seed=j.seed, attempts=[Attempt(seed=j.seed, outcome="ok")],
+                                  outputs=outputs, batch_size=1, device="cpu", seconds=0.1)
+
+
+def deliver_all(uploader: Uploader, records: list[ManifestRecord]) -> dict[str, ManifestRecord]:
+    results: dict[str, ManifestRecord] = {}
+    uploader.on_result = lambda r: results.__setitem__(r.job_id, r)
+    for record in records:
+        uploader.submit(record)
+    uploader.drain()
+    uploader.close()
+    return results
+
+
+def count_puts(client) -> Counter:
+    """Per key: PutObject calls the client makes, and the HTTP status S3 finally answered each with."""
+    seen: Counter = Counter()
+
+    def before(params, context, **_):
+        context["zb-key"] = params["Key"]
+        seen[("sent", params["Key"])] += 1
+
+    def after(http_response, context, **_):
+        seen[(http_response.status_code, context["zb-key"])] += 1
+
+    client.meta.events.register("before-parameter-build.s3.PutObject", before)
+    client.meta.events.register("after-call.s3.PutObject", after)
+    return seen
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.mark.parametrize("uri, bucket, prefix", [
+    ("s3://assets-bucket/catalog/2026-11-26", "assets-bucket", "catalog/2026-11-26"),
+    ("s3://assets-bucket/catalog/", "assets-bucket", "catalog"),
+    ("s3://assets-bucket", "assets-bucket", ""),
+])
+def test_destination_uris_parse(uri, bucket, prefix):
+    dest = S3Destination.parse(uri)
+    assert (dest.bucket, dest.prefix) == (bucket, prefix)
+    assert dest.uri("images/a.jpg") == f"s3://{bucket}/{prefix + '/' if prefix else ''}images/a.jpg"
+
+
+@pytest.mark.parametrize("uri, phrase", [
+    ("assets-bucket/catalog", "is not an S3 URI"), ("s3://", "not a valid bucket name"), ("s3://ab/x", "not a valid bucket name"),
+    ("s3://Assets_Bucket/x", "not a valid bucket name"), ("s3://bucket/a//b", "empty, '.' or '..' part"),
+    ("s3://bucket/a/../b", "empty, '.' or '..' part"),
+])
+def test_bad_destination_uris_say_what_would_work(uri, phrase):
+    with pytest.raises(DeliveryError, match="s3://BUCKET/PREFIX") as err:
+        S3Destination.parse(uri)
+    assert phrase in str(err.value)
+
+
+def test_user_metadata_stays_within_the_aws_limit(tmp_path):
+    record = make_record(tmp_path).model_copy(update={"job_id": "x" * 500, "image_seed": 2**32 - 1})
+    metadata = object_metadata(record, record.outputs[0])
+    assert set(metadata) >= {"job-id", "seed", "sha256"}
+    assert sum(len(k) + len(v) for k, v in metadata.items()) <= METADATA_LIMIT
+    assert all(v.isascii() for v in metadata.values())  # HTTP headers: no sku or prompt in there
+
+
+def test_images_land_with_type_cache_metadata_checksum_and_a_sidecar(s3, tmp_path):
+    record = make_record(tmp_path)
+    dest = S3Destination(s3.bucket, PREFIX)
+    results = deliver_all(Uploader(dest, connect(), tmp_path), [record])
+    delivered = results[record.job_id]
+    assert delivered.delivery == "delivered" and delivered.delivery_error is None
+    for local, out in zip(record.outputs, delivered.outputs):
+        key = f"{PREFIX}/{local.path}"
+        data = (tmp_path / local.path).read_bytes()
+        head = s3.client.head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
+        assert head["ContentType"] == "image/jpeg" and head["CacheControl"] == IMMUTABLE
+        assert head["Metadata"] == {"job-id": record.job_id, "seed": str(record.image_seed), "sha256": local.sha256,
+                                    "preset": local.preset, "generator": "zimage-batch"}
+        assert hashlib.sha256(s3.read(key)).hexdigest() == local.sha256
+        crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+        assert out.uri == f"s3://{s3.bucket}/{key}" and out.etag == head["ETag"] == f'"{md5_hex(data)}"'
+        assert out.checksum_crc32 == head["ChecksumCRC32"] == crc
+        sidecar = ManifestRecord.model_validate_json(s3.read(key + ".json"))
+        assert sidecar == delivered and sidecar.prompt == record.prompt
+        assert s3.client.head_object(Bucket=s3.bucket, Key=key + ".json")["ContentType"] == "application/json"
+
+
+def test_a_dead_run_is_resumable_from_the_journal_parts(s3, tmp_path):
+    records = [make_record(tmp_path, seed) for seed in range(3)]
+    dest = S3Destination(s3.bucket, PREFIX)
+    deliver_all(Uploader(dest, connect(), tmp_path, journal_every=2), records)  # no publish(): the run "died"
+    assert len(s3.keys(f"{PREFIX}/manifest.parts/")) == 2 and not s3.keys(f"{PREFIX}/manifest.jsonl")
+    other = Uploader(dest, connect(), tmp_path / "elsewhere")
+    remote = other.read_records()
+    assert set(remote) == {r.job_id for r in records} and {r.delivery for r in remote.values()} == {"delivered"}
+    assert all(deliver.is_delivered(remote[r.job_id], job(seed=r.seed, presets=("web", "png")), dest) for r in records)
+    other.publish(remote.values(), b"{}")
+    assert not s3.keys(f"{PREFIX}/manifest.parts/")  # absorbed into manifest.jsonl
+    assert {r["job_id"] for r in read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))} == set(remote)
+    other.close()
+
+
+def read_jsonl_bytes(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def test_big_files_go_multipart_with_a_full_object_crc32_and_stay_create_only(s3, tmp_path):
+    mib = 1024 * 1024
+    record = make_record(tmp_path, sizes={"png": 11 * mib})
+    dest = S3Destination(s3.bucket, PREFIX)
+    first = deliver_all(Uploader(dest, connect(), tmp_path, multipart_threshold=5 * mib), [record])[record.job_id]
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    head = s3.client.head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
+    assert first.delivery == "delivered" and head["ETag"].endswith('-3"') and head.get("ChecksumType") == "FULL_OBJECT"
+    assert hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+    assert first.outputs[0].checksum_crc32 == head["ChecksumCRC32"]
+    # The same bytes again: accepted as delivered (If-None-Match on completion), nothing rewritten.
+    again = deliver_all(Uploader(dest, connect(), tmp_path, multipart_threshold=5 * mib), [record])[record.job_id]
+    assert again.delivery == "delivered"
+    assert s3.client.head_object(Bucket=s3.bucket, Key=key)["LastModified"] == head["LastModified"]
+    # Other bytes under the same key: a conflict, and the object keeps its content.
+    other = tmp_path / "other"
+    written = LocalStore(other).write(record.outputs[0].path, np.random.default_rng(9).bytes(6 * mib))
+    changed = record.model_copy(update={"outputs": [record.outputs[0].model_copy(update={"sha256": written.sha256, "bytes": written.bytes})]})
+    conflict = deliver_all(Uploader(dest, connect(), other, multipart_threshold=5 * mib), [changed])[changed.job_id]
+    assert conflict.delivery == "conflict", conflict.delivery_error
+    assert hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+    assert not s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads")  # aborted, not left behind
+
+
+def test_our_own_object_from_an_earlier_try_is_accepted_without_rewriting_it(s3, tmp_path):
+    record = make_record(tmp_path)
+    dest = S3Destination(s3.bucket, PREFIX)
+    deliver_all(Uploader(dest, connect(), tmp_path), [record])
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    before = s3.client.head_object(Bucket=s3.bucket, Key=key)["LastModified"]
+    client = connect()
+    puts = count_puts(client)
+    result = deliver_all(Uploader(dest, client, tmp_path), [record])[record.job_id]  # knows nothing of the first run
+    assert result.delivery == "delivered" and result.outputs[0].etag
+    assert s3.client.head_object(Bucket=s3.bucket, Key=key)["LastModified"] == before
+    assert puts[("sent", key)] == 1 and puts[(412, key)] == 1  # one PUT, answered 412, then a HEAD that matched
+
+
+def test_other_content_at_our_key_is_a_conflict_and_is_never_overwritten(s3, tmp_path):
+    record = make_record(tmp_path)
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=b"someone else's picture")
+    results = deliver_all(Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path), [record])
+    result = results[record.job_id]
+    assert result.delivery == "conflict"
+    assert f"s3://{s3.bucket}/{key} already exists with other content" in result.delivery_error
+    assert "not overwritten" in result.delivery_error
+    assert s3.read(key) == b"someone else's picture"
+    assert not s3.keys(key + ".json")  # no sidecar for a job that did not land
+
+
+def test_a_file_changed_after_generation_is_not_delivered(s3, tmp_path):
+    record = make_record(tmp_path)
+    (tmp_path / record.outputs[1].path).write_bytes(b"edited by hand")
+    result = deliver_all(Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path), [record])[record.job_id]
+    assert result.delivery == "failed" and "changed since it was generated" in result.delivery_error
+    assert not s3.keys(f"{PREFIX}/{record.outputs[1].path}")
+
+
+def test_resets_mid_request_and_mid_response_lose_and_duplicate_nothing(s3, tmp_path, monkeypatch):
+    """A proxy resets a third of the connections: before the server has the body, or after it stored it."""
+    records = [make_record(tmp_path, seed) for seed in range(10)]
+    dest = S3Destination(s3.bucket, PREFIX)
+    with FaultProxy(s3.server.port, fraction=0.3, max_faults=16, seed=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        client = connect()
+        # One request per connection, so the proxy's per-connection dice fall on every request.
+        client.meta.events.register("before-sign.s3", lambda request, **_: request.headers.__setitem__("Connection", "close"))
+        puts = count_puts(client)
+        results = deliver_all(Uploader(dest, client, tmp_path, journal_every=100), records)
+    assert proxy.faults["request"] >= 2 and proxy.faults["response"] >= 2, proxy.faulted
+    assert {r.delivery for r in results.values()} == {"delivered"}, [r.delivery_error for r in results.values()]
+    expected = sorted([f"{PREFIX}/{o.path}" for r in records for o in r.outputs] + [f"{PREFIX}/{o.path}.json" for r in records for o in r.outputs])
+    assert [k for k in s3.keys(PREFIX) if "/manifest.parts/" not in k] == expected  # nothing missing, nothing extra
+    for record in records:
+        for out in results[record.job_id].outputs:
+            body = s3.read(f"{PREFIX}/{out.path}")
+            assert hashlib.sha256(body).hexdigest() == out.sha256 and len(body) == out.bytes
+            assert out.etag == s3.client.head_object(Bucket=s3.bucket, Key=f"{PREFIX}/{out.path}")["ETag"]
+    stored = Counter({key: n for (status, key), n in puts.items() if status == 200})
+    assert max(stored.values()) == 1  # S3 never acknowledged a key twice ...
+    assert any(status == 412 for status, _ in puts)  # ... and a retry after a lost answer met If-None-Match
+
+
+@pytest.mark.parametrize("resets, outcome", [(2, "delivered"), (3, "failed")])
+def test_our_own_bounded_retry_outlasts_botocores(resets, outcome, s3, tmp_path, monkeypatch):
+    record = make_record(tmp_path, sizes={"web": 30_000})
+    with FaultProxy(s3.server.port, script=("request",) * resets) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(attempts=1), tmp_path, attempts=3)
+        result = deliver_all(uploader, [record])[record.job_id]
+    assert proxy.faults["request"] == resets and result.delivery == outcome, result.delivery_error
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    if outcome == "failed":
+        assert "not acknowledged after 3 tries (ConnectionClosedError)" in result.delivery_error and not s3.keys(PREFIX)
+    else:
+        assert hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+
+
+def test_a_body_corrupted_in_flight_is_refused_by_the_server_and_sent_again(s3, tmp_path, monkeypatch):
+    record = make_record(tmp_path, sizes={"web": 30_000})
+    with FaultProxy(s3.server.port, script=("corrupt",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        client = connect()
+        puts = count_puts(client)
+        result = deliver_all(Uploader(S3Destination(s3.bucket, PREFIX), client, tmp_path), [record])[record.job_id]
+    key = f"{PREFIX}/{record.outputs[0].path}"
+    assert [fault for fault, _ in proxy.faulted] == ["corrupt"] and puts[(400, key)] == 1  # the server said no
+    assert result.delivery == "delivered" and hashlib.sha256(s3.read(key)).hexdigest() == record.outputs[0].sha256
+
+
+def test_a_destination_that_goes_down_fails_fast_and_says_where(s3, tmp_path, monkeypatch):
+    records = [make_record(tmp_path, seed) for seed in range(8)]
+    with FaultProxy(s3.server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(attempts=2), tmp_path, workers=2, attempts=2)
+        uploader.check()
+        proxy.down = True
+        results = deliver_all(uploader, records)
+    assert {r.delivery for r in results.values()} == {"failed"} and uploader.report.failed == 8
+    assert sum("not tried" in r.delivery_error for r in results.values()) >= 4  # the breaker spared the rest
+    assert not s3.keys(PREFIX)
+    paragraphs = [p for p in uploader.report.problems if p.startswith("Cannot deliver")]
+    assert len(paragraphs) == 1 and f"s3://{s3.bucket}/{PREFIX} (endpoint {proxy.endpoint}): could not reach" in paragraphs[0]
+    assert len(uploader.report.problems) <= 1 + 3 + 1  # the paragraph, the jobs that tripped it, one more in flight
+
+
+WRONG_SETUPS = {
+    "missing bucket": (lambda s3: {"bucket": "no-such-bucket"}, ["bucket 'no-such-bucket' does not exist", "Create it"]),
+    "wrong secret": (lambda s3: {"env": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}}, ["rejected the credentials", "AWS_SECRET_ACCESS_KEY"]),
+    "unknown access key": (lambda s3: {"env": {"AWS_ACCESS_KEY_ID": "nobody"}}, ["rejected the credentials", "AWS_ACCESS_KEY_ID"]),
+    "no credentials": (lambda s3: {"env": {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}}, ["no AWS credentials were found", "AWS_PROFILE"]),
+    "unreachable endpoint": (lambda s3: {"env": {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}}, ["could not reach the endpoint", "AWS_ENDPOINT_URL"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_SETUPS))
+def test_a_wrong_destination_fails_before_anything_with_one_clear_paragraph(case, s3, monkeypatch):
+    change, phrases = WRONG_SETUPS[case]
+    setup = change(s3)
+    for name, value in setup.get("env", {}).items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    bucket = setup.get("bucket", s3.bucket)
+    with pytest.raises(DeliveryError) as err:
+        deliver.check(f"s3://{bucket}/{PREFIX}")
+    message = str(err.value)
+    endpoint = setup.get("env", {}).get("AWS_ENDPOINT_URL") or s3.server.endpoint
+    assert message.startswith(f"Cannot deliver to s3://{bucket}/{PREFIX} (endpoint {endpoint}): ")
+    assert "\n" not in message and "Nothing was generated." in message and S3_SECRET_KEY not in message
+    for phrase in phrases:
+        assert phrase in message
+
+
+# --- the whole run, through the Prefect flow ------------------------------------------------------------------
+
+
+def run_flow(config):
+    from flows.catalog_images import catalog_images
+
+    return catalog_images(config)
+
+
+@pytest.fixture
+def dest_config(tmp_path, small_catalog, scene_template, s3):
+    from zimage_batch.run import RunConfig
+
+    return RunConfig(catalogs=[str(small_catalog)], templates=[str(scene_template)], out=str(tmp_path / "out"),
+                     model="tiny-random", device="cpu", batch_size=2, shard_size=2, dest=f"s3://{s3.bucket}/{PREFIX}")
+
+
+@pytest.fixture
+def puts(monkeypatch):
+    """Keys of every PutObject the run's clients send."""
+    sent: list[str] = []
+    real = deliver.connect
+
+    def counting_connect(**kw):
+        client = real(**kw)
+        client.meta.events.register("provide-client-params.s3.PutObject", lambda params, **_: sent.append(params["Key"]))
+        return client
+
+    monkeypatch.setattr(deliver, "connect", counting_connect)
+    return sent
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_delivers_every_image_and_publishes_its_manifest(dest_config, s3, puts):
+    summary = run_flow(dest_config)
+    out = Path(dest_config.out)
+    assert summary.exit_code == 0, summary.delivery_problems
+    assert (summary.generated, summary.delivered, summary.uploaded_files) == (3, 3, 3)
+    assert summary.manifest_uri == f"s3://{s3.bucket}/{PREFIX}/manifest.jsonl"
+    remote = read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))
+    assert len(remote) == 3 and {r["delivery"] for r in remote} == {"delivered"}
+    assert json.loads(s3.read(f"{PREFIX}/run.json")) == json.loads((out / "run.json").read_text())
+    local = {r["job_id"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    for record in remote:
+        assert record == local[record["job_id"]]
+        for o in record["outputs"]:
+            key = f"{PREFIX}/{o['path']}"
+            assert o["uri"] == f"s3://{s3.bucket}/{key}" and o["etag"] and o["checksum_crc32"]
+            assert s3.read(key) == (out / o["path"]).read_bytes()
+            assert json.loads(s3.read(key + ".json"))["job_id"] == record["job_id"]
+    assert not s3.keys(f"{PREFIX}/manifest.parts/")
+    assert len(puts) == 3 + 3 + 2 + 2  # 3 images, 3 sidecars, a journal part per shard (2), manifest.jsonl, run.json
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_rerun_uploads_nothing_that_is_there(dest_config, s3, puts):
+    run_flow(dest_config)
+    before = {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")}
+    puts.clear()
+    summary = run_flow(dest_config)
+    assert (summary.generated, summary.skipped, summary.delivered, summary.exit_code) == (0, 3, 0, 0)
+    assert sorted(puts) == [f"{PREFIX}/manifest.jsonl", f"{PREFIX}/run.json"]  # no PUT of any image or sidecar
+    assert {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")} == before
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_failed_upload_phase_is_delivered_by_the_rerun_without_regenerating(dest_config, s3, monkeypatch):
+    from zimage_batch import progress
+
+    with FaultProxy(s3.server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+
+        def bucket_goes_down(event, value):
+            if event == "planned":
+                proxy.down = True
+
+        with progress.listening(bucket_goes_down):
+            first = run_flow(dest_config)
+        assert (first.generated, first.delivered, first.delivery_failed, first.exit_code) == (3, 0, 3, 1)
+        assert first.manifest_uri is None and any("not published" in p for p in first.delivery_problems)
+        assert not s3.keys(PREFIX)
+        assert len(list(Path(dest_config.out, "images").rglob("*.jpg"))) == 3  # local outputs stay
+        proxy.down = False
+        second = run_flow(dest_config)
+    assert (second.generated, second.pipeline_loads, second.delivered, second.exit_code) == (0, 0, 3, 0)
+    assert {r["delivery"] for r in read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))} == {"delivered"}
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_fresh_out_on_another_machine_resumes_from_the_destination(dest_config, s3, puts, tmp_path):
+    first = run_flow(dest_config.model_copy(update={"limit": 1}))
+    assert first.delivered == 1
+    done_key = [k for k in s3.keys(f"{PREFIX}/images/") if not k.endswith(".json")]
+    puts.clear()
+    second = run_flow(dest_config.model_copy(update={"out": str(tmp_path / "machine-b")}))
+    assert (second.generated, second.skipped, second.delivered, second.exit_code) == (2, 1, 2, 0)
+    assert not set(done_key) & set(puts)  # the first machine's image was neither regenerated nor uploaded
+    assert len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 3
+
+
+@pytest.fixture
+def all_logs():
+    """Every log record of every logger, at DEBUG (botocore's wire-level logging included), as text."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))  # a formatted handler: Prefect's setup leaves root alone
+    root = logging.getLogger()
+    old_level, old_handlers = root.level, root.handlers[:]
+    root.handlers[:] = [handler]  # only ours: others (Prefect's console) may hold streams of earlier tests
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = old_handlers
+        root.setLevel(old_level)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_no_secret_in_any_log_line_manifest_report_or_error(dest_config, s3, all_logs, capsys, monkeypatch):
+    from zimage_batch.cli import main
+
+    summary = run_flow(dest_config)
+    assert summary.delivered == 3
+    out = Path(dest_config.out)
+    texts = [p.read_text(errors="replace") for p in out.rglob("*") if p.suffix in (".json", ".jsonl")]
+    texts += [s3.read(k).decode(errors="replace") for k in s3.keys(PREFIX) if k.endswith((".json", ".jsonl"))]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    code = main(["run", *dest_config.catalogs, "-t", dest_config.templates[0], "--model", "tiny-random", "--device", "cpu",
+                 "--out", str(out / "again"), "--dest", dest_config.dest, "-q"])
+    captured = capsys.readouterr()
+    assert code == DeliveryError.exit_code and captured.err.startswith("error: Cannot deliver to")
+    assert "Traceback" not in captured.err and not (out / "again").exists()
+    logs = all_logs.getvalue()
+    assert "PutObject" in logs and "InvalidAccessKeyId" in logs  # we did read the wire-level logs
+    assert len(texts) == 2 + 5  # local manifest.jsonl + run.json; remote 3 sidecars + manifest.jsonl + run.json
+    for text in [*texts, logs, captured.out, captured.err]:
+        assert S3_SECRET_KEY not in text

@@ -1,0 +1,498 @@
+"""Delivery to S3 (or an S3-compatible store): images, a sidecar record per image, the run's manifest.
+
+Layout under ``s3://BUCKET/PREFIX/``: ``images/<sku>/<template>/<file>`` (the same relative path as
+under ``--out``) with ``<file>.json`` beside it holding the image's manifest record, then
+``manifest.jsonl`` and ``run.json`` when the run ends. While the run goes, delivered records are
+also written in small parts under ``manifest.parts/`` (the S3 counterpart of the local append-only
+manifest); ``manifest.jsonl`` absorbs them at the end, and a run that died is resumed from them.
+
+- Create-only: images and sidecars are PUT with ``If-None-Match: *``. A 412 means the key exists;
+  it counts as delivered only when it holds our bytes (same size, CRC32 and ``sha256`` metadata),
+  otherwise the job is a conflict and nothing is overwritten.
+- Integrity: a file is re-hashed against its manifest record before upload and sent with its CRC32
+  (a full-object CRC32 for multipart uploads, which boto3's transfer manager makes for big files);
+  the server checks it. The manifest records the ETag and the checksum S3 returned.
+- Retries: botocore's ``standard`` mode, then a bounded retry per object. A retry whose first try
+  did land meets the 412 and the comparison above, so no object is ever written twice, and a job
+  is reported delivered only after S3 acknowledged every one of its objects.
+- Bounded: ``workers`` uploads run and at most ``queue`` records wait; ``submit`` blocks beyond
+  that. Records hold paths, not bytes, so memory stays flat.
+- Credentials come from boto3's standard chain (env vars, ``AWS_PROFILE``, instance roles) and
+  the endpoint from ``AWS_ENDPOINT_URL``; no message or record ever holds a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from .errors import DeliveryError
+from .manifest import MANIFEST, ManifestRecord, OutputFile, utc_now
+from .plan import Job
+
+RUN_JSON = "run.json"
+PARTS = "manifest.parts/"
+IMMUTABLE = "public, max-age=31536000, immutable"
+NO_CACHE = "no-cache"
+METADATA_LIMIT = 2048  # bytes of user metadata (keys + values) AWS allows per object
+MIB = 1024 * 1024
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "AVIF": "image/avif",
+                 "TIFF": "image/tiff", "GIF": "image/gif"}
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_FATAL = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+          "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidBucketName", "403"}
+_RETRYABLE = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "BadDigest", "IncompleteBody",
+              "XAmzContentSHA256Mismatch", "RequestTimeTooSkewed", "OperationAborted"}
+_BREAKER = 3  # this many jobs in a row failing on the connection or server means the destination is down
+
+
+@dataclass(frozen=True)
+class S3Destination:
+    """``s3://bucket/prefix``: where a run's files go."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Destination:
+        """Parse ``s3://bucket[/prefix]``; raise DeliveryError saying what is wrong and what would work."""
+        example = "Use the form s3://BUCKET/PREFIX, e.g. s3://assets-bucket/catalog/2026-11-26."
+        if not uri.startswith("s3://"):
+            raise DeliveryError(f"--dest {uri!r} is not an S3 URI. {example}")
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise DeliveryError(f"--dest {uri!r}: {bucket!r} is not a valid bucket name (3-63 characters: lower-case "
+                                f"letters, digits, dots and hyphens). {example}")
+        prefix = prefix.strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise DeliveryError(f"--dest {uri!r}: the prefix has an empty, '.' or '..' part. {example}")
+        return cls(bucket, prefix)
+
+    def key(self, relpath: str) -> str:
+        """The object key of a path relative to the destination."""
+        return f"{self.prefix}/{relpath}" if self.prefix else relpath
+
+    def uri(self, relpath: str) -> str:
+        return f"s3://{self.bucket}/{self.key(relpath)}"
+
+    def __str__(self) -> str:
+        return self.uri("").rstrip("/")
+
+
+def connect(*, attempts: int = 3, pool: int = 16):
+    """An S3 client from boto3's standard settings (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, env keys...).
+
+    ``attempts`` is botocore's ``standard`` retry mode's total tries per request.
+    """
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=10, read_timeout=60,
+                    max_pool_connections=pool, signature_version="s3v4", request_checksum_calculation="when_supported",
+                    response_checksum_validation="when_supported")
+    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+
+
+def check(uri: str) -> S3Destination:
+    """Parse ``--dest`` and make one LIST request, so a wrong bucket, credential or endpoint fails before generation."""
+    dest = S3Destination.parse(uri)
+    uploader = Uploader(dest, connect(attempts=2), ".", workers=1)
+    try:
+        uploader.check()
+    finally:
+        uploader.close()
+    return dest
+
+
+def crc32_b64(data: bytes, value: int = 0) -> str:
+    """CRC32 as S3 writes it: 4 big-endian bytes, base64."""
+    return base64.b64encode(zlib.crc32(data, value).to_bytes(4, "big")).decode()
+
+
+def object_metadata(record: ManifestRecord, output: OutputFile) -> dict[str, str]:
+    """User metadata of an image: job id, seed and SHA-256 (the full record is in the sidecar)."""
+    metadata = {"job-id": record.job_id, "seed": str(record.image_seed), "sha256": output.sha256, "preset": output.preset,
+                "generator": "zimage-batch"}
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    assert size <= METADATA_LIMIT, f"user metadata of {size} bytes exceeds AWS's {METADATA_LIMIT}"
+    return metadata
+
+
+def is_delivered(record: ManifestRecord | None, job: Job, dest: S3Destination) -> bool:
+    """True when ``record`` says the job is done at ``dest``: rejected (never delivered), or every preset is there."""
+    if record is None or record.status == "failed":
+        return False
+    if record.status == "rejected":
+        return True
+    return (record.delivery == "delivered" and set(job.presets) <= {o.preset for o in record.outputs}
+            and all(o.uri == dest.uri(o.path) for o in record.outputs))
+
+
+def newest(a: ManifestRecord | None, b: ManifestRecord) -> ManifestRecord:
+    """Of two records of a job, the one to keep: a delivered one first, then the newer."""
+    if a is None:
+        return b
+    return max(a, b, key=lambda r: (r.delivery == "delivered", r.created_at))
+
+
+@dataclass
+class DeliveryReport:
+    """What delivery did in this process: jobs delivered, in conflict or failed, files and bytes sent."""
+
+    delivered: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, other: DeliveryReport) -> None:
+        for name in ("delivered", "conflicts", "failed", "files", "bytes", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.problems += other.problems[: max(0, 100 - len(self.problems))]
+
+
+class _NotDelivered(Exception):
+    """A job's upload did not happen. ``kind``: "failed", "conflict", or "skipped" (failed, already reported)."""
+
+    def __init__(self, message: str, kind: str = "failed", cause: BaseException | None = None):
+        super().__init__(message)
+        self.kind, self.cause = kind, cause
+
+
+class Uploader:
+    """Uploads finished records to one destination from a bounded pool of threads."""
+
+    def __init__(self, dest: S3Destination, client, root: str | Path, *, workers: int = 4, queue: int = 64,
+                 attempts: int = 3, journal_every: int = 64, multipart_threshold: int = 8 * MIB,
+                 on_result: Callable[[ManifestRecord], None] | None = None):
+        from boto3.s3.transfer import TransferConfig
+
+        self.dest, self.client, self.root = dest, client, Path(root)
+        self.attempts, self.journal_every, self.on_result = attempts, journal_every, on_result
+        self.report = DeliveryReport()
+        self.remote: dict[str, ManifestRecord] = {}  # records read from the destination by read_records()
+        self._transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=max(5 * MIB, multipart_threshold),
+                                        max_concurrency=4)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="zb-upload")
+        self._cond = threading.Condition()
+        self._running = 0
+        self._limit = workers + queue
+        self._journal: list[ManifestRecord] = []
+        self._parts_read: list[str] = []
+        self._parts_written: list[str] = []
+        self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
+        self._fatal: str | None = None
+        self._failures_in_a_row = 0
+        self._mutable = {dest.key(MANIFEST), dest.key(RUN_JSON)}  # the only keys ever overwritten
+        # boto3's transfer manager passes no If-None-Match: add it where a multipart object comes into being.
+        client.meta.events.register("before-parameter-build.s3.CompleteMultipartUpload", self._create_only)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint URL, without any user:password part."""
+        parts = urlsplit(self.client.meta.endpoint_url)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+
+    def explain(self, exc: BaseException) -> str:
+        """One paragraph: what failed, at which bucket and endpoint, and what to check. Never a secret."""
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+        where = f"{self.dest} (endpoint {self.endpoint})"
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return (f"Cannot deliver to {where}: no AWS credentials were found. Set AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE.")
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in ("NoSuchBucket", "404"):
+                return (f"Cannot deliver to {where}: bucket {self.dest.bucket!r} does not exist there. Create it, or fix "
+                        f"the bucket name in --dest; check AWS_ENDPOINT_URL if the bucket lives on another server.")
+            if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+                return (f"Cannot deliver to {where}: access denied ({code}). The credentials need s3:ListBucket, "
+                        f"s3:GetObject and s3:PutObject on bucket {self.dest.bucket!r}.")
+            if code in _FATAL:
+                return (f"Cannot deliver to {where}: the server rejected the credentials ({code}). Check "
+                        f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE, that they "
+                        f"belong to this endpoint, and that they have not expired.")
+            return f"Cannot deliver to {where}: the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
+        return (f"Cannot deliver to {where}: could not reach the endpoint ({type(exc).__name__}). Check "
+                f"AWS_ENDPOINT_URL (unset means AWS itself), that the server is running, and the network.")
+
+    def check(self) -> None:
+        """Fail fast, before any generation, when the bucket, credentials or endpoint are wrong (one LIST)."""
+        try:
+            self.client.list_objects_v2(Bucket=self.dest.bucket, Prefix=self.dest.key(""), MaxKeys=1)
+        except Exception as exc:
+            raise DeliveryError(self.explain(exc) + " Nothing was generated.") from None
+
+    def read_records(self) -> dict[str, ManifestRecord]:
+        """The destination's records (``manifest.jsonl`` plus parts of runs that did not finish), kept in ``remote``."""
+        try:
+            texts = [self._get_text(self.dest.key(MANIFEST))]
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(PARTS)):
+                for item in page.get("Contents", []):
+                    self._parts_read.append(item["Key"])
+                    texts.append(self._get_text(item["Key"]))
+        except Exception as exc:
+            raise DeliveryError(self.explain(exc)) from None
+        for text in texts:
+            for line in (text or "").splitlines():
+                try:
+                    record = ManifestRecord.model_validate_json(line)
+                except ValidationError:
+                    continue  # a line we cannot read is work to redo, not a reason to stop
+                self.remote[record.job_id] = newest(self.remote.get(record.job_id), record)
+        return self.remote
+
+    def _get_text(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.dest.bucket, Key=key)["Body"].read().decode("utf-8")
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def submit(self, record: ManifestRecord) -> None:
+        """Queue a finished "ok" record's images for upload; blocks while ``queue`` records already wait."""
+        with self._cond:
+            while self._running >= self._limit:
+                self._cond.wait()
+            self._running += 1
+        self._pool.submit(self._deliver_one, record)
+
+    def drain(self) -> DeliveryReport:
+        """Wait for every queued record, then write the last journal part."""
+        with self._cond:
+            while self._running:
+                self._cond.wait()
+        self._flush_journal(force=True)
+        return self.report
+
+    def close(self) -> None:
+        """Stop: uploads under way finish, queued ones are dropped (their jobs stay undelivered for the rerun)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _deliver_one(self, record: ManifestRecord) -> None:
+        start = time.perf_counter()
+        listed = True
+        try:
+            result = self._deliver(record)
+        except _NotDelivered as exc:
+            result = record.model_copy(update={"delivery": "conflict" if exc.kind == "conflict" else "failed",
+                                               "delivery_error": str(exc)})
+            listed = exc.kind != "skipped"
+        except Exception as exc:  # our bug must not hang the run: the job is reported, the rerun retries it
+            result = record.model_copy(update={"delivery": "failed", "delivery_error": f"{type(exc).__name__}: {exc}"})
+        with self._cond:
+            report = self.report
+            report.seconds += time.perf_counter() - start
+            if result.delivery == "delivered":
+                report.delivered += 1
+                self._journal.append(result)
+            else:
+                report.conflicts += result.delivery == "conflict"
+                report.failed += result.delivery == "failed"
+                if listed and len(report.problems) < 100:
+                    report.problems.append(f"{record.sku} ({record.template}, job {record.job_id[:12]}): {result.delivery_error}")
+        try:
+            if self.on_result is not None:
+                self.on_result(result)
+            self._flush_journal()
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def _deliver(self, record: ManifestRecord) -> ManifestRecord:
+        """Upload a record's images, then its sidecars; return the record with uri, etag and checksum set."""
+        if self._fatal:
+            raise _NotDelivered(f"not tried: {self._fatal}", kind="skipped")
+        try:
+            outputs = [self._put_image(record, output) for output in record.outputs]
+            delivered = record.model_copy(update={"outputs": outputs, "delivery": "delivered", "delivery_error": None})
+            sidecar = delivered.model_dump_json(indent=2).encode("utf-8")
+            for output in outputs:
+                self._put(self.dest.key(output.path + ".json"), sidecar, "application/json", {"job-id": record.job_id},
+                          accept_existing=True)
+        except _NotDelivered as exc:
+            if exc.kind == "failed" and exc.cause is not None:  # the connection or the server, not this job
+                with self._cond:
+                    self._failures_in_a_row += 1
+                    tripped = self._failures_in_a_row >= _BREAKER
+                if tripped:
+                    self._trip(self.explain(exc.cause) + f" {_BREAKER} jobs in a row failed; the rest were not tried.")
+            raise
+        with self._cond:
+            self._failures_in_a_row = 0
+        return delivered
+
+    def _trip(self, paragraph: str) -> None:
+        """The destination as a whole refuses (credentials, bucket, endpoint down): report once, try no more."""
+        with self._cond:
+            if self._fatal is None:
+                self._fatal = paragraph
+                self.report.problems.append(paragraph)
+
+    def _put_image(self, record: ManifestRecord, output: OutputFile) -> OutputFile:
+        path = self.root / output.path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _NotDelivered(f"{path} cannot be read ({exc.strerror}); rerun to regenerate it") from None
+        if hashlib.sha256(data).hexdigest() != output.sha256:
+            raise _NotDelivered(f"{path} changed since it was generated (its SHA-256 differs from the manifest); "
+                                f"rerun to regenerate it")
+        content_type = CONTENT_TYPES.get(output.format.upper(), "application/octet-stream")
+        etag, checksum = self._put(self.dest.key(output.path), data, content_type, object_metadata(record, output),
+                                   cache_control=IMMUTABLE, sha256=output.sha256)
+        with self._cond:
+            self.report.files += 1
+            self.report.bytes += len(data)
+        return output.model_copy(update={"uri": self.dest.uri(output.path), "etag": etag, "checksum_crc32": checksum})
+
+    def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str], *, cache_control: str = IMMUTABLE,
+             sha256: str | None = None, accept_existing: bool = False) -> tuple[str, str | None]:
+        """PUT with a CRC32 the server checks, create-only unless ``key`` is the manifest or run.json; retried.
+
+        Returns the (etag, checksum) S3 acknowledged; raises _NotDelivered.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+        crc = crc32_b64(data)
+        args = dict(Bucket=self.dest.bucket, Key=key, ContentType=content_type, CacheControl=cache_control,
+                    Metadata=metadata, ChecksumCRC32=crc)
+        if key not in self._mutable:
+            args["IfNoneMatch"] = "*"
+        tries, exists, last, cause = 0, False, "", None
+        while True:
+            try:
+                if exists:
+                    return self._existing(key, len(data), crc, sha256, accept_existing)
+                if len(data) >= self._transfer.multipart_threshold:
+                    return self._put_multipart(args, data)
+                return _acknowledged(key, crc, self.client.put_object(Body=data, **args))
+            except ClientError as exc:
+                code, cause = _code(exc), exc
+                last = f"{code}: {exc.response.get('Error', {}).get('Message', '')}"
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in ("PreconditionFailed", "412") and not exists:
+                    exists = True  # compare with what is there, at once
+                    continue
+                if exists and code in ("404", "NoSuchKey"):
+                    exists = False  # it vanished between the 412 and the HEAD: PUT again
+                elif code in _FATAL:
+                    self._trip(self.explain(exc))
+                    raise _NotDelivered(self.explain(exc), kind="skipped") from None
+                elif not (code in _RETRYABLE or status >= 500):
+                    raise _NotDelivered(f"s3://{self.dest.bucket}/{key}: {last}") from None
+            except (NoCredentialsError, PartialCredentialsError) as exc:
+                self._trip(self.explain(exc))
+                raise _NotDelivered(self.explain(exc), kind="skipped") from None
+            except BotoCoreError as exc:  # connection reset, timeout, endpoint down: worth another try
+                last, cause = type(exc).__name__, exc
+            tries += 1
+            if tries >= self.attempts:
+                raise _NotDelivered(f"s3://{self.dest.bucket}/{key}: not acknowledged after {tries} tries ({last}) "
+                                    f"at {self.endpoint}", cause=cause)
+            time.sleep(min(8.0, 0.5 * 2**tries) * random.uniform(0.5, 1.0))
+
+    def _put_multipart(self, args: dict, data: bytes) -> tuple[str, str | None]:
+        """A big file through boto3's transfer manager (parts with CRC32, a full-object CRC32 on completion)."""
+        import io
+
+        extra = {k: v for k, v in args.items() if k not in ("Bucket", "Key", "IfNoneMatch")}  # see _create_only
+        self.client.upload_fileobj(io.BytesIO(data), args["Bucket"], args["Key"], ExtraArgs=extra, Config=self._transfer)
+        head = self.client.head_object(Bucket=args["Bucket"], Key=args["Key"], ChecksumMode="ENABLED")
+        if head.get("ContentLength") != len(data):
+            raise _NotDelivered(f"s3://{args['Bucket']}/{args['Key']} holds {head.get('ContentLength')} bytes after upload, not {len(data)}")
+        return _acknowledged(args["Key"], args["ChecksumCRC32"], head)
+
+    def _existing(self, key: str, size: int, crc: str, sha256: str | None, accept_existing: bool) -> tuple[str, str | None]:
+        """The key exists: accept it only if it holds our bytes (a retry whose first try landed), else a conflict."""
+        head = self.client.head_object(Bucket=self.dest.bucket, Key=key, ChecksumMode="ENABLED")
+        theirs = head.get("ChecksumCRC32")
+        if accept_existing:
+            return head["ETag"], theirs
+        same = (head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == sha256
+                and theirs in (None, crc))
+        if not same:
+            raise _NotDelivered(
+                f"s3://{self.dest.bucket}/{key} already exists with other content ({head.get('ContentLength')} bytes, "
+                f"sha256 {head.get('Metadata', {}).get('sha256', 'unknown')}); it was not overwritten. Delete it if "
+                f"it is stale, or deliver to another prefix.", kind="conflict")
+        return head["ETag"], theirs
+
+    def _create_only(self, params: dict, **_) -> None:
+        if params.get("Key") not in self._mutable:
+            params.setdefault("IfNoneMatch", "*")
+
+    def _flush_journal(self, force: bool = False) -> None:
+        """Write delivered records as a part under ``manifest.parts/`` every ``journal_every`` records."""
+        with self._cond:
+            if not self._journal or (len(self._journal) < self.journal_every and not force):
+                return
+            records, self._journal = self._journal, []
+            key = self.dest.key(f"{PARTS}{self._run_id}-{len(self._parts_written):06d}.jsonl")
+            self._parts_written.append(key)
+        body = "".join(r.model_dump_json() + "\n" for r in records).encode("utf-8")
+        try:
+            self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+        except _NotDelivered as exc:  # the records are in the local manifest; publish() still sends them
+            with self._cond:
+                self.report.problems.append(f"journal part not written: {exc}")
+
+    def publish(self, local: Iterable[ManifestRecord], run_json: bytes) -> str:
+        """Write ``manifest.jsonl`` (the destination's records merged with ``local``) and ``run.json``; drop parts.
+
+        Returns the manifest's URI; raises DeliveryError when the destination refuses.
+        """
+        merged = dict(self.remote)
+        for record in local:
+            merged[record.job_id] = newest(merged.get(record.job_id), record)
+        body = "".join(r.model_dump_json() + "\n" for r in merged.values()).encode("utf-8")
+        try:
+            self._put(self.dest.key(MANIFEST), body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+            self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
+        except _NotDelivered as exc:
+            raise DeliveryError(str(exc)) from None
+        done = self._parts_read + self._parts_written
+        for start in range(0, len(done), 1000):  # best effort: a part left behind is merged again next time
+            try:
+                self.client.delete_objects(Bucket=self.dest.bucket, Delete={
+                    "Objects": [{"Key": k} for k in done[start : start + 1000]], "Quiet": True})
+            except Exception:
+                break
+        return self.dest.uri(MANIFEST)
+
+
+def _code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _acknowledged(key: str, crc: str, response: dict) -> tuple[str, str | None]:
+    """(etag, checksum) from S3's answer, after checking S3 stored the CRC32 we sent."""
+    theirs = response.get("ChecksumCRC32")
+    if theirs is not None and theirs != crc:
+        raise _NotDelivered(f"{key}: S3 acknowledged CRC32 {theirs}, but we sent {crc}")
+    if not response.get("ETag"):
+        raise _NotDelivered(f"{key}: S3 answered without an ETag")
+    return response["ETag"], theirs
