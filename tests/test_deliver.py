@@ -436,3 +436,32 @@ def test_no_secret_in_any_log_line_manifest_report_or_error(dest_config, s3, all
     assert len(texts) == 2 + 5  # local manifest.jsonl + run.json; remote 3 sidecars + manifest.jsonl + run.json
     for text in [*texts, logs, captured.out, captured.err]:
         assert S3_SECRET_KEY not in text
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_verify_checks_a_delivered_prefix_and_names_what_is_wrong(dest_config, s3, capsys):
+    from zimage_batch.cli import main
+
+    run_flow(dest_config)
+    target = f"s3://{s3.bucket}/{PREFIX}"
+    assert main(["verify", target]) == 0, capsys.readouterr().out
+    assert "OK: 3 file(s) of 3 manifest record(s)" in capsys.readouterr().out
+    remote = read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))
+    altered, deleted = (f"{PREFIX}/{r['outputs'][0]['path']}" for r in remote[:2])
+    data = bytearray(s3.read(altered))
+    data[len(data) // 2] ^= 0xFF
+    s3.client.put_object(Bucket=s3.bucket, Key=altered, Body=bytes(data))
+    s3.client.delete_object(Bucket=s3.bucket, Key=deleted)
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/images/stray.jpg", Body=b"not ours")
+    assert main(["verify", target]) == 1
+    out = capsys.readouterr().out
+    assert altered.split("/", 2)[2] in out and deleted.split("/", 2)[2] in out and "images/stray.jpg" in out
+    assert "ALTERED" in out and "MISSING" in out and "STRAY" in out
+
+
+def test_verify_of_a_missing_bucket_is_one_clear_paragraph(s3, capsys):
+    from zimage_batch.cli import main
+
+    code = main(["verify", "s3://no-such-bucket-zb/run"])
+    err = capsys.readouterr().err
+    assert code == 4 and "no-such-bucket-zb" in err and "Traceback" not in err

@@ -35,6 +35,7 @@ RUN_EXAMPLES = EXAMPLES + """  zimage-batch run catalogs/demo.csv -t templates/p
 VERIFY_EXAMPLES = """examples:
   zimage-batch verify out/
   zimage-batch verify out/ --c2pa-trust certs/ca.pem     # also require C2PA signatures from this CA
+  zimage-batch verify s3://assets-bucket/catalog/2026-11-26  # what a run delivered with --dest
 
 exit status: 0 when every file holds; 1 when any is missing, altered, stripped of its metadata,
 badly signed, or not in the manifest (each listed with the reason); 2 for a bad manifest or path.
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "id, seed and model, and a valid C2PA signature where the file is signed. Also "
                                         "lists files that are not in the manifest. Writes nothing.",
                             epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("path", metavar="PATH", help="the --out folder of a run (s3://bucket/prefix once S3 delivery lands)")
+    verify.add_argument("path", metavar="PATH", help="the --out folder of a run, or the s3://BUCKET/PREFIX it delivered to (--dest)")
     verify.add_argument("--c2pa-trust", metavar="PEM", help="trust anchors (CA certificates, PEM): every file must carry a "
                         "C2PA signature that chains to one of them")
 

@@ -5,9 +5,8 @@ XMP (IPTC DigitalSourceType) and A1111 parameters name the record's job id, imag
 model, and a C2PA manifest, when the file has one, validates. Files that no record lists are
 reported too. Reads only; writes nothing.
 
-Where the files are is a ``Location`` (read one file, list all files). ``LocalFolder`` is the
-only one so far; an S3 location (``s3://bucket/prefix``) plugs in through ``open_location`` with
-the same two methods once S3 delivery exists.
+Where the files are is a ``Location`` (read one file, list all files): ``LocalFolder`` for a
+run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -61,16 +60,49 @@ class LocalFolder:
                 yield path.relative_to(self.root).as_posix()
 
 
+class S3Prefix:
+    """A run delivered to ``s3://bucket/prefix`` (``--dest``), read with the standard AWS settings.
+
+    Sidecars (``<file>.json``, one per delivered image) and journal parts are delivery bookkeeping,
+    not files of the run, so ``list`` leaves them out.
+    """
+
+    def __init__(self, dest, client):
+        self.dest, self.client = dest, client
+
+    def describe(self) -> str:
+        return str(self.dest)
+
+    def read(self, relpath: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.dest.bucket, Key=self.dest.key(relpath))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def list(self) -> Iterator[str]:
+        start = len(self.dest.key(""))
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(""))
+        for page in pages:
+            for item in page.get("Contents", []):
+                relpath = item["Key"][start:]
+                if relpath.endswith(".json") and relpath != RUN_JSON or relpath.startswith("manifest.parts/"):
+                    continue
+                yield relpath
+
+
 def open_location(target: str) -> Location:
-    """The location ``target`` names: a local folder (S3 prefixes come with S3 delivery)."""
+    """The location ``target`` names: a local folder, or an ``s3://bucket/prefix`` a run delivered to."""
     if target.startswith("s3://"):
-        raise ZImageBatchError(
-            f"{target}: verifying an S3 prefix needs S3 delivery, which this build does not have yet. Copy the "
-            f"prefix to a folder (e.g. `aws s3 sync {target} run/`) and verify the folder."
-        )
+        from .deliver import check, connect
+
+        return S3Prefix(check(target), connect())  # a wrong bucket, credential or endpoint fails here, clearly
     path = Path(target)
     if not path.is_dir():
-        raise ManifestError(f"{target} is not a folder. Pass the --out folder of a `zimage-batch run`.")
+        raise ManifestError(f"{target} is not a folder. Pass the --out folder of a `zimage-batch run`, or s3://BUCKET/PREFIX.")
     return LocalFolder(path)
 
 
