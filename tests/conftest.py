@@ -105,7 +105,7 @@ class RecordingEngine:
     def prepare(self, jobs):
         self.prepared.extend(j.job_id for j in jobs)
 
-    def release(self):
+    def release(self, jobs=None):
         pass
 
     def batch_key(self, job):

@@ -107,9 +107,11 @@ def test_parquet_columns_are_pinned():
 def test_schema_describes_exactly_the_record_fields():
     schema = json.loads(SCHEMA_PATH.read_text())
     assert set(schema["properties"]) == set(ManifestRecord.model_fields)
-    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker"}
+    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker", "delivery", "delivery_error"}
     assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 3
-    assert set(schema["properties"]["outputs"]["items"]["required"]) == set(OutputFile.model_fields)
+    outputs = schema["properties"]["outputs"]["items"]
+    assert set(outputs["properties"]) == set(OutputFile.model_fields)
+    assert set(outputs["required"]) == set(OutputFile.model_fields) - {"uri", "etag", "checksum_crc32"}
 
 
 def test_new_records_follow_the_schema_and_carry_background():

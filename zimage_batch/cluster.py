@@ -3,9 +3,11 @@
 ``--workers N`` starts a local Dask cluster of N worker processes (one per GPU on a GPU host, via
 dask-cuda's ``LocalCUDACluster``, which sets ``CUDA_VISIBLE_DEVICES`` per worker); ``--cluster
 ADDRESS`` uses a running scheduler. Each worker process loads the pipeline once
-(``generate.load_engine`` caches it per process) and keeps it for every shard it runs. The flow
-keeps two shards per worker in flight, so a worker always has the next shard waiting and memory
-stays flat however large the catalog.
+(``generate.load_engine`` caches it per process) and keeps it for every shard it runs. A worker
+runs two shards at once: the engine's lock keeps the GPU to one of them, so the end of one shard
+(its last batch's post-processing, storing, Prefect's bookkeeping) overlaps the next one's
+generation. The flow keeps three shards per worker in flight, so memory stays flat however large
+the catalog.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from contextlib import contextmanager, nullcontext
 from .errors import ZImageBatchError
 from .run import RunConfig
 
-SHARDS_PER_WORKER = 2
+SHARD_SLOTS = 2  # shards a worker runs at once: the engine's lock lets one generate while the other finishes
+SHARDS_PER_WORKER = 3  # two running (one generating, one finishing) and one waiting
 
 
 class ClusterError(ZImageBatchError):
@@ -39,7 +42,7 @@ def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
         ) from None
     workers = list(workers)
     if not workers:
-        raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} --resources GPU=1 --preload zimage_batch.worker`.")
+        raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} --nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
     return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
 
 
@@ -61,11 +64,12 @@ def task_runner(config: RunConfig, device: str):
                     "`pip install dask-cuda`, or start the workers yourself and pass --cluster."
                 ) from None
             return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                                  cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1,
-                                                  "resources": {"GPU": 1}})
+                                  cluster_kwargs={"n_workers": config.workers, "threads_per_worker": SHARD_SLOTS,
+                                                  "resources": {"GPU": SHARD_SLOTS}})
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": config.workers, "processes": True, "threads_per_worker": 1,
-                                              "resources": {"GPU": 1}, "dashboard_address": None})
+                              cluster_kwargs={"n_workers": config.workers, "processes": True,
+                                              "threads_per_worker": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS},
+                                              "dashboard_address": None})
     return None
 
 

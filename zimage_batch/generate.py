@@ -28,6 +28,7 @@ from .plan import Job
 _LOCK = threading.Lock()
 _ENGINES: dict[tuple[str, str, EngineOptions], Engine] = {}
 _LOADS = 0
+_SIMULATED_GPU = threading.Lock()  # the simulated GPU, like a real one, runs one batch at a time
 
 
 def pipeline_loads() -> int:
@@ -88,7 +89,8 @@ class Engine:
     """A loaded pipeline on one device, and what it needs to generate.
 
     Prompts are encoded once per shard (``prepare``), deduplicated, and looked up by
-    ``generate``. Batches are cut from jobs sorted by caption length, so little work goes to
+    ``generate``. A lock keeps GPU work to one shard at a time, so a worker can run two shards
+    and one's post-processing overlaps the other's generation. Batches are cut from jobs sorted by caption length, so little work goes to
     padding; with ``bucket_captions`` only equal padded lengths share a batch (no attention mask).
     """
 
@@ -100,9 +102,14 @@ class Engine:
     options: EngineOptions = EngineOptions()
     _embeds: dict = field(default_factory=dict, repr=False)
     _swap: PinnedSwap = field(default_factory=lambda: PinnedSwap(), repr=False)
+    _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         """Encode every prompt of these jobs that is not encoded yet (the shard's prompts, up front)."""
+        with self._gpu:
+            self._encode_missing(jobs)
+
+    def _encode_missing(self, jobs: Sequence[Job]) -> None:
         import torch
 
         wanted: dict[int, list[str]] = {}
@@ -135,14 +142,20 @@ class Engine:
                 swap.to_cpu(self.pipe.text_encoder)
                 swap.to_gpu(self.pipe.transformer, self.device)
 
-    def release(self) -> None:
-        """Forget the encoded prompts (at the end of a shard)."""
-        self._embeds.clear()
+    def release(self, jobs: Sequence[Job] | None = None) -> None:
+        """Forget the encoded prompts of these jobs (at the end of their shard), or all of them."""
+        with self._gpu:
+            if jobs is None:
+                self._embeds.clear()
+            for job in jobs or ():
+                self._embeds.pop((job.prompt, job.max_sequence_length), None)
+                self._embeds.pop((job.negative_prompt, job.max_sequence_length), None)
 
     def caption_tokens(self, job: Job) -> int:
         """How many tokens the job's prompt encodes to."""
-        self.prepare([job])
-        return self._embeds[(job.prompt, job.max_sequence_length)].shape[0]
+        with self._gpu:
+            self._encode_missing([job])
+            return self._embeds[(job.prompt, job.max_sequence_length)].shape[0]
 
     def batch_key(self, job: Job) -> tuple:
         """Jobs with equal keys share a pipeline call: same settings (and caption bucket, if asked)."""
@@ -155,11 +168,11 @@ class Engine:
         import torch
 
         first = jobs[0]
-        self.prepare(jobs)
         length = first.max_sequence_length
-        negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
+        with self._gpu, torch.inference_mode():  # one shard at a time on the GPU; the next one's CPU work overlaps
+            self._encode_missing(jobs)
+            negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None
             out = self.pipe(
                 prompt_embeds=[self._embeds[(j.prompt, length)] for j in jobs],
                 negative_prompt_embeds=negative,
@@ -233,7 +246,7 @@ class SimulatedEngine:
     def prepare(self, jobs: Sequence[Job]) -> None:
         pass
 
-    def release(self) -> None:
+    def release(self, jobs: Sequence[Job] | None = None) -> None:
         pass
 
     def caption_tokens(self, job: Job) -> int:
@@ -243,7 +256,8 @@ class SimulatedEngine:
         return job.batch_key()
 
     def generate(self, jobs: Sequence[Job], seeds: Sequence[int]) -> list[np.ndarray]:
-        time.sleep(self.seconds_per_image * len(jobs))
+        with _SIMULATED_GPU:
+            time.sleep(self.seconds_per_image * len(jobs))
         return [synthetic_product(job.width, job.height, seed) for job, seed in zip(jobs, seeds)]
 
 

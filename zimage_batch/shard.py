@@ -272,5 +272,5 @@ def process_shard(
             while waiting:
                 waiting.popleft().result()
     finally:
-        engine.release()
+        engine.release(jobs)
     return result
