@@ -57,3 +57,30 @@ def test_is_done_checks_presets_and_hashes(tmp_path):
     assert not m.is_done(j, store)
     m.append(record(j, status="failed"))
     assert not m.is_done(j, store)
+
+
+def test_is_done_trusts_size_and_mtime_and_verify_hashes(tmp_path, monkeypatch):
+    import os
+
+    from zimage_batch import store as store_module
+
+    store = LocalStore(tmp_path)
+    j = job(presets=("web",))
+    written = store.write("images/a.jpg", b"jpeg")
+    assert written.mtime_ns == (tmp_path / "images/a.jpg").stat().st_mtime_ns
+    out = OutputFile(preset="web", path=written.path, sha256=written.sha256, bytes=4, width=1, height=1, format="JPEG",
+                     mtime_ns=written.mtime_ns)
+    m = Manifest(tmp_path)
+    m.append(record(j, outputs=[out]))
+    hashed = []
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: hashed.append(p) or "x")
+    assert m.is_done(j, store) and hashed == []  # size and mtime as recorded: no read at all
+    assert not m.is_done(j, store, verify=True) and len(hashed) == 1  # --verify-files always hashes
+    monkeypatch.undo()
+    path = tmp_path / "images/a.jpg"
+    path.write_bytes(b"JPEG")  # same size, new content, new mtime: hashed, caught
+    assert not m.is_done(j, store)
+    os.utime(path, ns=(written.mtime_ns, written.mtime_ns))  # content forged with the old mtime: only --verify-files sees it
+    assert m.is_done(j, store) and not m.is_done(j, store, verify=True)
+    path.write_bytes(b"jpeg")  # right content, other mtime (a copy): hashed, accepted
+    assert m.is_done(j, store)

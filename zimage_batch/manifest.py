@@ -41,6 +41,7 @@ class OutputFile(BaseModel):
     width: int
     height: int
     format: str
+    mtime_ns: int | None = None  # set when written; lets a rerun trust the file without hashing it
 
 
 class Attempt(BaseModel):
@@ -122,13 +123,14 @@ def read_records(path: Path) -> tuple[list[ManifestRecord], int]:
     return records, ignored
 
 
-def record_done(record: ManifestRecord | None, job: Job, store: LocalStore) -> bool:
-    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered."""
+def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False) -> bool:
+    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered
+    (size and mtime as recorded, else the SHA-256; ``verify``: always the SHA-256)."""
     if record is None or record.status == "failed":
         return False
     if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
         return False
-    return all(store.holds(o.path, o.sha256) for o in record.outputs)
+    return all(store.holds(o.path, o.sha256, o.bytes, o.mtime_ns, verify) for o in record.outputs)
 
 
 class ManifestPart:
@@ -195,9 +197,9 @@ class Manifest:
     def part_files(self) -> list[Path]:
         return sorted((self.out / PARTS).glob("*.jsonl"))
 
-    def is_done(self, job: Job, store: LocalStore) -> bool:
+    def is_done(self, job: Job, store: LocalStore, verify: bool = False) -> bool:
         """True when the job finished ("ok" or "rejected") and its files are there, unaltered."""
-        return record_done(self.records.get(job.job_id), job, store)
+        return record_done(self.records.get(job.job_id), job, store, verify)
 
     def append(self, record: ManifestRecord) -> None:
         """Add a record (to this process's own part) and make it durable before returning."""
@@ -239,7 +241,8 @@ def parquet_schema():
     import pyarrow as pa
 
     output = pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string())])
+                        ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()),
+                        ("mtime_ns", pa.int64())])
     attempt = pa.struct([("seed", pa.int64()), ("outcome", pa.string())])
     fields = []
     for name, info in ManifestRecord.model_fields.items():

@@ -197,7 +197,7 @@ def _store(store: LocalStore, path: str, rendered, preset: str, seconds: dict[st
     written = store.write(path, rendered.data)
     seconds["store"] += time.perf_counter() - start
     return OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
-                      width=rendered.width, height=rendered.height, format=rendered.format)
+                      width=rendered.width, height=rendered.height, format=rendered.format, mtime_ns=written.mtime_ns)
 
 
 def process_shard(
