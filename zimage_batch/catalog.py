@@ -41,6 +41,7 @@ class RowProblem:
     catalog: str
     row: int
     message: str
+    sku: str = ""  # when the row names one: it is still in the catalog, even if it cannot run
 
     def __str__(self) -> str:
         return f"{self.catalog}, row {self.row}: {self.message}"
@@ -150,12 +151,14 @@ class Catalog:
                         continue  # blank line
                     number += 1
                     if len(fields) != len(self.columns):
+                        sku_at = self.columns.index("sku")
                         yield RowProblem(
                             self.name,
                             number,
                             f"has {len(fields)} fields but the header has {len(self.columns)} "
                             f"(line {reader.line_num} of the file). Check for an unquoted comma "
                             f"or a missing field; quote values that contain commas.",
+                            fields[sku_at].strip() if sku_at < len(fields) else "",
                         )
                         continue
                     yield self._make_row(number, dict(zip(self.columns, fields)))

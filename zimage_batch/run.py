@@ -4,7 +4,8 @@
 manifest and the files' SHA-256, not by file existence) and spools the pending jobs to a
 temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
-copy and ``run.json``.
+copy, ``report.html`` and ``run.json``. Products the manifest holds for the run's templates that
+the catalogs no longer name are reported as ``removed`` (never deleted).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .manifest import Manifest, ManifestPart, library_versions, record_done, utc
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .postprocess import PRESETS
+from .report import REPORT, write_report
 from .shard import ShardResult, process_shard
 from .store import LocalStore, write_atomic
 
@@ -54,6 +56,7 @@ class RunConfig(BaseModel):
     vram_gb: int | None = Field(None, ge=8, le=200)
     workers: int | None = Field(None, ge=1, le=256)  # a local Dask cluster of this many worker processes
     cluster: str | None = None  # the address of an existing Dask scheduler
+    verify_files: bool = False  # hash every finished file instead of trusting a matching size and mtime
 
 
 @dataclass
@@ -69,6 +72,7 @@ class RunPlan:
     pending_file: str
     model: str
     seconds: float
+    removed: list[str] = field(default_factory=list)
 
 
 def check_run(config: RunConfig) -> PlanInputs:
@@ -91,10 +95,12 @@ def plan_run(config: RunConfig) -> RunPlan:
     problems: list[str] = []
     problem_count = 0
     last_row = None
+    skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
     fd, spool = tempfile.mkstemp(prefix="zimage-batch-plan-", suffix=".jsonl")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
+                skus.add(item.sku)
                 problem_count += 1
                 if len(problems) < MAX_LISTED_PROBLEMS:
                     problems.append(str(item))
@@ -102,18 +108,25 @@ def plan_run(config: RunConfig) -> RunPlan:
             if config.limit is not None and planned >= config.limit:
                 break
             planned += 1
+            skus.add(item.sku)
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
-            if manifest.is_done(item, store):
+            if manifest.is_done(item, store, config.verify_files):
                 skipped += 1
                 continue
             pending += 1
             f.write(item.to_json() + "\n")
+    removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, removed)
     progress.emit("planned", plan)
     return plan
+
+
+def removed_skus(manifest: Manifest, templates: set[str], skus: set[str]) -> list[str]:
+    """Skus the manifest holds for these templates that the catalogs no longer name (their files are kept)."""
+    return sorted({r.sku for r in manifest.records.values() if r.template in templates} - skus)
 
 
 def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
@@ -148,7 +161,7 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     store = LocalStore(config.out)
     part = ManifestPart(config.out, f"shard-{index:06d}")
     earlier = part.records()
-    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store)]
+    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store, config.verify_files)]
     if not todo:
         return ShardResult()
     engine = engine_for(config)
@@ -180,6 +193,8 @@ class RunSummary(BaseModel):
     catalogs: list[str]
     templates: list[str]
     versions: dict[str, str]
+    removed: list[str] = []  # skus in earlier runs' manifest (same templates) that the catalogs no longer name
+    report: str = ""  # the path of report.html
 
     @property
     def exit_code(self) -> int:
@@ -192,7 +207,8 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     for result in results:
         total.add(result)
     manifest = Manifest(config.out)
-    statuses = Counter(r.status for r in manifest.part_records.values())  # this run's work, from every worker
+    this_run = list(manifest.part_records.values())  # this run's work, from every worker
+    statuses = Counter(r.status for r in this_run)
     manifest.finalize()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
     summary = RunSummary(
@@ -202,9 +218,10 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         seconds=round(time.perf_counter() - wall_start, 3),
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
-        versions=library_versions(),
+        versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT),
     )
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_report(config.out, this_run, summary)
     write_atomic(Path(config.out) / RUN_JSON, (json.dumps(summary.model_dump(), indent=2, ensure_ascii=False) + "\n").encode())
     Path(plan.pending_file).unlink(missing_ok=True)
     return summary
