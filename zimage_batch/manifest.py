@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from . import crashpoints
 from .plan import Job
 from .store import LocalStore, write_atomic
 
@@ -221,6 +222,7 @@ class Manifest:
             return
         lines = "".join(r.model_dump_json() + "\n" for r in self.records.values())
         write_atomic(self.path, lines.encode("utf-8"))
+        crashpoints.reached("manifest.compacted")
         for part in parts:  # after the rename: a crash in between only means merging again
             part.unlink(missing_ok=True)
         try:

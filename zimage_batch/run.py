@@ -1,8 +1,8 @@
 """A whole run, in stages the Prefect flow calls as tasks: plan, run shards, finish.
 
 ``plan_run`` checks the inputs, expands the plan, drops jobs already done (judged by the
-manifest and the files' SHA-256, not by file existence) and spools the pending jobs to a
-temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
+manifest and the files' size and mtime or SHA-256, not by file existence) and spools the pending
+jobs to a temporary file in OUT, so a million-row catalog is never held in memory. ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
 copy, ``report.html`` and ``run.json``. Products the manifest holds for the run's templates that
 the catalogs no longer name are reported as ``removed`` (never deleted).
@@ -22,14 +22,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import progress
+from . import crashpoints, progress
 from .manifest import Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .postprocess import PRESETS
 from .report import REPORT, write_report
 from .shard import ShardResult, process_shard
-from .store import LocalStore, write_atomic
+from .store import TEMP_PREFIX, LocalStore, write_atomic
 
 RUN_JSON = "run.json"
 MAX_LISTED_PROBLEMS = 1000
@@ -96,7 +96,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     problem_count = 0
     last_row = None
     skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
-    fd, spool = tempfile.mkstemp(prefix="zimage-batch-plan-", suffix=".jsonl")
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
+    fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
@@ -121,6 +123,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
                    time.perf_counter() - start, removed)
     progress.emit("planned", plan)
+    crashpoints.reached("planned")
     return plan
 
 

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import crashpoints
 from .errors import OutputError
 
 TEMP_PREFIX = ".zb-tmp-"
@@ -69,11 +70,13 @@ class LocalStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            crashpoints.reached("store.before_rename")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        crashpoints.reached("store.after_rename")
         return Written(relpath, hashlib.sha256(data).hexdigest(), len(data), target.stat().st_mtime_ns)
 
     def holds(self, relpath: str, sha256: str, size: int | None = None, mtime_ns: int | None = None,
