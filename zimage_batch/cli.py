@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("catalogs", nargs="+", metavar="CATALOG", help="CSV (UTF-8) or Parquet catalog file(s); each needs a 'sku' column")
+        p.add_argument("catalogs", nargs="+", metavar="CATALOG",
+                       help="CSV (UTF-8) or Parquet catalog file(s), or a quoted glob pattern such as 'catalogs/*.csv' "
+                            "(expanded at each run, in name order); each needs a 'sku' column")
         p.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
                        help="a prompt template (.j2); repeat for several: every template runs over every row")
         p.add_argument("--model", default=DEFAULT_MODEL,
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate, post-process and store images, with a manifest",
                          description="Generate images for every catalog row x template, post-process them to the "
                                      "template's presets and store them under --out with manifest.jsonl, "
-                                     "manifest.parquet and run.json. Rerunning the same command resumes: finished "
-                                     "jobs are skipped.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     "manifest.parquet, run.json and report.html (a contact sheet). Rerunning the same "
+                                     "command resumes, and a run over a changed catalog makes only new or changed "
+                                     "products: finished jobs are skipped.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(run)
     run.add_argument("--out", required=True, help="output folder (created if missing)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N",
                      help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
     run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
+    run.add_argument("--verify-files", action="store_true",
+                     help="re-hash every finished file (SHA-256) to decide it is done; by default a file whose size "
+                          "and modification time match the manifest is trusted without reading it")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
@@ -165,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
-        workers=args.workers, cluster=args.cluster,
+        workers=args.workers, cluster=args.cluster, verify_files=args.verify_files,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
@@ -227,6 +233,10 @@ def print_summary(summary) -> None:
         print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
     print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
     print(f"Summary:  {out / 'run.json'}")
+    print(f"Report:   {out / 'report.html'} (open it in a browser; works offline)")
+    if summary.removed:
+        shown = ", ".join(summary.removed[:10]) + (f" ... ({len(summary.removed)} in all)" if len(summary.removed) > 10 else "")
+        print(f"Removed:  {len(summary.removed)} product(s) no longer in the catalog: {shown} (their images are kept; see run.json)")
     _print_problems(summary.problems, summary.row_problems)
     if summary.failed:
         print(f"\n{summary.failed} job(s) failed; see status 'failed' in the manifest. Rerun the same command to retry them.", file=sys.stderr)

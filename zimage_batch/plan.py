@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jinja2
 from pydantic import TypeAdapter
 
-from .catalog import Catalog, Row, RowProblem
+from .catalog import Catalog, Row, RowProblem, expand_sources
 from .errors import CatalogError, PlanError, TemplateError
 from .models import resolve_model
 from .templates import Template, load_template, parse_size
@@ -118,7 +118,9 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
         problems.append("No catalog given. Pass one or more CSV or Parquet files.")
     if not templates:
         problems.append("No template given. Pass --template templates/product_white.j2 (several allowed).")
-    for path in catalogs:
+    paths, pattern_problems = expand_sources(catalogs)
+    problems.extend(pattern_problems)
+    for path in paths:
         try:
             opened.append(Catalog(path))
         except CatalogError as exc:
