@@ -24,6 +24,14 @@ examples:
   zimage-batch plan catalogs/demo.csv --template templates/poster_text.j2
 """
 
+SERVE_EXAMPLES = """\
+examples:
+  zimage-batch serve --catalog 'catalogs/*.csv' -t templates/product_white.j2 --out /data/nightly \\
+      --model Tongyi-MAI/Z-Image-Turbo --cron "0 2 * * *" --timezone Europe/Berlin
+  prefect deployment run catalog-run/campaign \\
+      --param config='{"catalogs": ["spring.csv"], "templates": ["templates/poster_text.j2"], "out": "/data/spring"}'
+"""
+
 EXIT_FAILED_JOBS = 1
 EXIT_INTERRUPTED = 130
 
@@ -75,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "and modification time match the manifest is trusted without reading it")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    serve = sub.add_parser("serve", help="serve the nightly-catalog (scheduled) and campaign (on demand) deployments",
+                           description="Serve two Prefect deployments of the catalog-run flow from this process: "
+                                       "nightly-catalog (on a cron schedule in a time zone, over --catalog/--template "
+                                       "into --out) and campaign (run on demand, with its config as parameters). Uses "
+                                       "PREFECT_API_URL when set, else an embedded Prefect server (its address is "
+                                       "printed). Runs until stopped (Ctrl+C).",
+                           epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--catalog", dest="catalogs", action="append", required=True, metavar="CATALOG",
+                       help="the nightly catalog: a file or a quoted glob pattern, expanded at each run (repeatable)")
+    serve.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
+                       help="a prompt template for the nightly run (repeatable)")
+    serve.add_argument("--out", required=True, help="the nightly run's output folder")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the nightly run's model (default {DEFAULT_MODEL})")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
+    serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU)")
+
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
                           description="Expand catalog rows x templates into jobs and check everything, without "
                                       "loading a model. Prints a summary and sample prompts; --jobs writes every job as JSONL.",
@@ -90,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_run(args)
     except ZImageBatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -209,6 +237,44 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
     print_summary(summary)
     return summary.exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from .run import RunConfig, check_run
+
+    problems = []
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(f"--timezone {args.timezone!r} is not a known time zone; use an IANA name such as Europe/Berlin or UTC.")
+    from prefect.schedules import Cron
+
+    try:
+        Cron(args.cron, timezone="UTC")
+    except ValueError:
+        problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
+    if args.limit < 1:
+        problems.append(f"--limit {args.limit} is out of range: use 1 or more.")
+    if problems:
+        raise ZImageBatchError(" ".join(problems))
+    config = RunConfig(catalogs=[os.path.abspath(c) for c in args.catalogs], templates=[os.path.abspath(t) for t in args.templates],
+                       out=os.path.abspath(args.out), model=args.model, device=args.device)
+    check_run(config)  # the nightly inputs must be good before anything is served
+    prefect_environment()
+    import prefect
+
+    from flows.deployments import CAMPAIGN, NIGHTLY, deployments
+
+    from .cluster import prefect_api
+
+    with prefect_api() as url:
+        print(f"Serving catalog-run/{NIGHTLY} ({args.cron}, {args.timezone}) and catalog-run/{CAMPAIGN} on {url}.\n"
+              f"Trigger a campaign: PREFECT_API_URL={url} prefect deployment run catalog-run/{CAMPAIGN} --param config='{{...}}'. "
+              f"Ctrl+C stops.", flush=True)
+        prefect.serve(*deployments(config, args.cron, args.timezone), print_starting_message=False, limit=args.limit)
+    return 0
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
