@@ -150,3 +150,21 @@ def test_a_killed_tiny_random_run_resumes(tmp_path, command):
     run = json.loads((out / "run.json").read_text())
     assert run["skipped"] >= 2 and run["generated"] + run["skipped"] == 6
     check_complete(out, 6, delivered)
+
+
+def test_temp_files_a_killed_worker_left_are_gone_when_the_run_finishes(tmp_path, command):
+    """A Dask worker killed mid-write leaves a temp file; its shard reruns elsewhere and the run finishes."""
+    from zimage_batch import run
+    from zimage_batch.manifest import utc_now
+
+    catalog, templates = command("simulated:0")[2], [command.scene]
+    config = run.RunConfig(catalogs=[catalog], templates=[str(t) for t in templates], out=str(tmp_path / "out"),
+                           model="simulated:0", device="cpu")
+    plan = run.plan_run(config)
+    shard = next(run.read_shards(plan, 64))
+    results = [run.run_shard(config, 0, shard)]
+    left = tmp_path / "out/images/K-00/scene/.zb-tmp-killed"  # as a worker killed before its rename leaves it
+    left.write_bytes(b"half an image")
+    run.finish_run(config, plan, results, utc_now(), time.perf_counter())
+    assert not left.exists() and not list((tmp_path / "out").rglob(".zb-tmp-*"))
+    check_complete(tmp_path / "out", 10, {})

@@ -213,6 +213,8 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     this_run = list(manifest.part_records.values())  # this run's work, from every worker
     statuses = Counter(r.status for r in this_run)
     manifest.finalize()
+    # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
+    LocalStore(config.out).remove_stale_temp_files()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
     summary = RunSummary(
         out=str(config.out), model=plan.model, planned=plan.planned, generated=statuses["ok"],
