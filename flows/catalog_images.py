@@ -7,7 +7,8 @@ Run it from the CLI (``zimage-batch run``), or directly::
     catalog_images(RunConfig(catalogs=["catalogs/demo.csv"], templates=["templates/product_white.j2"],
                              out="out/", model="tiny-random"))
 
-Tasks process shards of jobs, never one task per image. It runs on Prefect's embedded
+Tasks process shards of jobs, never one task per image. The run publishes Prefect artifacts: a
+progress bar updated as shards finish, a summary table and a link to ``OUT/report.html``. It runs on Prefect's embedded
 server unless ``PREFECT_API_URL`` points at one.
 """
 
@@ -19,6 +20,7 @@ from collections import deque
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.artifacts import Progress, publish_summary
 from zimage_batch import cluster, progress, run
 from zimage_batch.manifest import utc_now
 from zimage_batch.shard import ShardResult
@@ -47,6 +49,7 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     """Turn catalog rows into delivered images with a provenance manifest."""
     started_at, wall_start = utc_now(), time.perf_counter()
     the_plan = plan(config)
+    tracker = Progress(the_plan)
     workers, gpu_resource = cluster.shape(config)
     limit = cluster.in_flight(config, workers)
     results, waiting = [], deque()
@@ -54,15 +57,18 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
         with cluster.gpu_annotation(gpu_resource):
             waiting.append(generate_shard.submit(config, index, shard))
         while len(waiting) >= limit:
-            results.append(collect(waiting.popleft()))
-    results.extend(collect(future) for future in waiting)
-    return finish(config, the_plan, results, started_at, wall_start)
+            results.append(collect(waiting.popleft(), tracker))
+    results.extend(collect(future, tracker) for future in waiting)
+    summary = finish(config, the_plan, results, started_at, wall_start)
+    publish_summary(summary)
+    return summary
 
 
-def collect(future) -> ShardResult:
-    """Wait for a shard and report it to the progress bar."""
+def collect(future, tracker: Progress) -> ShardResult:
+    """Wait for a shard and report it to the progress bar and the progress artifact."""
     result = future.result()
     progress.emit("shard", result)
+    tracker.advance(result.images)
     return result
 
 

@@ -23,3 +23,10 @@ def test_plan_stream_benchmark_runs(tmp_path):
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2,000 rows x 2 templates -> 4,000 jobs" in done.stdout
+
+
+def test_incremental_benchmark_runs(tmp_path):
+    from bench import incremental
+
+    result = incremental.main(["--jobs", "300", "--folder", str(tmp_path / "b")])
+    assert result["jobs"] == 300 and result["size+mtime"] > 0 and result["verify-files (SHA-256)"] > 0

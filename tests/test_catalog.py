@@ -80,3 +80,29 @@ def test_non_utf8_body_names_the_line(tmp_path):
     path.write_bytes(b"sku,title\nS1,ok\nS2," + "杯".encode("gbk") + b"\n")
     with pytest.raises(CatalogError, match="line 3 is not UTF-8"):
         list(Catalog(path).rows())
+
+
+def test_a_glob_expands_to_its_files_in_name_order_and_plans_them_all(tmp_path, monkeypatch):
+    from zimage_batch.catalog import expand_sources
+    from zimage_batch.plan import check_inputs, plan_jobs
+    from zimage_batch.postprocess import PRESETS
+    from conftest import write_template
+
+    folder = tmp_path / "catalogs"
+    folder.mkdir()
+    write_csv(folder / "b.csv", ["sku", "title"], [["B1", "Mug"]])
+    write_csv(folder / "a.csv", ["sku", "title"], [["A1", "Cup"], ["A2", "Lamp"]])
+    (folder / "notes.txt").write_text("not a catalog")
+    monkeypatch.chdir(tmp_path)
+    assert expand_sources(["catalogs/*"]) == (["catalogs/a.csv", "catalogs/b.csv"], [])
+    assert expand_sources(["catalogs/a.csv", "catalogs/*.csv"]) == (["catalogs/a.csv", "catalogs/b.csv"], [])
+    paths, problems = expand_sources(["nowhere/*.csv"])
+    assert paths == [] and "'nowhere/*.csv' matches no .csv or .parquet file" in problems[0]
+    template = write_template(tmp_path / "t.j2", "{{ title }}")
+    jobs = list(plan_jobs(check_inputs(["catalogs/*.csv"], [str(template)], "simulated:0", PRESETS)))
+    assert [(j.catalog, j.sku) for j in jobs] == [("catalogs/a.csv", "A1"), ("catalogs/a.csv", "A2"), ("catalogs/b.csv", "B1")]
+
+
+def test_a_url_catalog_is_a_clear_error():
+    with pytest.raises(CatalogError, match=r"s3://bucket/p.parquet: reading catalogs from a URL \(s3://\) is not supported"):
+        Catalog("s3://bucket/p.parquet")

@@ -117,3 +117,31 @@ def test_a_signed_run_verifies_and_every_file_carries_its_provenance(config, cer
         for output in record["outputs"]:
             embedded = read_embedded((out / output["path"]).read_bytes())
             assert embedded.xmp["zb:jobId"] == record["job_id"] and embedded.parameters["Seed"] == str(record["image_seed"])
+
+
+def test_the_run_publishes_progress_summary_and_report_artifacts(config, monkeypatch):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows import artifacts
+    from flows.catalog_images import catalog_images
+
+    updates = []
+    real_update = artifacts.update_progress_artifact
+    monkeypatch.setattr(artifacts, "update_progress_artifact",
+                        lambda artifact_id, progress: updates.append(progress) or real_update(artifact_id, progress))
+    state = catalog_images(config, return_state=True)
+    summary = state.result()
+    assert updates == [33.33, 66.67, 100.0]  # 6 jobs in shards of 2: one update per finished shard
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == {"catalog-images-progress", "catalog-images-summary", "catalog-images-report"}
+    assert by_key["catalog-images-progress"].type == "progress" and by_key["catalog-images-progress"].data == 100.0
+    table = json.loads(by_key["catalog-images-summary"].data) if isinstance(by_key["catalog-images-summary"].data, str) \
+        else by_key["catalog-images-summary"].data
+    values = {row["what"]: row["value"] for row in table}
+    assert (values["planned"], values["generated"], values["rejected"], values["failed"]) == ("6", "3", "3", "0")
+    report = (Path(config.out) / "report.html").resolve()
+    assert report.as_uri() in by_key["catalog-images-report"].data and summary.report == config.out + "/report.html"

@@ -80,7 +80,7 @@ PARQUET_COLUMNS = [
     ("outputs", pa.list_(pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
                                     ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
                                     ("format", pa.string()), ("uri", pa.string()), ("etag", pa.string()),
-                                    ("checksum_crc32", pa.string())]))),
+                                    ("checksum_crc32", pa.string()), ("mtime_ns", pa.int64())]))),
     ("batch_size", pa.int64()), ("device", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
     ("delivery", pa.string()), ("delivery_error", pa.string()),
@@ -111,7 +111,7 @@ def test_schema_describes_exactly_the_record_fields():
     assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 3
     outputs = schema["properties"]["outputs"]["items"]
     assert set(outputs["properties"]) == set(OutputFile.model_fields)
-    assert set(outputs["required"]) == set(OutputFile.model_fields) - {"uri", "etag", "checksum_crc32"}
+    assert set(outputs["required"]) == set(OutputFile.model_fields) - {"uri", "etag", "checksum_crc32", "mtime_ns"}
 
 
 def test_new_records_follow_the_schema_and_carry_background():
@@ -153,3 +153,30 @@ def test_append_refuses_a_record_that_breaks_the_schema(tmp_path):
     with pytest.raises(ValueError, match="does not follow manifest.schema.json"):
         Manifest(tmp_path).append(bad)
     assert not (tmp_path / MANIFEST).exists() or (tmp_path / MANIFEST).read_text() == ""
+
+
+def test_is_done_trusts_size_and_mtime_and_verify_hashes(tmp_path, monkeypatch):
+    import os
+
+    from zimage_batch import store as store_module
+
+    store = LocalStore(tmp_path)
+    j = job(presets=("web",))
+    written = store.write("images/a.jpg", b"jpeg")
+    assert written.mtime_ns == (tmp_path / "images/a.jpg").stat().st_mtime_ns
+    out = OutputFile(preset="web", path=written.path, sha256=written.sha256, bytes=4, width=1, height=1, format="JPEG",
+                     mtime_ns=written.mtime_ns)
+    m = Manifest(tmp_path)
+    m.append(record(j, outputs=[out]))
+    hashed = []
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: hashed.append(p) or "x")
+    assert m.is_done(j, store) and hashed == []  # size and mtime as recorded: no read at all
+    assert not m.is_done(j, store, verify=True) and len(hashed) == 1  # --verify-files always hashes
+    monkeypatch.undo()
+    path = tmp_path / "images/a.jpg"
+    path.write_bytes(b"JPEG")  # same size, new content, new mtime: hashed, caught
+    assert not m.is_done(j, store)
+    os.utime(path, ns=(written.mtime_ns, written.mtime_ns))  # content forged with the old mtime: only --verify-files sees it
+    assert m.is_done(j, store) and not m.is_done(j, store, verify=True)
+    path.write_bytes(b"jpeg")  # right content, other mtime (a copy): hashed, accepted
+    assert m.is_done(j, store)

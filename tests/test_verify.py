@@ -122,7 +122,6 @@ def test_a_v1_file_without_provenance_is_reported_as_such(tmp_path, capsys):
     ("no manifest", ["manifest.jsonl does not exist", "--out folder"]),
     ("not a folder", ["is not a folder"]),
     ("unfinished run", ["holds manifest parts of a run that has not finished (.parts/shard-000001.jsonl", "Rerun the same"]),
-    ("s3 prefix", ["s3://bucket/run: verifying an S3 prefix needs S3 delivery", "aws s3 sync"]),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, case, phrases):
     out = tmp_path / "out"
@@ -139,8 +138,6 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, case, phrases):
         make_run(out)
         (out / ".parts").mkdir()
         (out / ".parts/shard-000001.jsonl").write_text("")
-    else:
-        target = "s3://bucket/run"
     code, stdout, stderr = verify_cli(capsys, target)
     assert code == 2 and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
     for phrase in phrases:

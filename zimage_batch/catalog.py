@@ -1,5 +1,7 @@
 """Catalogs: CSV (UTF-8, with or without BOM) and Parquet, streamed in batches of rows.
 
+A catalog argument is a file or a glob pattern (``catalogs/*.csv``), expanded by ``expand_sources``.
+
 Each row keeps the file it came from and its 1-based data row number (the header is not
 counted; in a spreadsheet that is the row number minus one). Parquet is read with pyarrow,
 batch by batch. CSV is read with the standard library's streaming reader: unlike pyarrow's
@@ -10,7 +12,8 @@ CSV reader, it reports the exact position of a malformed row (pyarrow's
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import glob
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +44,29 @@ class RowProblem:
     catalog: str
     row: int
     message: str
+    sku: str = ""  # when the row names one: it is still in the catalog, even if it cannot run
 
     def __str__(self) -> str:
         return f"{self.catalog}, row {self.row}: {self.message}"
+
+
+def expand_sources(sources: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Expand glob patterns (``catalogs/*.csv``, sorted by name) into files; return (paths, problems).
+
+    A source without ``*``, ``?`` or ``[`` (or an existing file of that name) is kept as it is. A
+    pattern that matches nothing is a problem. A file named twice is read once."""
+    paths: list[str] = []
+    problems: list[str] = []
+    for source in sources:
+        if not glob.has_magic(source) or Path(source).is_file() or "://" in source:
+            matches = [source]
+        else:
+            matches = sorted(m for m in glob.glob(source, recursive=True) if Path(m).suffix.lower() in FORMATS)
+            if not matches:
+                problems.append(f"Catalog pattern {source!r} matches no .csv or .parquet file (relative to {Path.cwd()}). "
+                                f"Check the folder and the pattern, and quote it so the shell passes it as it is.")
+        paths.extend(m for m in matches if m not in paths)
+    return paths, problems
 
 
 class Catalog:
@@ -53,6 +76,11 @@ class Catalog:
         self.path = Path(path)
         self.name = str(path)
         suffix = self.path.suffix.lower()
+        if "://" in self.name:
+            raise CatalogError(
+                f"Catalog {self.name}: reading catalogs from a URL ({self.name.split('://')[0]}://) is not supported "
+                f"yet. Copy it here first (e.g. `aws s3 cp {self.name} .`) and pass the local file."
+            )
         if suffix not in FORMATS:
             raise CatalogError(
                 f"Catalog {self.name}: unknown file type {suffix or '(no extension)'!r}. "
@@ -150,12 +178,14 @@ class Catalog:
                         continue  # blank line
                     number += 1
                     if len(fields) != len(self.columns):
+                        sku_at = self.columns.index("sku")
                         yield RowProblem(
                             self.name,
                             number,
                             f"has {len(fields)} fields but the header has {len(self.columns)} "
                             f"(line {reader.line_num} of the file). Check for an unquoted comma "
                             f"or a missing field; quote values that contain commas.",
+                            fields[sku_at].strip() if sku_at < len(fields) else "",
                         )
                         continue
                     yield self._make_row(number, dict(zip(self.columns, fields)))

@@ -72,6 +72,14 @@ delivering to S3 (--dest s3://BUCKET/PREFIX):
   (+ AWS_SESSION_TOKEN), or AWS_PROFILE. Region: AWS_REGION (default us-east-1).
 """
 
+SERVE_EXAMPLES = """\
+examples:
+  zimage-batch serve --catalog 'catalogs/*.csv' -t templates/product_white.j2 --out /data/nightly \\
+      --model Tongyi-MAI/Z-Image-Turbo --cron "0 2 * * *" --timezone Europe/Berlin
+  prefect deployment run catalog-run/campaign \\
+      --param config='{"catalogs": ["spring.csv"], "templates": ["templates/poster_text.j2"], "out": "/data/spring"}'
+"""
+
 EXIT_FAILED_JOBS = 1
 EXIT_REJECTED = 1
 EXIT_INTERRUPTED = 130
@@ -88,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("catalogs", nargs="+", metavar="CATALOG", help="CSV (UTF-8) or Parquet catalog file(s); each needs a 'sku' column")
+        p.add_argument("catalogs", nargs="+", metavar="CATALOG",
+                       help="CSV (UTF-8) or Parquet catalog file(s), or a quoted glob pattern such as 'catalogs/*.csv' "
+                            "(expanded at each run, in name order); each needs a 'sku' column")
         p.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
                        help="a prompt template (.j2); repeat for several: every template runs over every row")
         p.add_argument("--model", default=DEFAULT_MODEL,
@@ -102,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate, post-process and store images, with a manifest",
                          description="Generate images for every catalog row x template, post-process them to the "
                                      "template's presets and store them under --out with manifest.jsonl, "
-                                     "manifest.parquet and run.json. Rerunning the same command resumes: finished "
-                                     "jobs are skipped. Every file carries its provenance (IPTC DigitalSourceType "
-                                     "XMP, A1111 parameters, job id); --c2pa-cert/--c2pa-key also sign it with C2PA. "
-                                     "With --dest, every image also goes to S3.",
+                                     "manifest.parquet, run.json and report.html (a contact sheet). Rerunning the same "
+                                     "command resumes, and a run over a changed catalog makes only new or changed "
+                                     "products: finished jobs are skipped. Every file carries its provenance (IPTC "
+                                     "DigitalSourceType XMP, A1111 parameters, job id); --c2pa-cert/--c2pa-key also sign "
+                                     "it with C2PA. With --dest, every image also goes to S3.",
                          epilog=RUN_EXAMPLES + DEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(run)
     run.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -124,7 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--c2pa-cert", metavar="PEM", help="sign every file with C2PA: certificate chain, signing certificate "
                      "first (issued by a CA, emailProtection or documentSigning usage); needs --c2pa-key and c2pa-python")
     run.add_argument("--c2pa-key", metavar="PEM", help="the signing certificate's unencrypted private key")
+    run.add_argument("--verify-files", action="store_true",
+                     help="re-hash every finished file (SHA-256) to decide it is done; by default a file whose size "
+                          "and modification time match the manifest is trusted without reading it")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    serve = sub.add_parser("serve", help="serve the nightly-catalog (scheduled) and campaign (on demand) deployments",
+                           description="Serve two Prefect deployments of the catalog-run flow from this process: "
+                                       "nightly-catalog (on a cron schedule in a time zone, over --catalog/--template "
+                                       "into --out) and campaign (run on demand, with its config as parameters). Uses "
+                                       "PREFECT_API_URL when set, else an embedded Prefect server (its address is "
+                                       "printed). Runs until stopped (Ctrl+C).",
+                           epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--catalog", dest="catalogs", action="append", required=True, metavar="CATALOG",
+                       help="the nightly catalog: a file or a quoted glob pattern, expanded at each run (repeatable)")
+    serve.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
+                       help="a prompt template for the nightly run (repeatable)")
+    serve.add_argument("--out", required=True, help="the nightly run's output folder")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the nightly run's model (default {DEFAULT_MODEL})")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
+    serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU)")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
                           description="Expand catalog rows x templates into jobs and check everything, without "
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "reproduce":
             return cmd_reproduce(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_run(args)
     except ZImageBatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -276,7 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
         workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
-        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest,
+        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
@@ -346,6 +380,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     print(presets_table(load_presets(args.presets_file), markdown=args.markdown))
     return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .signing import read_pem
     from .verify import format_report, open_location, verify
@@ -374,6 +410,44 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from .run import RunConfig, check_run
+
+    problems = []
+    try:
+        ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(f"--timezone {args.timezone!r} is not a known time zone; use an IANA name such as Europe/Berlin or UTC.")
+    from prefect.schedules import Cron
+
+    try:
+        Cron(args.cron, timezone="UTC")
+    except ValueError:
+        problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
+    if args.limit < 1:
+        problems.append(f"--limit {args.limit} is out of range: use 1 or more.")
+    if problems:
+        raise ZImageBatchError(" ".join(problems))
+    config = RunConfig(catalogs=[os.path.abspath(c) for c in args.catalogs], templates=[os.path.abspath(t) for t in args.templates],
+                       out=os.path.abspath(args.out), model=args.model, device=args.device)
+    check_run(config)  # the nightly inputs must be good before anything is served
+    prefect_environment()
+    import prefect
+
+    from flows.deployments import CAMPAIGN, NIGHTLY, deployments
+
+    from .cluster import prefect_api
+
+    with prefect_api() as url:
+        print(f"Serving catalog-run/{NIGHTLY} ({args.cron}, {args.timezone}) and catalog-run/{CAMPAIGN} on {url}.\n"
+              f"Trigger a campaign: PREFECT_API_URL={url} prefect deployment run catalog-run/{CAMPAIGN} --param config='{{...}}'. "
+              f"Ctrl+C stops.", flush=True)
+        prefect.serve(*deployments(config, args.cron, args.timezone), print_starting_message=False, limit=args.limit)
+    return 0
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
                                    ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
@@ -396,6 +470,10 @@ def print_summary(summary) -> None:
         print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
     print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
     print(f"Summary:  {out / 'run.json'}")
+    print(f"Report:   {out / 'report.html'} (open it in a browser; works offline)")
+    if summary.removed:
+        shown = ", ".join(summary.removed[:10]) + (f" ... ({len(summary.removed)} in all)" if len(summary.removed) > 10 else "")
+        print(f"Removed:  {len(summary.removed)} product(s) no longer in the catalog: {shown} (their images are kept; see run.json)")
     if summary.dest:
         print_delivery(summary)
     _print_problems(summary.problems, summary.row_problems)

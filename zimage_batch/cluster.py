@@ -106,8 +106,19 @@ def shared_prefect_server(config: RunConfig) -> Iterator[None]:
     workers on two cores they time out). Workers on other hosts need ``PREFECT_API_URL`` set to a
     server they can reach (infra/README.md).
     """
-    if not (config.workers or config.cluster) or os.environ.get("PREFECT_API_URL"):
+    if not (config.workers or config.cluster):
         yield
+        return
+    with prefect_api():
+        yield
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The Prefect API to use: ``PREFECT_API_URL`` when set, else an embedded server started here (and
+    stopped at the end) whose address child processes inherit. Yields the API URL."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
         return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -117,7 +128,7 @@ def shared_prefect_server(config: RunConfig) -> Iterator[None]:
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
+            yield server.api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from . import crashpoints
 from .errors import ManifestError
 from .plan import Job
 from .provenance import Stamp, software_name
@@ -53,6 +54,7 @@ class OutputFile(BaseModel):
     uri: str | None = None
     etag: str | None = None
     checksum_crc32: str | None = None  # as S3 returned it (base64), after checking it against ours
+    mtime_ns: int | None = None  # set when written; lets a rerun trust the file without hashing it
 
 
 class Attempt(BaseModel):
@@ -143,13 +145,14 @@ def read_records(path: Path) -> tuple[list[ManifestRecord], int]:
     return records, ignored
 
 
-def record_done(record: ManifestRecord | None, job: Job, store: LocalStore) -> bool:
-    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered."""
+def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False) -> bool:
+    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered
+    (size and mtime as recorded, else the SHA-256; ``verify``: always the SHA-256)."""
     if record is None or record.status == "failed":
         return False
     if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
         return False
-    return all(store.holds(o.path, o.sha256) for o in record.outputs)
+    return all(store.holds(o.path, o.sha256, o.bytes, o.mtime_ns, verify) for o in record.outputs)
 
 
 class ManifestPart:
@@ -220,9 +223,9 @@ class Manifest:
     def part_files(self) -> list[Path]:
         return sorted((self.out / PARTS).glob("*.jsonl"))
 
-    def is_done(self, job: Job, store: LocalStore) -> bool:
+    def is_done(self, job: Job, store: LocalStore, verify: bool = False) -> bool:
         """True when the job finished ("ok" or "rejected") and its files are there, unaltered."""
-        return record_done(self.records.get(job.job_id), job, store)
+        return record_done(self.records.get(job.job_id), job, store, verify)
 
     def append(self, record: ManifestRecord) -> None:
         """Add a record (to this process's own part) and make it durable before returning."""
@@ -244,6 +247,7 @@ class Manifest:
             return
         lines = "".join(r.model_dump_json() + "\n" for r in self.records.values())
         write_atomic(self.path, lines.encode("utf-8"))
+        crashpoints.reached("manifest.compacted")
         for part in parts:  # after the rename: a crash in between only means merging again
             part.unlink(missing_ok=True)
         try:
@@ -265,7 +269,7 @@ def parquet_schema():
 
     output = pa.struct([("preset", pa.string()), ("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
                         ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("uri", pa.string()),
-                        ("etag", pa.string()), ("checksum_crc32", pa.string())])
+                        ("etag", pa.string()), ("checksum_crc32", pa.string()), ("mtime_ns", pa.int64())])
     attempt = pa.struct([("seed", pa.int64()), ("outcome", pa.string())])
     fields = []
     for name, info in ManifestRecord.model_fields.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jinja2
 from pydantic import TypeAdapter
 
-from .catalog import Catalog, Row, RowProblem
+from .catalog import Catalog, Row, RowProblem, expand_sources
 from .errors import CatalogError, PlanError, TemplateError
 from .models import resolve_model
 from .templates import Template, load_template, parse_size
@@ -118,7 +118,9 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
         problems.append("No catalog given. Pass one or more CSV or Parquet files.")
     if not templates:
         problems.append("No template given. Pass --template templates/product_white.j2 (several allowed).")
-    for path in catalogs:
+    paths, pattern_problems = expand_sources(catalogs)
+    problems.extend(pattern_problems)
+    for path in paths:
         try:
             opened.append(Catalog(path))
         except CatalogError as exc:
@@ -177,7 +179,7 @@ def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             sku = item.sku
             if sku in first_seen:
                 where = first_seen[sku]
-                yield RowProblem(item.catalog, item.row, f"sku {sku!r} already appeared in {where[0]}, row {where[1]}; skus must be unique.")
+                yield RowProblem(item.catalog, item.row, f"sku {sku!r} already appeared in {where[0]}, row {where[1]}; skus must be unique.", sku)
                 continue
             first_seen[sku] = (item.catalog, item.row)
             yield from _row_jobs(item, inputs)
@@ -191,7 +193,7 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             if not 0 <= base_seed < 2**32:
                 raise ValueError
         except ValueError:
-            yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.")
+            yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.", row.sku)
             return
     for template in inputs.templates:
         settings = template.settings
@@ -201,13 +203,13 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             try:
                 prompt, negative = template.render(row.values, variant)
             except jinja2.UndefinedError as exc:
-                yield RowProblem(row.catalog, row.row, _undefined_message(exc, template))
+                yield RowProblem(row.catalog, row.row, _undefined_message(exc, template), row.sku)
                 break
             except Exception as exc:  # sandbox SecurityError, a filter's TypeError, ...
-                yield RowProblem(row.catalog, row.row, f"template {template.path} failed to render: {type(exc).__name__}: {exc}.")
+                yield RowProblem(row.catalog, row.row, f"template {template.path} failed to render: {type(exc).__name__}: {exc}.", row.sku)
                 break
             if not prompt:
-                yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.")
+                yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.", row.sku)
                 break
             seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
             job_id = compute_job_id(prompt, negative, seed, width, height, steps, settings.guidance_scale,

@@ -1,10 +1,10 @@
 """A whole run, in stages the Prefect flow calls as tasks: plan, run shards, finish.
 
 ``plan_run`` checks the inputs, expands the plan, drops jobs already done (judged by the
-manifest and the files' SHA-256, not by file existence) and spools the pending jobs to a
-temporary file, so a million-row catalog is never held in memory. ``run_shard`` generates
+manifest and the files' size and mtime or SHA-256, not by file existence) and spools the pending
+jobs to a temporary file in OUT, so a million-row catalog is never held in memory. ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
-copy and ``run.json``.
+copy, ``report.html`` and ``run.json``.
 
 With ``dest`` (``--dest s3://bucket/prefix``) each stage delivers its own work and waits for it
 before it returns, so no upload outlives the task that started it: ``plan_run`` skips jobs the
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import progress
+from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, SigningError
 from .manifest import MANIFEST, Manifest, ManifestPart, library_versions, record_done, utc_now
@@ -35,8 +35,9 @@ from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
 from .provenance import Sealer
+from .report import REPORT, write_report
 from .shard import ShardResult, default_sealer, process_shard
-from .store import LocalStore, write_atomic
+from .store import TEMP_PREFIX, LocalStore, write_atomic
 
 if TYPE_CHECKING:
     from .deliver import Uploader
@@ -70,6 +71,7 @@ class RunConfig(BaseModel):
     c2pa_cert: str | None = None  # PEM chain, leaf first: sign every file with C2PA (with c2pa_key)
     c2pa_key: str | None = None
     dest: str | None = None  # s3://bucket/prefix: also deliver there
+    verify_files: bool = False  # hash every finished file instead of trusting a matching size and mtime
 
 
 @dataclass
@@ -87,6 +89,7 @@ class RunPlan:
     seconds: float
     to_deliver: int = 0  # jobs done here earlier, never delivered: uploaded during planning, not regenerated
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
+    removed: list[str] = field(default_factory=list)
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -151,10 +154,14 @@ def plan_run(config: RunConfig) -> RunPlan:
     problems: list[str] = []
     problem_count = 0
     last_row = None
-    fd, spool = tempfile.mkstemp(prefix="zimage-batch-plan-", suffix=".jsonl")
+    skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
+    fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
+                skus.add(item.sku)
                 problem_count += 1
                 if len(problems) < MAX_LISTED_PROBLEMS:
                     problems.append(str(item))
@@ -162,6 +169,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             if config.limit is not None and planned >= config.limit:
                 break
             planned += 1
+            skus.add(item.sku)
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
@@ -170,7 +178,7 @@ def plan_run(config: RunConfig) -> RunPlan:
                                          or is_delivered(local, item, uploader.dest)):
                 skipped += 1  # done at the destination, by this machine or another
                 continue
-            if manifest.is_done(item, store):
+            if manifest.is_done(item, store, config.verify_files):
                 skipped += 1
                 if uploader is not None and local.status == "ok":
                     uploader.submit(local)
@@ -182,10 +190,17 @@ def plan_run(config: RunConfig) -> RunPlan:
     if uploader is not None:
         delivery = uploader.drain()
         uploader.close()
+    removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
-                   time.perf_counter() - start, to_deliver, delivery)
+                   time.perf_counter() - start, to_deliver, delivery, removed)
     progress.emit("planned", plan)
+    crashpoints.reached("planned")
     return plan
+
+
+def removed_skus(manifest: Manifest, templates: set[str], skus: set[str]) -> list[str]:
+    """Skus the manifest holds for these templates that the catalogs no longer name (their files are kept)."""
+    return sorted({r.sku for r in manifest.records.values() if r.template in templates} - skus)
 
 
 def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
@@ -220,7 +235,7 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     store = LocalStore(config.out)
     part = ManifestPart(config.out, f"shard-{index:06d}")
     earlier = part.records()
-    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store)]
+    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store, config.verify_files)]
     if not todo:
         return ShardResult()
     engine = engine_for(config)
@@ -273,6 +288,8 @@ class RunSummary(BaseModel):
     uploaded_files: int = 0
     uploaded_bytes: int = 0
     delivery_problems: list[str] = []
+    removed: list[str] = []  # skus in earlier runs' manifest (same templates) that the catalogs no longer name
+    report: str = ""  # the path of report.html
 
     @property
     def exit_code(self) -> int:
@@ -287,8 +304,11 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         total.add(result)
     total.delivery.add(plan.delivery)
     manifest = Manifest(config.out)
-    statuses = Counter(r.status for r in manifest.part_records.values())  # this run's work, from every worker
+    this_run = list(manifest.part_records.values())  # this run's work, from every worker
+    statuses = Counter(r.status for r in this_run)
     manifest.finalize()
+    # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
+    LocalStore(config.out).remove_stale_temp_files()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
     if config.dest:
         stages["upload"] = total.delivery.seconds  # summed over upload threads, which run beside generation
@@ -299,8 +319,10 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         seconds=round(time.perf_counter() - wall_start, 3),
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
-        versions=library_versions(),
+        versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT),
     )
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    write_report(config.out, this_run, summary)
     if config.dest:
         summary = publish(config, summary, total.delivery, manifest)
     else:

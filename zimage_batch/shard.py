@@ -215,7 +215,7 @@ def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, second
     written = store.write(path, data)
     seconds["store"] += time.perf_counter() - start
     return OutputFile(preset=preset, path=written.path, sha256=written.sha256, bytes=written.bytes,
-                      width=rendered.width, height=rendered.height, format=rendered.format)
+                      width=rendered.width, height=rendered.height, format=rendered.format, mtime_ns=written.mtime_ns)
 
 
 def process_shard(

@@ -23,7 +23,7 @@ from .provenance import disagreements, read_embedded
 
 RUN_JSON = "run.json"
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
-BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON})
+BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, "report.html"})
 
 Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
 

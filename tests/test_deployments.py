@@ -1,0 +1,88 @@
+"""`zimage-batch serve` on a real Prefect server: the deployments exist, and triggered runs make the images."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_csv, write_template
+from zimage_batch.manifest import read_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+CLI = str(Path(sys.executable).parent / "zimage-batch")
+
+
+def wait_for_deployments(client, proc, names: list[str]) -> dict:
+    """The deployments once `serve` has registered them (fails if serve exits first)."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+        try:
+            return {name: client.read_deployment_by_name(name) for name in names}
+        except ObjectNotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    catalog = write_csv(tmp_path / "nightly.csv", ["sku", "title"], [["N-1", "Mug"], ["N-2", "Lamp"]])
+    campaign = write_csv(tmp_path / "spring.csv", ["sku", "title"], [["S-1", "Kite"]])
+    template = write_template(tmp_path / "shot.j2", "A {{ title }} on a table", "size: 256x256\npresets: [web]")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    cmd = [CLI, "serve", "--catalog", str(catalog), "-t", str(template), "--out", str(tmp_path / "nightly"),
+           "--model", "simulated:0", "--device", "cpu", "--cron", "30 1 * * *", "--timezone", "Europe/Berlin"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            found = wait_for_deployments(client, proc, ["catalog-run/nightly-catalog", "catalog-run/campaign"])
+        nightly = found["catalog-run/nightly-catalog"]
+        schedule = nightly.schedules[0].schedule
+        assert (schedule.cron, schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
+        assert nightly.parameters["config"]["catalogs"] == [str(catalog)]
+        assert found["catalog-run/campaign"].schedules == []
+
+        run = run_deployment("catalog-run/nightly-catalog", timeout=300, poll_interval=1, as_subflow=False)
+        assert run.state.is_completed(), run.state
+        spring = {"catalogs": [str(campaign)], "templates": [str(template)], "out": str(tmp_path / "spring"),
+                  "model": "simulated:0", "device": "cpu"}
+        run = run_deployment("catalog-run/campaign", parameters={"config": spring}, timeout=300, poll_interval=1,
+                             as_subflow=False)
+        assert run.state.is_completed(), run.state
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the flow-run processes it started too
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert sorted(r["sku"] for r in read_jsonl(tmp_path / "nightly/manifest.jsonl")) == ["N-1", "N-2"]
+    assert [r["sku"] for r in read_jsonl(tmp_path / "spring/manifest.jsonl")] == ["S-1"]
+    assert json.loads((tmp_path / "spring/run.json").read_text())["generated"] == 1
+    assert (tmp_path / "nightly/report.html").is_file()
+
+
+def test_serve_with_a_bad_catalog_is_a_clear_error_and_serves_nothing(tmp_path, capsys):
+    from zimage_batch.cli import main
+
+    template = write_template(tmp_path / "shot.j2", "A {{ title }}")
+    code = main(["serve", "--catalog", str(tmp_path / "missing.csv"), "-t", str(template), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.csv does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
