@@ -465,3 +465,32 @@ def test_verify_of_a_missing_bucket_is_one_clear_paragraph(s3, capsys):
     code = main(["verify", "s3://no-such-bucket-zb/run"])
     err = capsys.readouterr().err
     assert code == 4 and "no-such-bucket-zb" in err and "Traceback" not in err
+
+
+def test_catalogs_are_read_from_s3_in_blocks(s3):
+    """CSV and Parquet catalogs straight from a bucket give the same rows as the local files."""
+    from conftest import CATALOGS
+    import io
+
+    from zimage_batch.catalog import Catalog, _LineReader
+    from zimage_batch.errors import CatalogError
+
+    for name in ("demo.csv", "demo.parquet"):
+        s3.client.put_object(Bucket=s3.bucket, Key=f"catalogs/{name}", Body=(CATALOGS / name).read_bytes())
+        remote = Catalog(f"s3://{s3.bucket}/catalogs/{name}")
+        local = Catalog(CATALOGS / name)
+        assert remote.columns == local.columns
+        assert [(r.row, r.values) for r in remote.rows()] == [(r.row, r.values) for r in local.rows()]
+    data = (CATALOGS / "demo.csv").read_bytes()
+    assert list(_LineReader(io.BytesIO(data), block=7)) == data.splitlines(keepends=True)  # lines across blocks
+    with pytest.raises(CatalogError, match="does not exist"):
+        Catalog(f"s3://{s3.bucket}/catalogs/missing.csv")
+
+
+def test_plan_reads_an_s3_catalog(s3, capsys):
+    from conftest import CATALOGS, TEMPLATES
+    from zimage_batch.cli import main
+
+    s3.client.put_object(Bucket=s3.bucket, Key="products.parquet", Body=(CATALOGS / "demo.parquet").read_bytes())
+    code = main(["plan", f"s3://{s3.bucket}/products.parquet", "-t", str(TEMPLATES / "poster_text.j2"), "--model", "tiny-random"])
+    assert code == 0 and "14 jobs from 14 rows" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """Catalogs: CSV (UTF-8, with or without BOM) and Parquet, streamed in batches of rows.
 
-A catalog argument is a file or a glob pattern (``catalogs/*.csv``), expanded by ``expand_sources``.
+A catalog argument is a file, a glob pattern (``catalogs/*.csv``, expanded by ``expand_sources``) or
+an ``s3://bucket/key`` object, read in blocks with pyarrow's S3 file system (standard AWS settings:
+``AWS_ENDPOINT_URL``, keys or profile).
 
 Each row keeps the file it came from and its 1-based data row number (the header is not
 counted; in a spreadsheet that is the row number minus one). Parquet is read with pyarrow,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,17 +79,18 @@ class Catalog:
         self.path = Path(path)
         self.name = str(path)
         suffix = self.path.suffix.lower()
-        if "://" in self.name:
+        self.s3 = self.name.startswith("s3://")
+        if "://" in self.name and not self.s3:
             raise CatalogError(
-                f"Catalog {self.name}: reading catalogs from a URL ({self.name.split('://')[0]}://) is not supported "
-                f"yet. Copy it here first (e.g. `aws s3 cp {self.name} .`) and pass the local file."
+                f"Catalog {self.name}: reading catalogs from a URL ({self.name.split('://')[0]}://) is not supported. "
+                f"Use a local file, a glob, or s3://BUCKET/KEY."
             )
         if suffix not in FORMATS:
             raise CatalogError(
                 f"Catalog {self.name}: unknown file type {suffix or '(no extension)'!r}. "
                 f"Use a .csv (UTF-8) or .parquet file."
             )
-        if not self.path.is_file():
+        if not self.s3 and not self.path.is_file():
             raise CatalogError(
                 f"Catalog {self.name} does not exist or is not a file. Check the path "
                 f"(it is relative to {Path.cwd()})."
@@ -106,7 +110,9 @@ class Catalog:
             import pyarrow.parquet as pq
 
             try:
-                names = list(pq.ParquetFile(self.path).schema_arrow.names)
+                names = list(pq.ParquetFile(self._open(random_access=True)).schema_arrow.names)
+            except CatalogError:
+                raise
             except Exception as exc:  # pyarrow raises several types for a bad file
                 raise CatalogError(
                     f"Catalog {self.name} is not a readable Parquet file ({exc}). "
@@ -114,7 +120,7 @@ class Catalog:
                 ) from None
         else:
             try:
-                with open(self.path, "rb") as f:
+                with self._open() as f:
                     names = next(csv.reader(self._decoded_lines(f)), [])
             except OSError as exc:
                 raise CatalogError(f"Catalog {self.name} cannot be read: {exc.strerror}.") from None
@@ -157,7 +163,7 @@ class Catalog:
 
         number = 0
         try:
-            for record_batch in pq.ParquetFile(self.path).iter_batches(batch_size=size):
+            for record_batch in pq.ParquetFile(self._open(random_access=True)).iter_batches(batch_size=size):
                 for values in record_batch.to_pylist():
                     number += 1
                     yield self._make_row(number, values)
@@ -169,7 +175,7 @@ class Catalog:
 
     def _csv_rows(self, size: int) -> Iterator[Row | RowProblem]:
         number = 0
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             reader = csv.reader(self._decoded_lines(f))
             try:
                 next(reader)  # header, already read by _read_columns
@@ -194,6 +200,26 @@ class Catalog:
                     f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). "
                     f"Check that quotes are balanced."
                 ) from None
+
+    def _open(self, random_access: bool = False):
+        """A binary file object: the local file, or the S3 object streamed in blocks (never downloaded whole)."""
+        if not self.s3:
+            return open(self.path, "rb")
+        import pyarrow.fs
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")  # the standard AWS variable, as boto3 reads it
+        try:
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+            where = self.name[len("s3://"):]
+            stream = fs.open_input_file(where) if random_access else fs.open_input_stream(where)
+        except FileNotFoundError:
+            raise CatalogError(f"Catalog {self.name} does not exist (no such object{f' at {endpoint}' if endpoint else ''}). "
+                               f"Check the bucket and key, e.g. `aws s3 ls {self.name}`.") from None
+        except OSError as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise CatalogError(f"Catalog {self.name} cannot be read from S3{f' at {endpoint}' if endpoint else ''} ({reason}). "
+                               f"Check the bucket, the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE) and AWS_ENDPOINT_URL.") from None
+        return stream if random_access else _LineReader(stream)
 
     def _decoded_lines(self, f) -> Iterator[str]:
         """Decode line by line, so a non-UTF-8 line is reported by its number."""
@@ -221,3 +247,29 @@ class Catalog:
         if "sku" not in clean:
             return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
         return Row(self.name, number, clean)
+
+
+class _LineReader:
+    """Binary lines from a stream that only reads blocks (pyarrow's S3 input streams)."""
+
+    def __init__(self, stream, block: int = 1 << 20):
+        self.stream, self.block = stream, block
+
+    def __enter__(self) -> _LineReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending = b""
+        while True:
+            chunk = self.stream.read(self.block)
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line + b"\n"
+        if pending:
+            yield pending
