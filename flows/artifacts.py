@@ -60,6 +60,12 @@ def report_markdown(summary: RunSummary) -> str:
         f"- Manifest: `{out / 'manifest.jsonl'}`",
         f"- Summary: `{out / 'run.json'}`",
     ]
+    if summary.manifest_uri:  # delivered to S3: links anyone with the note can open for a week
+        from zimage_batch.deliver import presign
+
+        base = summary.manifest_uri.rsplit("/", 1)[0]
+        links = ", ".join(f"[{name}]({presign(f'{base}/{name}')})" for name in ("report.html", "manifest.jsonl", "run.json"))
+        lines.append(f"- Delivered to `{base}` (links valid 7 days): {links}")
     if summary.removed:
         shown = ", ".join(summary.removed[:20]) + (" ..." if len(summary.removed) > 20 else "")
         lines.append(f"- {len(summary.removed)} product(s) removed from the catalog since earlier runs (kept): {shown}")

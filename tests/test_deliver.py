@@ -349,7 +349,7 @@ def test_a_run_delivers_every_image_and_publishes_its_manifest(dest_config, s3, 
             assert s3.read(key) == (out / o["path"]).read_bytes()
             assert json.loads(s3.read(key + ".json"))["job_id"] == record["job_id"]
     assert not s3.keys(f"{PREFIX}/manifest.parts/")
-    assert len(puts) == 3 + 3 + 2 + 2  # 3 images, 3 sidecars, a journal part per shard (2), manifest.jsonl, run.json
+    assert len(puts) == 3 + 3 + 2 + 3  # 3 images, 3 sidecars, a journal part per shard (2), manifest.jsonl, run.json, report.html
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -359,7 +359,7 @@ def test_a_rerun_uploads_nothing_that_is_there(dest_config, s3, puts):
     puts.clear()
     summary = run_flow(dest_config)
     assert (summary.generated, summary.skipped, summary.delivered, summary.exit_code) == (0, 3, 0, 0)
-    assert sorted(puts) == [f"{PREFIX}/manifest.jsonl", f"{PREFIX}/run.json"]  # no PUT of any image or sidecar
+    assert sorted(puts) == [f"{PREFIX}/manifest.jsonl", f"{PREFIX}/report.html", f"{PREFIX}/run.json"]  # no image or sidecar
     assert {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")} == before
 
 
@@ -494,3 +494,26 @@ def test_plan_reads_an_s3_catalog(s3, capsys):
     s3.client.put_object(Bucket=s3.bucket, Key="products.parquet", Body=(CATALOGS / "demo.parquet").read_bytes())
     code = main(["plan", f"s3://{s3.bucket}/products.parquet", "-t", str(TEMPLATES / "poster_text.j2"), "--model", "tiny-random"])
     assert code == 0 and "14 jobs from 14 rows" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_report_is_delivered_and_the_prefect_note_links_it_presigned(dest_config, s3):
+    import re
+    import urllib.request
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.artifacts import REPORT_KEY
+
+    run_flow(dest_config)
+    local = (Path(dest_config.out) / "report.html").read_bytes()
+    assert s3.read(f"{PREFIX}/report.html") == local
+    with get_client(sync_client=True) as client:
+        notes = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_KEY])))
+    note = max(notes, key=lambda a: a.created).data
+    links = dict(re.findall(r"\[(report\.html|manifest\.jsonl|run\.json)\]\((http[^)]+)\)", note))
+    assert set(links) == {"report.html", "manifest.jsonl", "run.json"} and "X-Amz-Signature" in links["report.html"]
+    assert S3_SECRET_KEY not in note
+    with urllib.request.urlopen(links["report.html"], timeout=10) as response:
+        assert response.read() == local

@@ -45,6 +45,7 @@ from .plan import Job
 
 RUN_JSON = "run.json"
 PARTS = "manifest.parts/"
+REPORT_HTML = "report.html"
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_CACHE = "no-cache"
 METADATA_LIMIT = 2048  # bytes of user metadata (keys + values) AWS allows per object
@@ -199,7 +200,7 @@ class Uploader:
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
         self._fatal: str | None = None
         self._failures_in_a_row = 0
-        self._mutable = {dest.key(MANIFEST), dest.key(RUN_JSON)}  # the only keys ever overwritten
+        self._mutable = {dest.key(MANIFEST), dest.key(RUN_JSON), dest.key(REPORT_HTML)}  # the only keys ever overwritten
         # boto3's transfer manager passes no If-None-Match: add it where a multipart object comes into being.
         client.meta.events.register("before-parameter-build.s3.CompleteMultipartUpload", self._create_only)
 
@@ -460,8 +461,9 @@ class Uploader:
             with self._cond:
                 self.report.problems.append(f"journal part not written: {exc}")
 
-    def publish(self, local: Iterable[ManifestRecord], run_json: bytes) -> str:
-        """Write ``manifest.jsonl`` (the destination's records merged with ``local``) and ``run.json``; drop parts.
+    def publish(self, local: Iterable[ManifestRecord], run_json: bytes, report: bytes | None = None) -> str:
+        """Write ``manifest.jsonl`` (the destination's records merged with ``local``), ``run.json`` and the
+        run's ``report.html``; drop parts.
 
         Returns the manifest's URI; raises DeliveryError when the destination refuses.
         """
@@ -472,6 +474,8 @@ class Uploader:
         try:
             self._put(self.dest.key(MANIFEST), body, "application/x-ndjson", {}, cache_control=NO_CACHE)
             self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
+            if report is not None:
+                self._put(self.dest.key(REPORT_HTML), report, "text/html; charset=utf-8", {}, cache_control=NO_CACHE)
         except _NotDelivered as exc:
             raise DeliveryError(str(exc)) from None
         done = self._parts_read + self._parts_written
@@ -482,6 +486,13 @@ class Uploader:
             except Exception:
                 break
         return self.dest.uri(MANIFEST)
+
+
+def presign(uri: str, expires: int = 7 * 24 * 3600) -> str:
+    """A time-limited HTTPS link to an ``s3://bucket/key`` object (SigV4; the link names the access key id,
+    never the secret)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return connect().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
 
 
 def _code(exc) -> str:

@@ -341,7 +341,8 @@ def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, ma
     _write_summary(config, summary)
     try:
         uploader.read_records()  # manifest.jsonl and every journal part, this run's included
-        uploader.publish(manifest.records.values(), _summary_json(summary))
+        report = Path(config.out) / REPORT
+        uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes() if report.is_file() else None)
     except DeliveryError as exc:  # the local run.json says so; the rerun publishes
         problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
         summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))
