@@ -126,3 +126,13 @@ def test_the_installed_command_runs_end_to_end(tmp_path):
     assert "3 generated" in done.stdout and "Traceback" not in done.stderr and "database is locked" not in done.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "0 generated, 3 skipped" in again.stdout
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`zimage-batch plan ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    rows = [[f"S{i}", "Mug", "red", "mug", "clay"] for i in range(3000)]  # ~1 MB of output: more than a pipe holds
+    catalog = write_csv(tmp_path / "big.csv", ["sku", "title", "color", "kind", "material"], rows)
+    cmd = f"'{Path(sys.executable).parent / 'zimage-batch'}' plan '{catalog}' -t '{WHITE}' --show 3000 | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stdout.count("\n") == 1

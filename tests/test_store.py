@@ -53,3 +53,13 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
         LocalStore(tmp_path / "f")
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    import stat
+
+    LocalStore(tmp_path).write("images/a.jpg", b"x")
+    mode = stat.S_IMODE((tmp_path / "images/a.jpg").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -67,6 +67,7 @@ class LocalStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; delivered files follow the umask like any other
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -105,6 +106,15 @@ class LocalStore:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
