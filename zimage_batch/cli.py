@@ -80,7 +80,6 @@ examples:
       --param config='{"catalogs": ["spring.csv"], "templates": ["templates/poster_text.j2"], "out": "/data/spring"}'
 """
 
-EXIT_FAILED_JOBS = 1
 EXIT_REJECTED = 1
 EXIT_INTERRUPTED = 130
 

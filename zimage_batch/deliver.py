@@ -40,12 +40,10 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from .errors import DeliveryError
-from .manifest import MANIFEST, ManifestRecord, OutputFile, utc_now
+from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, ManifestRecord, OutputFile, utc_now
 from .plan import Job
 
-RUN_JSON = "run.json"
 PARTS = "manifest.parts/"
-REPORT_HTML = "report.html"
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_CACHE = "no-cache"
 METADATA_LIMIT = 2048  # bytes of user metadata (keys + values) AWS allows per object

@@ -37,6 +37,8 @@ from .store import LocalStore, write_atomic
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 PARTS = ".parts"
+RUN_JSON = "run.json"  # the run's summary, beside the manifest
+REPORT_HTML = "report.html"  # the run's contact sheet
 SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
 

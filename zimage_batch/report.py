@@ -22,13 +22,13 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .manifest import ManifestRecord
+from .manifest import REPORT_HTML, ManifestRecord
 from .store import write_atomic
 
 if TYPE_CHECKING:
     from .run import RunSummary
 
-REPORT = "report.html"
+REPORT = REPORT_HTML
 THUMB_SIZE = 256
 MAX_THUMBNAILS = 1000
 MAX_ITEMS = 5000

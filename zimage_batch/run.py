@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, SigningError
-from .manifest import MANIFEST, Manifest, ManifestPart, library_versions, record_done, utc_now
+from .manifest import MANIFEST, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
@@ -42,7 +42,6 @@ from .store import TEMP_PREFIX, LocalStore, write_atomic
 if TYPE_CHECKING:
     from .deliver import Uploader
 
-RUN_JSON = "run.json"
 MAX_LISTED_PROBLEMS = 1000
 
 

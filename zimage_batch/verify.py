@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from .errors import ManifestError, SigningError, ZImageBatchError
-from .manifest import MANIFEST, MANIFEST_PARQUET, ManifestRecord, load_records
+from .manifest import MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, ManifestRecord, load_records
 from .provenance import disagreements, read_embedded
 
-RUN_JSON = "run.json"
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
-BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, "report.html"})
+BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML})
 
 Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
 
