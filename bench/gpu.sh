@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a bare GPU host with PyTorch but no diffusers and no
-# network: wheels for what is missing lie in .whl/ beside the repo (see bench/RESULTS.md).
-#   bash bench/gpu.sh [OUT_DIR]
+# network: wheels for what is missing (diffusers, torchao, ...) lie in .whl/ beside the repo.
+#   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
+# Default variants take ~6-8 minutes on an H100 (build, compile warm-ups included); variants not
+# started within --budget (480 s) are skipped, and the JSON is rewritten after every variant.
 set -euo pipefail
 out=${1:-${OUT:-bench/out}}
+shift || true
 mkdir -p "$out"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/zb-site .whl/*.whl
@@ -12,4 +15,6 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, diffusers, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'pydantic', pydantic.__version__)" | tee -a "$out/gpu.txt"
-python3 -m bench.throughput --out "$out/throughput.json" 2>&1 | tee "$out/throughput.log"
+python3 -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null | tee -a "$out/gpu.txt" || echo "torchao: not installed (fp8 and vram12 will report it)" | tee -a "$out/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/gpu.txt" || true
+python3 -m bench.throughput --out "$out/throughput.json" "$@" 2>&1 | tee "$out/throughput.log"

@@ -4,23 +4,35 @@
     python -m bench.throughput --model DIR     # a real ZImagePipeline folder instead
     python -m bench.throughput --tiny          # the same code on the CPU with tiny-random (< 1 min; run by the tests)
 
-Variants, each on the same jobs (prompts and seeds from catalogs/demo.csv x templates):
+Variants, each on the same jobs (prompts and seeds from catalogs/demo.csv x templates), run in this
+order whatever order --variants names them (later ones change the shared pipeline):
   plain          `pipe(prompt)` one image at a time, eager: what a user writes first.
   engine         the project's engine through `process_shard` (generation plus the post-processing
                  and storing that overlap it): prompts encoded once per shard, batches of equal
                  caption buckets (no attention mask), eager.
   engine+compile the same after `compile_repeated_blocks` (the default on CUDA).
   engine+compile+mask    length-sorted batches with an attention mask where lengths differ.
-  vram16         the compiled engine with the text encoder off the GPU between shards, batch 1.
-Prints seconds per image, images per hour, peak GPU memory, speedup over plain and an MFU
-estimate for the transformer; writes the rows as JSON to --out. Needs only torch,
-transformers, diffusers, numpy, Pillow, scipy, pydantic and this repo (no Prefect, no network).
+  generate-only  the compiled engine's `generate` alone, batch after batch: no post-processing, no
+                 storing. Against engine+compile it shows what the CPU side costs the GPU.
+  engine+compile+vae     a lever under test, not in the engine: the VAE decoder compiled too.
+  vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
+  vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
+                 the way to the GPU (peak memory counted from before the quantization).
+  fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
+                 encoder, compiled. Last, because its compile time is the least known.
+  cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
+Prints seconds per image (wall: everything from the first call to the last file, and steady: from
+the end of the first batch to the end of the last), images per hour, peak GPU memory, speedup over
+plain and an MFU estimate for the transformer; writes the rows as JSON to --out after every variant,
+so a run cut short keeps what it measured. Variants not started within --budget seconds are
+skipped. Needs only torch, transformers, diffusers, numpy, Pillow, scipy, pydantic (torchao for fp8
+and vram12) and this repo (no Prefect, no network).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import gc
 import json
 import os
 import platform
@@ -28,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,47 +53,90 @@ from zimage_batch.manifest import Manifest  # noqa: E402
 from zimage_batch.models import ModelRef  # noqa: E402
 from zimage_batch.plan import check_inputs, plan_jobs, Job  # noqa: E402
 from zimage_batch.postprocess import PRESETS  # noqa: E402
-from zimage_batch.shard import process_shard  # noqa: E402
+from zimage_batch.shard import batches, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
+ORDER = ["plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "engine+compile+vae", "vram16",
+         "vram12", "fp8", "cold-start"]
+DEFAULT_VARIANTS = "plain,engine+compile,generate-only,engine+compile+vae,vram16,vram12,fp8"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
+
+
+def full_size_transformer(device: str):
+    """The full-size transformer with random weights (seeded: the same weights every time)."""
+    from diffusers import ZImageTransformer2DModel
+
+    return random_module(device, 0, lambda: ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+        n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+        t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]))
+
+
+def full_size_text_encoder(device: str):
+    """The full-size Qwen3 text encoder with random weights (seeded)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    return random_module(device, 1, lambda: Qwen3Model(Qwen3Config(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, max_position_embeddings=40960,
+        tie_word_embeddings=True)))
+
+
+def fresh(part: str, args: argparse.Namespace, device: str):
+    """A new copy of the pipeline's ``transformer`` or ``text_encoder``, with the same weights as
+    the first (for the variants that quantize or must undo the text encoder's streaming)."""
+    if args.tiny:
+        return getattr(build_tiny_pipeline(), part).to(device)
+    if args.model:
+        import torch
+        from diffusers import ZImagePipeline
+
+        return getattr(ZImagePipeline.from_pretrained(args.model, dtype=torch.bfloat16), part).to(device)
+    return full_size_transformer(device) if part == "transformer" else full_size_text_encoder(device)
+
+
+def free_gpu() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_full_size(device: str):
     """The full-size Z-Image-Turbo architecture with random weights (same FLOPs as the real model)."""
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     tokenizer = build_tiny_pipeline().tokenizer  # byte-level: ~3x the tokens of Qwen's BPE for English text
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(
-                all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-                n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
-                t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
-            text_encoder = Qwen3Model(Qwen3Config(
-                hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, max_position_embeddings=40960,
-                tie_word_embeddings=True))
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                use_post_quant_conv=False)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for module in (transformer, text_encoder, vae):
-            for param in module.parameters():
-                if param.ndim == 2:
-                    param.normal_(0.0, 0.02)
+    transformer, text_encoder = full_size_transformer(device), full_size_text_encoder(device)
+    vae = random_module(device, 2, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_module(device: str, seed: int, build):
+    """``build()`` in bf16 directly on ``device`` from a fixed seed, 2-D weights re-drawn with std
+    0.02 so activations stay finite (the default init blows up at this size)."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            module = build()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.02)
+    return module.eval()
 
 
 def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None) -> list[Job]:
@@ -122,11 +178,28 @@ def peak_gb(device: str) -> float | None:
     return None
 
 
-def run_plain(pipe, jobs: list[Job], device: str) -> tuple[float, list[np.ndarray]]:
+@dataclass
+class Timing:
+    """One timed pass: total seconds and when each image was done (seconds from the start)."""
+
+    seconds: float
+    done_at: list[float]
+    images: list[np.ndarray]
+
+    def steady(self, batch: int) -> float:
+        """Seconds per image from the end of the first batch to the end of the last: the rate a
+        long run sustains, without the start (encoding, first batch) and with the last batch's tail."""
+        times = sorted(self.done_at)
+        if len(times) <= batch:
+            return self.seconds / len(times)
+        return (times[-1] - times[batch - 1]) / (len(times) - batch)
+
+
+def run_plain(pipe, jobs: list[Job], device: str) -> Timing:
     """The plain diffusers loop: one `pipe(prompt)` call per image."""
     import torch
 
-    images = []
+    images, done_at = [], []
     sync(device)
     start = time.perf_counter()
     for job in jobs:
@@ -134,30 +207,45 @@ def run_plain(pipe, jobs: list[Job], device: str) -> tuple[float, list[np.ndarra
                    guidance_scale=job.guidance_scale, generator=torch.Generator("cpu").manual_seed(job.seed),
                    max_sequence_length=job.max_sequence_length)
         images.append(np.asarray(out.images[0]))
+        done_at.append(time.perf_counter() - start)
     sync(device)
-    return time.perf_counter() - start, images
+    return Timing(time.perf_counter() - start, done_at, images)
 
 
-def run_engine(engine: Engine, jobs: list[Job], batch: int, device: str) -> tuple[float, list[np.ndarray], float]:
-    """The project's engine through process_shard, storing lossless PNGs in a temp folder.
-
-    Returns total seconds, the images, and the seconds until the first image was stored."""
+def run_engine(engine: Engine, jobs: list[Job], batch: int, device: str) -> Timing:
+    """The project's engine through process_shard, storing lossless PNGs in a temp folder."""
     from PIL import Image
 
-    first: list[float] = []
+    done_at: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         store, manifest = LocalStore(tmp), Manifest(tmp)
         sync(device)
         start = time.perf_counter()
         result = process_shard(jobs, engine, store, manifest, batch_size=batch,
-                               on_record=lambda r: first or first.append(time.perf_counter() - start))
+                               on_record=lambda r: done_at.append(time.perf_counter() - start))
         sync(device)
         seconds = time.perf_counter() - start
         manifest.close()
         if result.failed:
             raise RuntimeError(f"engine failed {result.failed} jobs: {[r.reasons for r in manifest.records.values()]}")
         images = [np.asarray(Image.open(Path(tmp) / manifest.records[j.job_id].outputs[0].path).convert("RGB")) for j in jobs]
-    return seconds, images, first[0]
+    return Timing(seconds, done_at, images)
+
+
+def run_generate_only(engine: Engine, jobs: list[Job], batch: int, device: str) -> Timing:
+    """The engine's own batches and prompt encoding, without post-processing or storing."""
+    done_at, made = [], {}
+    sync(device)
+    start = time.perf_counter()
+    engine.prepare(jobs)
+    for group in batches(jobs, batch, engine.batch_key, engine.caption_tokens):
+        for job, image in zip(group, engine.generate(group, [j.seed for j in group])):
+            made[job.job_id] = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+            done_at.append(time.perf_counter() - start)
+    sync(device)
+    seconds = time.perf_counter() - start
+    engine.release(jobs)
+    return Timing(seconds, done_at, [made[j.job_id] for j in jobs])
 
 
 def transformer_flops(pipe, job: Job) -> float:
@@ -178,7 +266,11 @@ def compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
 
 def cold_start(images: int, batch: int) -> dict:
     """Time to the first batch in a fresh process whose compile reuses Inductor's on-disk cache."""
-    cmd = [sys.executable, "-m", "bench.throughput", "--variants", "engine+compile", "--images", str(images),
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skip("cold start (compile caches) is measured on CUDA only")
+    cmd = [sys.executable, "-m", "bench.throughput", "--variants", "engine+compile", "--images", str(batch),
            "--batch", str(batch), "--out", str(Path(tempfile.gettempdir()) / "cold.json")]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
@@ -193,25 +285,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny-random on the CPU (checks the benchmark itself)")
     parser.add_argument("--model", help="a real ZImagePipeline folder instead of random full-size weights")
-    parser.add_argument("--images", type=int, default=12, help="timed images per variant (default 12)")
+    parser.add_argument("--images", type=int, default=16, help="timed images per variant (default 16)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", default=None, help="default 1024x1024 (256x256 with --tiny)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96,
                         help="cut captions to this many tokens with random weights (byte-level tokenizer; "
                              "Qwen's BPE gives ~70-110 for these prompts); 512 keeps them whole")
-    parser.add_argument("--variants", default="plain,engine,engine+compile,vram16,cold-start")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(ORDER)}")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds (from the start) after which no new variant starts (default 480)")
     parser.add_argument("--out", default=str(ROOT / "bench/out/throughput.json"))
     args = parser.parse_args(argv)
+    wanted = args.variants.split(",")
+    if set(wanted) - set(ORDER):
+        parser.error(f"unknown variant(s) {sorted(set(wanted) - set(ORDER))}: use {', '.join(ORDER)}")
 
+    # The memory profiles set this before CUDA starts (it cannot change later in a process), so the
+    # whole benchmark runs with it; every variant shares the allocator setting.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
+    began = time.perf_counter()
     quiet_libraries()
     device = "cpu" if args.tiny else "cuda"
     size = args.size or ("256x256" if args.tiny else "1024x1024")
     if device == "cpu":
         torch.set_flush_denormal(True)
-    start = time.perf_counter()
     if args.tiny:
         pipe = build_tiny_pipeline()
         pipe.set_progress_bar_config(disable=True)
@@ -222,82 +322,133 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.set_progress_bar_config(disable=True)
     else:
         pipe = build_full_size(device)
-    build_seconds = time.perf_counter() - start
+    build_seconds = time.perf_counter() - began
     jobs = bench_jobs(args.images + args.batch, size, args.steps, None if args.tiny else args.max_tokens)
     warm, timed = jobs[: args.batch], jobs[args.batch :]
-    variants = args.variants.split(",")
     flops = transformer_flops(pipe, timed[0])
-    rows, plain_images = [], None
+    rows: list[dict] = []
+    plain_images: list[np.ndarray] | None = None
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    print(f"{gpu}; torch {torch.__version__}; {len(timed)} images at {size}, {args.steps} steps; build {build_seconds:.1f} s", flush=True)
+    result = {"device": gpu, "torch": torch.__version__, "size": size, "steps": args.steps, "images": len(timed),
+              "batch": args.batch, "date": time.strftime("%Y-%m-%d"), "build_seconds": round(build_seconds, 1),
+              "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+              "command": " ".join(["python -m bench.throughput", *(argv if argv is not None else sys.argv[1:])]),
+              "rows": rows}
+    print(f"{gpu}; torch {torch.__version__}; {len(timed)} images at {size}, {args.steps} steps; build {build_seconds:.1f} s",
+          flush=True)
 
-    def record(name: str, seconds: float, images: list[np.ndarray], first_image: float, batch: int) -> None:
-        per_image = seconds / len(timed)
-        row = {"variant": name, "s_per_image": per_image, "images_per_hour": 3600 / per_image, "batch": batch,
-               "peak_gpu_gb": peak_gb(device), "first_image_s": first_image,
-               "mfu": flops / per_image / H100_BF16_PEAK if device == "cuda" else None}
+    def save() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    def record(name: str, timing: Timing, first_image: float, batch: int) -> None:
+        steady = timing.steady(batch)
+        row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": steady,
+               "images_per_hour": 3600 / steady, "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image,
+               "mfu": flops / steady / H100_BF16_PEAK if device == "cuda" else None}
         if plain_images is not None and name != "plain":
-            row.update(compare(plain_images, images))
+            row.update(compare(plain_images, timing.images))
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-    def attempt(name: str, body) -> None:
-        """Run one variant; a failure is recorded, not fatal, so one GPU call measures the rest."""
-        try:
-            body()
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            rows.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-            print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+        save()
 
     def plain() -> None:
         nonlocal plain_images
         reset_peak(device)
-        first_image, _ = run_plain(pipe, warm[:1], device)
-        seconds, plain_images = run_plain(pipe, timed, device)
-        record("plain", seconds, plain_images, first_image, 1)
+        first = run_plain(pipe, warm[:1], device)
+        timing = run_plain(pipe, timed, device)
+        plain_images = timing.images
+        record("plain", timing, first.seconds, 1)
 
-    def engine_variant(name: str, options: EngineOptions, batch: int, load_id: str):
-        def body() -> None:
-            engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, load_id, options)
+    def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False) -> None:
+        if peak_from_load:
             reset_peak(device)
-            # Warm up on the timed jobs themselves when compiling: every batch shape (and
-            # mask / no mask) compiles before the clock starts.
-            _, _, first_image = run_engine(engine, timed if options.compile else warm[:batch], batch, device)
-            seconds, images, _ = run_engine(engine, timed, batch, device)
-            record(name, seconds, images, first_image, batch)
-        return body
+        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
+                        options)
+        if not peak_from_load:
+            reset_peak(device)
+        # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
+        # no mask) compiles before the clock starts.
+        first = runner(engine, timed if options.compile else warm[:batch], batch, device)
+        record(name, runner(engine, timed, batch, device), min(first.done_at), batch)
+
+    def vae_compiled() -> None:
+        decoder = pipe.vae.decoder
+        if device == "cuda":
+            decoder.compile(fullgraph=True)
+        try:
+            engine_pass("engine+compile+vae", EngineOptions(compile=True), args.batch)
+        finally:
+            decoder._compiled_call_impl = None  # back to eager for the variants after this one
+
+    def vram12() -> None:
+        pipe.transformer = None
+        free_gpu()
+        pipe.transformer = fresh("transformer", args, device).to("cpu")  # as from_pretrained leaves it
+        free_gpu()
+        engine_pass("vram12", EngineOptions(compile=True, vram_gb=12), 1, peak_from_load=True)
+
+    def fp8() -> None:
+        if device != "cuda":
+            raise Skip("fp8 needs a CUDA GPU with FP8 tensor cores")
+        pipe.transformer = pipe.text_encoder = None  # the text encoder was set to stream: a resident one instead
+        free_gpu()
+        pipe.transformer, pipe.text_encoder = fresh("transformer", args, device), fresh("text_encoder", args, device)
+        engine_pass("fp8", EngineOptions(compile=True, precision="fp8"), args.batch)
 
     bodies = {
         "plain": plain,
-        "engine": engine_variant("engine", EngineOptions(), args.batch, "bench:0"),
-        "engine+compile": engine_variant("engine+compile", EngineOptions(compile=True), args.batch, "bench:1"),
-        "engine+compile+mask": engine_variant("engine+compile+mask", EngineOptions(compile=True, bucket_captions=False),
-                                              args.batch, "bench:3"),
-        "vram16": engine_variant("vram16", EngineOptions(compile="engine+compile" in variants, vram_gb=16), 1, "bench:2"),
+        "engine": lambda: engine_pass("engine", EngineOptions(), args.batch),
+        "engine+compile": lambda: engine_pass("engine+compile", EngineOptions(compile=True), args.batch),
+        "engine+compile+mask": lambda: engine_pass("engine+compile+mask", EngineOptions(compile=True, bucket_captions=False),
+                                                   args.batch),
+        "generate-only": lambda: engine_pass("generate-only", EngineOptions(compile=True), args.batch, run_generate_only),
+        "engine+compile+vae": vae_compiled,
+        "vram16": lambda: engine_pass("vram16", EngineOptions(compile=True, vram_gb=16), 1),
+        "vram12": vram12,
+        "fp8": fp8,
+        "cold-start": lambda: rows.append(cold_start(args.images, args.batch)),
     }
-    for name in variants:
-        if name in bodies:
-            attempt(name, bodies[name])
-    if "cold-start" in variants and device == "cuda":
-        attempt("cold-start", lambda: rows.append(cold_start(args.images, args.batch)))
-
-    base = next((r["s_per_image"] for r in rows if r["variant"] == "plain"), None)
-    print(f"\n{'variant':<16}{'s/image':>9}{'img/hour':>10}{'peak GB':>9}{'speedup':>9}{'MFU':>7}{'1st img s':>11}{'PSNR dB':>9}")
-    for r in rows:
-        if "s_per_image" not in r:
-            print(f"{r['variant']:<16}{r.get('error') or r}")
+    for name in (n for n in ORDER if n in wanted):
+        if time.perf_counter() - began > args.budget:
+            rows.append({"variant": name, "skipped": f"not started: past the {args.budget:.0f} s budget"})
             continue
-        speed = f"{base / r['s_per_image']:.2f}x" if base else "-"
+        try:
+            bodies[name]()
+        except Skip as skip:
+            rows.append({"variant": name, "skipped": str(skip)})
+        except Exception as exc:  # noqa: BLE001 - one failed variant must not cost the others
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+        save()
+    result["total_seconds"] = round(time.perf_counter() - began, 1)
+    save()
+    print_table(rows)
+    return result
+
+
+class Skip(Exception):
+    """A variant that cannot run here (not a failure)."""
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next((r["steady_s_per_image"] for r in rows if r["variant"] == "plain" and "steady_s_per_image" in r), None)
+    print(f"\n{'variant':<20}{'wall s/img':>11}{'steady':>8}{'img/hour':>10}{'peak GB':>9}{'speedup':>9}{'MFU':>6}"
+          f"{'1st img s':>10}{'PSNR dB':>9}")
+    for r in rows:
+        if r["variant"] == "cold-start" and "first_image_s" in r:
+            print(f"{'cold-start':<20}first image after {r['first_image_s']:.1f} s in a new process "
+                  f"({r['process_seconds']:.0f} s in all, building the weights included)")
+            continue
+        if "steady_s_per_image" not in r:
+            print(f"{r['variant']:<20}{r.get('error') or r.get('skipped') or r}")
+            continue
+        speed = f"{base / r['steady_s_per_image']:.2f}x" if base else "-"
         mem = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"
         psnr = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "-"
-        print(f"{r['variant']:<16}{r['s_per_image']:>9.3f}{r['images_per_hour']:>10,.0f}{mem:>9}{speed:>9}{mfu:>7}{r['first_image_s']:>11.1f}{psnr:>9}")
-    result = {"device": gpu, "torch": torch.__version__, "size": size, "steps": args.steps, "images": len(timed),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
-              "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+        print(f"{r['variant']:<20}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{r['images_per_hour']:>10,.0f}"
+              f"{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
 
 
 if __name__ == "__main__":

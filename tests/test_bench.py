@@ -10,12 +10,24 @@ from conftest import ROOT
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
-    result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json")])
+    result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
+                              ",".join(throughput.ORDER)])
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"plain", "engine", "engine+compile", "vram16"}
-    assert all("error" not in r and r["s_per_image"] > 0 for r in rows.values()), rows
-    assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 through the engine matches the plain loop
+    assert [r["variant"] for r in result["rows"]] == throughput.ORDER  # every variant, in the documented order
+    assert rows["fp8"]["skipped"].startswith("fp8 needs a CUDA GPU") and "skipped" in rows["cold-start"]
+    measured = {name: row for name, row in rows.items() if name not in ("fp8", "cold-start")}
+    assert all("error" not in r and r["s_per_image"] > 0 and r["steady_s_per_image"] > 0 for r in measured.values()), rows
+    assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
+    assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
+
+
+def test_throughput_benchmark_stops_starting_variants_past_its_budget(tmp_path):
+    from bench import throughput
+
+    result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"),
+                              "--variants", "plain,vram16", "--budget", "0"])
+    assert [r.get("skipped", "")[:11] for r in result["rows"]] == ["not started", "not started"]
 
 
 def test_plan_stream_benchmark_runs(tmp_path):

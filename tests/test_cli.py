@@ -43,12 +43,14 @@ def bad_inputs(tmp_path):
         "missing model folder": ([good, "-t", WHITE, "--model", tmp_path / "models/zimage"], 2, ["zimage does not exist"]),
         "bad batch size": ([good, "-t", WHITE, "--batch-size", "0"], 2, ["--batch-size 0 is out of range"]),
         "bad --dest": ([good, "-t", WHITE, "--dest", "assets-bucket/catalog"], 4, ["--dest 'assets-bucket/catalog' is not an S3 URI", "s3://BUCKET/PREFIX"]),
+        "fp8 on the CPU": ([good, "-t", WHITE, "--precision", "fp8"], 3, ["--precision fp8 needs an NVIDIA GPU with FP8 tensor cores", "Drop --precision fp8"]),
+        "--vram too small": ([good, "-t", WHITE, "--vram", "8"], 2, ["--vram 8 is out of range: use 12..200"]),
     }
 
 
 CASES = ["missing catalog", "missing column", "malformed row, strict", "undefined variable", "jinja syntax error",
          "size not multiple of 16", "unknown preset", "bad --size", "unreachable model", "missing model folder", "bad batch size",
-         "bad --dest"]
+         "bad --dest", "fp8 on the CPU", "--vram too small"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -124,7 +124,63 @@ def test_caption_buckets_separate_lengths_only_when_asked(engine):
     engine.release()
 
 
-def test_vram_profile_caps_the_batch():
+def test_memory_profiles_follow_the_vram_budget():
+    from zimage_batch.generate import EngineOptions, options_for
+
+    full, big, card16, card12 = EngineOptions(), EngineOptions(vram_gb=48), EngineOptions(vram_gb=16), EngineOptions(vram_gb=12)
+    assert not full.stream_text_encoder and full.weights is None and full.max_batch is None
+    assert not big.stream_text_encoder and big.weights is None and big.max_batch is None
+    assert card16.stream_text_encoder and card16.weights is None and card16.max_batch == 1
+    assert card12.stream_text_encoder and card12.weights == "int8" and card12.max_batch == 1
+    assert EngineOptions(vram_gb=12, precision="fp8").weights == "fp8"  # fp8 weights are 8-bit too
+    assert full.precision_label("cpu") == "fp32" and full.precision_label("cuda") == "bf16"
+    assert card12.precision_label("cuda") == "bf16+int8-weights"
+    assert EngineOptions(precision="fp8").precision_label("cuda") == "bf16+fp8-e4m3-rowwise"
+    for options in (full, card12, EngineOptions(precision="fp8")):  # reproduce loads a recorded precision back
+        assert options_for(options.precision_label("cuda")).weights == options.weights
+    assert options_for(None) == EngineOptions()  # records older than schema v4
+
+
+def test_streamed_text_encoder_gives_the_same_images(engine):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
     from zimage_batch.generate import EngineOptions
 
-    assert EngineOptions(vram_gb=16).max_batch == 1 and EngineOptions().max_batch is None
+    streamed = load_engine("tiny-random", "cpu", EngineOptions(vram_gb=16))
+    assert streamed is not engine and _is_group_offload_enabled(streamed.pipe.text_encoder)
+    assert not _is_group_offload_enabled(streamed.pipe.transformer)
+    jobs = [job(f"a linen shirt, folded, tag {i}", i) for i in range(10)]  # more prompts than one streamed chunk (8)
+    streamed.prepare(jobs)
+    assert np.array_equal(streamed.generate(jobs[9:], [9])[0], engine.generate(jobs[9:], [9])[0])
+    streamed.release()
+
+
+def test_int8_profile_quantizes_the_transformer_blocks_only(engine):
+    import torch
+
+    from zimage_batch.generate import EngineOptions
+
+    small = load_engine("tiny-random", "cpu", EngineOptions(vram_gb=12))
+    transformer = small.pipe.transformer
+    for name in ("layers.0.attention.to_q", "layers.1.feed_forward.w2", "noise_refiner.0.adaLN_modulation.0",
+                 "context_refiner.0.attention.to_out.0"):
+        weight = transformer.get_submodule(name).weight
+        assert type(weight).__module__.startswith("torchao") and "int8" in str(weight.dtype) + type(weight).__name__.lower()
+    for name in ("t_embedder.mlp.0", "cap_embedder.1", "all_x_embedder.2-1", "all_final_layer.2-1.linear"):
+        assert type(transformer.get_submodule(name).weight) is torch.nn.Parameter  # precision-sensitive: kept
+    j = job("a glass teapot", 4)
+    full, eight_bit = engine.generate([j], [4])[0], small.generate([j], [4])[0]
+    assert 0 < np.abs(full - eight_bit).max() < 0.05  # close, not equal: 8-bit weights change pixels a little
+
+
+def test_missing_torchao_and_fp8_without_a_gpu_are_clear_errors(monkeypatch):
+    import sys
+
+    from zimage_batch.generate import EngineOptions, check_options
+
+    with pytest.raises(ModelError, match="FP8 tensor cores .* on the CPU"):
+        check_options(EngineOptions(precision="fp8"), "cpu")
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+    with pytest.raises(ModelError, match=r"--vram 12 quantizes the transformer with torchao.*zimage-batch\[quant\]"):
+        check_options(EngineOptions(vram_gb=12), "cpu")
+    check_options(EngineOptions(vram_gb=16), "cpu")  # 16 GB needs no torchao

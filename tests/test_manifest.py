@@ -59,7 +59,7 @@ def test_is_done_checks_presets_and_hashes(tmp_path):
     assert not m.is_done(j, store)
 
 
-# --- the schema (schemas/manifest.schema.json) and the Parquet columns -------------------------
+# --- the schema (zimage_batch/manifest.schema.json) and the Parquet columns -------------------------
 
 import json
 
@@ -81,7 +81,7 @@ PARQUET_COLUMNS = [
                                     ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
                                     ("format", pa.string()), ("uri", pa.string()), ("etag", pa.string()),
                                     ("checksum_crc32", pa.string()), ("mtime_ns", pa.int64())]))),
-    ("batch_size", pa.int64()), ("device", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
+    ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
     ("delivery", pa.string()), ("delivery_error", pa.string()),
 ]
@@ -107,8 +107,9 @@ def test_parquet_columns_are_pinned():
 def test_schema_describes_exactly_the_record_fields():
     schema = json.loads(SCHEMA_PATH.read_text())
     assert set(schema["properties"]) == set(ManifestRecord.model_fields)
-    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker", "delivery", "delivery_error"}
-    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 3
+    assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker", "delivery", "delivery_error",
+                                                                        "precision"}
+    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 4
     outputs = schema["properties"]["outputs"]["items"]
     assert set(outputs["properties"]) == set(OutputFile.model_fields)
     assert set(outputs["required"]) == set(OutputFile.model_fields) - {"uri", "etag", "checksum_crc32", "mtime_ns"}
@@ -116,7 +117,7 @@ def test_schema_describes_exactly_the_record_fields():
 
 def test_new_records_follow_the_schema_and_carry_background():
     data = json.loads(record(job(background="white")).model_dump_json())
-    assert schema_problems(data) == [] and data["schema_version"] == 3 and data["background"] == "white"
+    assert schema_problems(data) == [] and data["schema_version"] == 4 and data["background"] == "white"
     del data["background"]
     assert schema_problems(data) == ["'background' is a required property"]
 
@@ -180,3 +181,27 @@ def test_is_done_trusts_size_and_mtime_and_verify_hashes(tmp_path, monkeypatch):
     assert m.is_done(j, store) and not m.is_done(j, store, verify=True)
     path.write_bytes(b"jpeg")  # right content, other mtime (a copy): hashed, accepted
     assert m.is_done(j, store)
+
+
+def test_the_wheel_ships_the_schema_and_presets(tmp_path):
+    """An installed (non-editable) package finds its schema and presets without the repository."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import ROOT
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("zimage_batch", "flows"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("zimage_batch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"zimage_batch/manifest.schema.json", "zimage_batch/presets.toml"} <= set(names)
+    assert SCHEMA_PATH.parent.name == "zimage_batch"  # read beside the code, not from a repository root

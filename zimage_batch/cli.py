@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process)")
     run.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
-                     help="fit a GPU memory budget: 16 keeps the text encoder off the GPU between shards and batches 1 image")
+                     help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
+                          "a shard's prompts encode and batches hold 1 image (16 GB cards); below 16 the transformer's "
+                          "weights are also int8 (12 GB cards; needs torchao; pixels change slightly)")
+    run.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
+                     help="fp8: the transformer's linear layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
+                          "needs torchao); faster, changes pixels, so off by default (the CPU always computes in fp32)")
     run.add_argument("--workers", type=int, metavar="N",
                      help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
     run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
@@ -311,12 +316,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
         limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
-        workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
+        precision=args.precision, workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
         c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     if not args.quiet:
         print(f"Loading model {args.model} ...", file=sys.stderr)
+        if args.vram_gb is not None:
+            from .generate import memory_profile
+
+            print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}.", file=sys.stderr)
     if args.workers and args.cluster:
         raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
     if config.cluster:
@@ -395,7 +404,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .generate import load_engine
+    from .generate import load_engine, options_for
     from .reproduce import REPORT, check_model, check_repro_out, find_record, format_report, reproduce
     from .store import write_atomic
     from .verify import open_location, read_manifest
@@ -406,7 +415,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     reference = check_model(record, args.model)
     device = args.device or ("cpu" if record.device == "cpu" else "auto")
     print(f"Loading model {reference} ...", file=sys.stderr)
-    report = reproduce(record, load_engine(reference, device), location, args.out)
+    report = reproduce(record, load_engine(reference, device, options_for(record.precision)), location, args.out)
     write_atomic(Path(args.out) / REPORT, (json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
     print(format_report(report))
     return report.exit_code
@@ -453,7 +462,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
                                    ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
-                                   ("--vram", args.vram_gb, 8, 200), ("--workers", args.workers, 1, 256)):
+                                   ("--vram", args.vram_gb, 12, 200), ("--workers", args.workers, 1, 256)):
         if value is not None and (value < low or (high is not None and value > high)):
             raise ZImageBatchError(f"{flag} {value} is out of range: use {low}..{high if high else 'any'}.")
 

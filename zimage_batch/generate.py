@@ -52,6 +52,10 @@ def pick_device(device: str) -> str:
     return device
 
 
+FULL_MEMORY_GB = 40  # at or above this --vram budget everything stays on the GPU (batch 4 peaks at ~36 GB)
+SMALLEST_PROFILE_GB = 12
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs the pipeline; part of the engine's cache key.
@@ -64,21 +68,65 @@ class EngineOptions:
     bucket_captions: batch only prompts whose captions pad to the same length (no attention
         mask, maybe smaller batches) rather than length-sorted batches with a mask where lengths
         differ. Measured on an H100 (compiled, batch 4): 1.05 vs 1.12 s per image.
-    vram_gb: a GPU memory budget. ``16`` keeps the text encoder off the GPU except while a
-        shard's prompts are encoded (all of them first; the transformer waits in pinned CPU
-        memory meanwhile), and caps the batch at 1. Use big shards so the swap is amortised.
+    precision: ``bf16`` (fp32 on the CPU), or ``fp8``: the transformer blocks' linear layers in
+        float8 (e4m3, per-row scales, dynamic activations; torchao) on GPUs with FP8 tensor cores
+        (compute capability 8.9+: Ada, Hopper). fp8 changes pixels; it is never the default.
+    vram_gb: a GPU memory budget; see ``memory_profile``.
     """
 
     compile: bool = False
     vram_gb: int | None = None
     bucket_captions: bool = True
     one_per_call: bool = False
+    precision: str = "bf16"
+
+    @property
+    def stream_text_encoder(self) -> bool:
+        """Keep the text encoder in CPU memory and stream its layers to the GPU while prompts encode."""
+        return self.vram_gb is not None and self.vram_gb < FULL_MEMORY_GB
+
+    @property
+    def weights(self) -> str | None:
+        """The transformer blocks' 8-bit weight format, if any: ``fp8``, ``int8`` or None (bf16)."""
+        if self.precision == "fp8":
+            return "fp8"
+        if self.vram_gb is not None and self.vram_gb < 16:
+            return "int8"
+        return None
 
     @property
     def max_batch(self) -> int | None:
-        if self.one_per_call or (self.vram_gb is not None and self.vram_gb <= 16):
+        if self.one_per_call or self.stream_text_encoder:
             return 1
         return None
+
+    def precision_label(self, device: str) -> str:
+        """What the manifest records: the compute dtype plus any 8-bit weights, e.g. ``bf16+int8-weights``."""
+        base = "bf16" if device.startswith("cuda") else "fp32"
+        if self.weights == "fp8":
+            return f"{base}+fp8-e4m3-rowwise"
+        if self.weights == "int8":
+            return f"{base}+int8-weights"
+        return base
+
+
+def options_for(precision: str | None) -> EngineOptions:
+    """Engine options that make images at a recorded precision (a manifest's ``precision``)."""
+    if precision and "fp8" in precision:
+        return EngineOptions(precision="fp8")
+    if precision and "int8" in precision:
+        return EngineOptions(vram_gb=SMALLEST_PROFILE_GB)
+    return EngineOptions()
+
+
+def memory_profile(vram_gb: int | None) -> str:
+    """One line on what a ``--vram`` budget does (for --help, logs and the docs)."""
+    if vram_gb is None or vram_gb >= FULL_MEMORY_GB:
+        return "everything on the GPU, batches as asked"
+    if vram_gb >= 16:
+        return ("transformer resident, text encoder streamed from CPU memory while a shard's prompts encode, "
+                "batch 1 (~14 GB)")
+    return "as the 16 GB profile, plus the transformer's weights in int8 (~8 GB)"
 
 
 CAPTION_BUCKET = 32  # the transformer pads captions to multiples of 32 tokens
@@ -101,7 +149,6 @@ class Engine:
     load_id: str = ""
     options: EngineOptions = EngineOptions()
     _embeds: dict = field(default_factory=dict, repr=False)
-    _swap: PinnedSwap = field(default_factory=lambda: PinnedSwap(), repr=False)
     _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def prepare(self, jobs: Sequence[Job]) -> None:
@@ -122,25 +169,19 @@ class Engine:
                         wanted[job.max_sequence_length].append(text)
         if not wanted:
             return
-        swap = self._swap if self.options.vram_gb is not None and self.device.startswith("cuda") else None
-        if swap is not None:
-            swap.to_cpu(self.pipe.transformer)
-            swap.to_gpu(self.pipe.text_encoder, self.device)
-        try:
-            with torch.inference_mode():
-                for length, texts in wanted.items():
-                    for start in range(0, len(texts), 16):
-                        chunk = texts[start : start + 16]
-                        embeds, _ = self.pipe.encode_prompt(
-                            prompt=list(chunk), device=self.device, do_classifier_free_guidance=False,
-                            max_sequence_length=length,
-                        )
-                        for text, embed in zip(chunk, embeds):
-                            self._embeds[(text, length)] = embed
-        finally:
-            if swap is not None:
-                swap.to_cpu(self.pipe.text_encoder)
-                swap.to_gpu(self.pipe.transformer, self.device)
+        # A streamed text encoder keeps the hidden states of every layer (~100 MB per prompt at
+        # 512 tokens) beside the resident transformer: smaller chunks keep the peak in budget.
+        chunk_size = 8 if self.options.stream_text_encoder else 16
+        with torch.inference_mode():
+            for length, texts in wanted.items():
+                for start in range(0, len(texts), chunk_size):
+                    chunk = texts[start : start + chunk_size]
+                    embeds, _ = self.pipe.encode_prompt(
+                        prompt=list(chunk), device=self.device, do_classifier_free_guidance=False,
+                        max_sequence_length=length,
+                    )
+                    for text, embed in zip(chunk, embeds):
+                        self._embeds[(text, length)] = embed
 
     def release(self, jobs: Sequence[Job] | None = None) -> None:
         """Forget the encoded prompts of these jobs (at the end of their shard), or all of them."""
@@ -186,49 +227,90 @@ class Engine:
         return [np.asarray(img, dtype=np.float32) for img in out.images]
 
 
-class PinnedSwap:
-    """Moves a module's weights between the GPU and pinned CPU copies (made once), so a swap runs
-    at full PCIe speed and the GPU holds either the text encoder or the transformer, not both."""
-
-    def __init__(self):
-        self._pinned: dict[int, list] = {}
-
-    def to_cpu(self, module) -> None:
-        import torch
-
-        params = list(module.parameters()) + list(module.buffers())
-        if id(module) not in self._pinned:
-            self._pinned[id(module)] = [p.data.to("cpu").pin_memory() for p in params]
-        for param, pinned in zip(params, self._pinned[id(module)]):
-            param.data = pinned
-        torch.cuda.empty_cache()
-
-    def to_gpu(self, module, device: str) -> None:
-        import torch
-
-        for param in list(module.parameters()) + list(module.buffers()):
-            if param.device.type == "cpu":
-                param.data = param.data.to(device, non_blocking=True)
-        torch.cuda.synchronize()
-
-
 def configure(pipe, device: str, options: EngineOptions):
-    """Apply the engine options to a freshly loaded pipeline and move it to ``device``."""
+    """Apply the engine options to a freshly loaded pipeline and move it to ``device``.
+
+    Order matters: 8-bit weights are made layer by layer on the way to the GPU (so a 12 GB card
+    never holds the bf16 transformer), then the text encoder is set to stream, then compile.
+    """
     import torch
 
-    if options.vram_gb is not None and device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if options.vram_gb is not None and cuda and not torch.cuda.is_initialized():
+        # Fewer stranded blocks between the text encoder's and the transformer's allocations.
+        # CUDA's allocator reads this when CUDA starts, so it must be set before anything touches the GPU.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    check_options(options, device)
+    if options.weights is not None:
+        quantize_transformer(pipe.transformer, options.weights, device)
+    if options.stream_text_encoder:
+        from diffusers.hooks import apply_group_offloading
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
         pipe.vae.to(device)
         pipe.transformer.to(device)
-        pipe.text_encoder.to("cpu")  # on the GPU only while a shard's prompts are encoded
-        torch.cuda.empty_cache()
+        if not _is_group_offload_enabled(pipe.text_encoder):
+            pipe.text_encoder.to("cpu")
+            apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=2, use_stream=cuda, non_blocking=cuda)
     else:
         pipe.to(device)
-    if options.compile and device.startswith("cuda"):
+    if cuda:
+        torch.cuda.empty_cache()
+    if options.compile and cuda:
         # Batch sizes (1 is specialised), caption lengths and mask/no mask each add a graph;
         # the default limit of 8 is hit by a long-running worker (seen on an H100).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return pipe
+
+
+def check_options(options: EngineOptions, device: str) -> None:
+    """8-bit weights need torchao, and fp8 FP8 tensor cores (compute capability 8.9+): say so
+    before anything big loads."""
+    if options.weights == "int8":
+        _torchao(f"--vram {options.vram_gb}")
+    if options.weights != "fp8":
+        return
+    import torch
+
+    if not device.startswith("cuda"):
+        raise ModelError("--precision fp8 needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper, compute capability "
+                         "8.9 or newer); this run is on the CPU. Drop --precision fp8 (the default is bf16).")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ModelError(f"--precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} has {major}.{minor}. Drop --precision fp8, or use --vram 12 "
+                         f"for 8-bit (int8) weights on this card.")
+    _torchao("--precision fp8")
+
+
+def _torchao(option: str):
+    try:
+        import torchao.quantization
+    except ImportError:
+        raise ModelError(f"{option} quantizes the transformer with torchao, which is not installed. Install it with "
+                         f"`pip install 'zimage-batch[quant]'` (or `pip install torchao`) and run again.") from None
+    return torchao.quantization
+
+
+def quantize_transformer(transformer, weights: str, device: str) -> None:
+    """Put the linear layers of the transformer's repeated blocks (nearly all of its weights and
+    FLOPs) in 8-bit: ``int8`` weight-only (per channel), or ``fp8`` weights and activations
+    (e4m3, per-row scales). Embedders and the final layer stay in full precision."""
+    import torch
+
+    quant = _torchao("--precision fp8" if weights == "fp8" else "--vram 12")
+    if weights == "fp8":
+        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=quant.PerRow())
+    else:
+        config = quant.Int8WeightOnlyConfig()
+    blocks = ("layers.", "noise_refiner.", "context_refiner.")
+
+    def in_blocks(module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and name.startswith(blocks)
+
+    quant.quantize_(transformer, config, filter_fn=in_blocks, device=torch.device(device))
 
 
 @dataclass
@@ -296,6 +378,12 @@ def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: Engin
 
 def quiet_libraries() -> None:
     """Silence diffusers' and transformers' own progress bars and info logs (we show our own)."""
+    import logging
+
+    # diffusers imports torchao when it is installed: its optional kernels' load notices and
+    # torch's deprecation notes about its enums are not the user's business.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers.utils.logging
     import transformers.utils.logging
 
@@ -306,9 +394,10 @@ def quiet_libraries() -> None:
 
 def _load_pipeline(ref: ModelRef, device: str):
     import torch
-    from diffusers import ZImagePipeline
 
     quiet_libraries()
+    from diffusers import ZImagePipeline
+
     if device == "cpu":
         # Tiny random weights drive activations into denormal floats, which run ~100x slower on
         # x86 CPUs (8 s instead of 0.07 s per batch, measured); flushing them to zero fixes it.
@@ -361,6 +450,8 @@ def tiny_random_path() -> Path:
 def build_tiny_pipeline(seed: int = 0):
     """The real ZImagePipeline with tiny random weights and a byte-level tokenizer, built offline."""
     import torch
+
+    quiet_libraries()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 

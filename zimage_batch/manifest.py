@@ -6,11 +6,11 @@ worker) loses at most the line being written: a torn line is ignored on load and
 redone. When the run ends the parts are folded into ``OUT/manifest.jsonl`` with exactly one
 record per job (the newest), and ``OUT/manifest.parquet`` is written with a fixed column schema.
 
-Every record follows ``schemas/manifest.schema.json`` (JSON Schema; ``schema_version`` in each
+Every record follows ``zimage_batch/manifest.schema.json`` (JSON Schema; ``schema_version`` in each
 record). Records are checked against it as they are appended, and ``load_records`` (for verify
 and reproduce) refuses a manifest with any line that does not follow it. Version 2 added
 ``background``; version 3 the delivery fields (``delivery``, ``delivery_error`` and the outputs'
-``uri``, ``etag``, ``checksum_crc32``). Older records still load.
+``uri``, ``etag``, ``checksum_crc32``); version 4 ``precision``. Older records still load.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ MANIFEST_PARQUET = "manifest.parquet"
 PARTS = ".parts"
 RUN_JSON = "run.json"  # the run's summary, beside the manifest
 REPORT_HTML = "report.html"  # the run's contact sheet
-SCHEMA_VERSION = 3
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
+SCHEMA_VERSION = 4
+SCHEMA_PATH = Path(__file__).resolve().parent / "manifest.schema.json"  # shipped with the package
 
 
 class OutputFile(BaseModel):
@@ -95,6 +95,7 @@ class ManifestRecord(BaseModel):
     outputs: list[OutputFile]
     batch_size: int
     device: str
+    precision: str | None = None  # schema v4: e.g. "bf16", "bf16+int8-weights"; None in older records
     worker: str = ""
     seconds: float
     versions: dict[str, str]
@@ -315,7 +316,7 @@ def _validator():
 
 
 def schema_problems(data: object) -> list[str]:
-    """Where ``data`` breaks schemas/manifest.schema.json (empty when it follows it)."""
+    """Where ``data`` breaks the manifest schema (empty when it follows it)."""
     problems = []
     for error in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)):
         where = "/".join(str(p) for p in error.absolute_path)

@@ -154,6 +154,9 @@ def reproduce(record: ManifestRecord, engine, originals: Location, repro_out: st
         report.differences.append(f"model {record.model} (recorded) vs {engine.model.identity} (used)")
     if engine.device.split(":")[0] != record.device.split(":")[0]:
         report.differences.append(f"device {record.device} (recorded) vs {engine.device} (here)")
+    precision = engine.options.precision_label(engine.device)
+    if record.precision is not None and record.precision != precision:
+        report.differences.append(f"precision {record.precision} (recorded) vs {precision} (here)")
     current = library_versions()
     for name in sorted(set(record.versions) | set(current)):
         if record.versions.get(name) != current.get(name):
@@ -168,7 +171,7 @@ def reproduce(record: ManifestRecord, engine, originals: Location, repro_out: st
         store = _Collect()
         item = Generated(job_for(record, background), image, [Attempt(seed=record.image_seed, outcome="ok")], None,
                          record.batch_size, 0.0)
-        produced, _ = finish(item, store, engine.device, sealer=sealer)
+        produced, _ = finish(item, store, engine.device, sealer=sealer, precision=precision)
         comparisons = [_compare(o.preset, o.path, o.sha256, store.files.get(o.path), originals, produced.status)
                        for o in record.outputs]
         score = sum(math.inf if c.byte_identical or c.pixel_identical else (c.psnr_db or 0.0) for c in comparisons)

@@ -171,7 +171,7 @@ def default_sealer() -> Sealer:
 
 
 def finish(item: Generated, store: LocalStore, device: str, presets: Mapping[str, Preset] = PRESETS,
-           sealer: Sealer | None = None) -> tuple[ManifestRecord, dict[str, float]]:
+           sealer: Sealer | None = None, precision: str | None = None) -> tuple[ManifestRecord, dict[str, float]]:
     """Post-process, seal and store one generated image; return its manifest record and stage seconds.
 
     Every preset goes through the same quality gates as ``zimage-batch postprocess``; a white-background
@@ -182,8 +182,8 @@ def finish(item: Generated, store: LocalStore, device: str, presets: Mapping[str
     job = item.job
     sealer = sealer or default_sealer()
     seconds = {"postprocess": 0.0, "store": 0.0}
-    common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, worker=worker_name(),
-                  seconds=round(item.seconds, 4))
+    common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, precision=precision,
+                  worker=worker_name(), seconds=round(item.seconds, 4))
     if item.image is None:
         return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds
     image_seed = item.attempts[-1].seed
@@ -232,16 +232,17 @@ def process_shard(
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
     result = ShardResult(engines={engine.load_id: engine.load_seconds})
+    precision = engine.options.precision_label(engine.device)
 
     def finish_all(items: list[Generated]) -> None:
         for item in items:
             try:
-                record, seconds = finish(item, store, engine.device, presets, sealer)
+                record, seconds = finish(item, store, engine.device, presets, sealer, precision)
             except Exception as exc:  # one bad image must not stop the shard
                 reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],
-                                                attempts=item.attempts, batch_size=item.batch_size,
-                                                device=engine.device, worker=worker_name(), seconds=round(item.seconds, 4))
+                                                attempts=item.attempts, batch_size=item.batch_size, device=engine.device,
+                                                precision=precision, worker=worker_name(), seconds=round(item.seconds, 4))
                 seconds = {}
             manifest.append(record)
             for stage, value in seconds.items():

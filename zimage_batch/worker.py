@@ -5,7 +5,7 @@
 Reads the model and options from the environment (the same values the runs will use, or the
 worker would load a second pipeline): ``ZIMAGE_BATCH_MODEL`` (default Tongyi-MAI/Z-Image-Turbo),
 ``ZIMAGE_BATCH_DEVICE`` (default auto), ``ZIMAGE_BATCH_COMPILE`` (1/0, default: on with CUDA),
-``ZIMAGE_BATCH_VRAM_GB``. A worker that cannot load the model fails to start, with the reason in
+``ZIMAGE_BATCH_VRAM_GB``, ``ZIMAGE_BATCH_PRECISION`` (bf16 or fp8). A worker that cannot load the model fails to start, with the reason in
 its log, instead of failing every shard later.
 """
 
@@ -27,7 +27,8 @@ def warm_config():
                      model=os.environ.get("ZIMAGE_BATCH_MODEL", "Tongyi-MAI/Z-Image-Turbo"),
                      device=os.environ.get("ZIMAGE_BATCH_DEVICE", "auto"),
                      compile=None if compile_ is None else compile_ == "1",
-                     vram_gb=int(vram) if vram else None)
+                     vram_gb=int(vram) if vram else None,
+                     precision=os.environ.get("ZIMAGE_BATCH_PRECISION", "bf16"))
 
 
 def dask_setup(worker) -> None:
