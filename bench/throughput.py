@@ -21,9 +21,10 @@ order whatever order --variants names them (later ones change the shared pipelin
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
                  encoder, compiled. Last, because its compile time is the least known.
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
-Prints seconds per image (wall: everything from the first call to the last file, and steady: from
-the end of the first batch to the end of the last), images per hour, peak GPU memory, speedup over
-plain and an MFU estimate for the transformer; writes the rows as JSON to --out after every variant,
+Prints seconds per image (wall: everything from the first call to the last file; steady: from
+the end of the first batch to the end of the last; in gen: inside the engine's generate calls;
+between: from one call's return to the next call, when the GPU has nothing queued), images per
+hour, peak GPU memory, speedup over plain (steady rates) and an MFU estimate for the transformer; writes the rows as JSON to --out after every variant,
 so a run cut short keeps what it measured. Variants not started within --budget seconds are
 skipped. Needs only torch, transformers, diffusers, numpy, Pillow, scipy, pydantic (torchao for fp8
 and vram12) and this repo (no Prefect, no network).
@@ -195,6 +196,32 @@ class Timing:
         return (times[-1] - times[batch - 1]) / (len(times) - batch)
 
 
+class CallTimes:
+    """Times the engine's ``generate`` calls. Each call ends by copying its images to the host (a
+    sync), so from one call's return to the next call's start the GPU has nothing queued: the
+    between-calls time is GPU idle time that the CPU side (checks, batching, the finisher's GIL
+    share) puts between batches."""
+
+    def __init__(self, engine: Engine):
+        self.spans: list[tuple[float, float]] = []
+        generate = engine.generate
+
+        def timed(jobs, seeds):
+            start = time.perf_counter()
+            try:
+                return generate(jobs, seeds)
+            finally:
+                self.spans.append((start, time.perf_counter()))
+
+        engine.generate = timed
+
+    def summary(self, images: int) -> dict:
+        inside = sum(end - start for start, end in self.spans)
+        between = sum(later[0] - earlier[1] for earlier, later in zip(self.spans, self.spans[1:]))
+        return {"generate_calls": len(self.spans), "in_generate_s_per_image": inside / images,
+                "between_calls_s_per_image": between / images}
+
+
 def run_plain(pipe, jobs: list[Job], device: str) -> Timing:
     """The plain diffusers loop: one `pipe(prompt)` call per image."""
     import torch
@@ -341,11 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 
-    def record(name: str, timing: Timing, first_image: float, batch: int) -> None:
+    def record(name: str, timing: Timing, first_image: float, batch: int, calls: CallTimes | None = None) -> None:
         steady = timing.steady(batch)
         row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": steady,
                "images_per_hour": 3600 / steady, "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image,
                "mfu": flops / steady / H100_BF16_PEAK if device == "cuda" else None}
+        if calls is not None:
+            row.update(calls.summary(len(timed)))
         if plain_images is not None and name != "plain":
             row.update(compare(plain_images, timing.images))
         rows.append(row)
@@ -370,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
         # no mask) compiles before the clock starts.
         first = runner(engine, timed if options.compile else warm[:batch], batch, device)
-        record(name, runner(engine, timed, batch, device), min(first.done_at), batch)
+        calls = CallTimes(engine)
+        record(name, runner(engine, timed, batch, device), min(first.done_at), batch, calls)
 
     def vae_compiled() -> None:
         decoder = pipe.vae.decoder
@@ -433,8 +463,8 @@ class Skip(Exception):
 
 def print_table(rows: list[dict]) -> None:
     base = next((r["steady_s_per_image"] for r in rows if r["variant"] == "plain" and "steady_s_per_image" in r), None)
-    print(f"\n{'variant':<20}{'wall s/img':>11}{'steady':>8}{'img/hour':>10}{'peak GB':>9}{'speedup':>9}{'MFU':>6}"
-          f"{'1st img s':>10}{'PSNR dB':>9}")
+    print(f"\n{'variant':<20}{'wall s/img':>11}{'steady':>8}{'in gen':>8}{'between':>8}{'img/hour':>10}{'peak GB':>9}"
+          f"{'speedup':>9}{'MFU':>6}{'1st img s':>10}{'PSNR dB':>9}")
     for r in rows:
         if r["variant"] == "cold-start" and "first_image_s" in r:
             print(f"{'cold-start':<20}first image after {r['first_image_s']:.1f} s in a new process "
@@ -447,8 +477,10 @@ def print_table(rows: list[dict]) -> None:
         mem = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"
         psnr = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "-"
-        print(f"{r['variant']:<20}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{r['images_per_hour']:>10,.0f}"
-              f"{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
+        inside = f"{r['in_generate_s_per_image']:.3f}" if "in_generate_s_per_image" in r else "-"
+        between = f"{r['between_calls_s_per_image']:.3f}" if "between_calls_s_per_image" in r else "-"
+        print(f"{r['variant']:<20}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{inside:>8}{between:>8}"
+              f"{r['images_per_hour']:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
 
 
 if __name__ == "__main__":

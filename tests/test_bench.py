@@ -42,3 +42,10 @@ def test_incremental_benchmark_runs(tmp_path):
 
     result = incremental.main(["--jobs", "300", "--folder", str(tmp_path / "b")])
     assert result["jobs"] == 300 and result["size+mtime"] > 0 and result["verify-files (SHA-256)"] > 0
+
+
+def test_finisher_benchmark_runs():
+    from bench import finisher
+
+    result = finisher.main(["--size", "256", "--images", "2", "--ops", "2000"])
+    assert result["bench_job_s"] > 0 and result["catalog_job_s"] > 0 and result["launch_slowdown"] > 0
