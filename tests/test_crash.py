@@ -168,3 +168,40 @@ def test_temp_files_a_killed_worker_left_are_gone_when_the_run_finishes(tmp_path
     run.finish_run(config, plan, results, utc_now(), time.perf_counter())
     assert not left.exists() and not list((tmp_path / "out").rglob(".zb-tmp-*"))
     check_complete(tmp_path / "out", 10, {})
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of a session: everything a run started stays in its session."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        state, _ppid, _group, sid = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(sid) == session and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_a_killed_run_leaves_no_embedded_prefect_server_behind(tmp_path, command):
+    env = environment(tmp_path, crash_at="planned")
+    del env["PREFECT_API_URL"]  # no Prefect server configured: the run starts its own
+    proc = start(command("simulated:0.01"), env)
+    try:
+        proc.wait(timeout=300)
+        deadline = time.monotonic() + 20
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        left = session_processes(proc.pid)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left holds the output pipes open
+        except ProcessLookupError:
+            pass
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
+    assert left == []  # the server (and anything else the run started) is gone

@@ -343,20 +343,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import progress
 
-    from .cluster import shared_prefect_server
+    from .cluster import prefect_api
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with shared_prefect_server(config), progress.listening(bar.on_event), bar:
-        try:
+    try:
+        with prefect_api(), progress.listening(bar.on_event), bar:
             summary = run_catalog(config, device)
-        except RuntimeError as exc:
-            if "ephemeral Prefect API server" in str(exc):
-                raise ZImageBatchError(
-                    f"Prefect's embedded server did not start ({exc}). Check that PREFECT_HOME "
-                    f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a running Prefect server."
-                ) from None
-            raise
+    except RuntimeError as exc:
+        if "Prefect API server" in str(exc):
+            raise ZImageBatchError(
+                f"Prefect's embedded server did not start ({exc}). Check that PREFECT_HOME "
+                f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a running Prefect server."
+            ) from None
+        raise
     print_summary(summary)
     return summary.exit_code
 

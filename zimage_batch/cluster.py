@@ -13,6 +13,8 @@ the catalog.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -99,36 +101,46 @@ def gpu_annotation(use_gpu_resource: bool):
 
 
 @contextmanager
-def shared_prefect_server(config: RunConfig) -> Iterator[None]:
-    """Without ``PREFECT_API_URL``, one embedded Prefect server for the flow and its local workers.
-
-    Otherwise every Dask worker process would start an embedded server of its own (seen: with four
-    workers on two cores they time out). Workers on other hosts need ``PREFECT_API_URL`` set to a
-    server they can reach (infra/README.md).
-    """
-    if not (config.workers or config.cluster):
-        yield
-        return
-    with prefect_api():
-        yield
-
-
-@contextmanager
 def prefect_api() -> Iterator[str]:
-    """The Prefect API to use: ``PREFECT_API_URL`` when set, else an embedded server started here (and
-    stopped at the end) whose address child processes inherit. Yields the API URL."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+    """The Prefect API for a run and the worker processes it starts. Yields its URL.
+
+    ``PREFECT_API_URL`` (or the current Prefect settings) when set; else an embedded server started
+    here and stopped at the end, with a reaper that stops it if this process is killed outright.
+    The URL goes into the environment so Dask workers on this host use the same server: without one
+    shared server each worker process started its own (seen: four workers on two cores timed out).
+    Workers on other hosts need ``PREFECT_API_URL`` set to a server they can reach (infra/README.md).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if configured:
+        with _environment("PREFECT_API_URL", configured):
+            yield configured
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
     server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+    reaper = subprocess.Popen([sys.executable, "-m", "zimage_batch.reaper", str(os.getpid()), str(server.server_process.pid)],
+                              start_new_session=True)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with _environment("PREFECT_API_URL", server.api_url), temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+        reaper.kill()
+        reaper.wait()
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the duration (child processes inherit it), then as before."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
