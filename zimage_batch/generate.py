@@ -222,9 +222,12 @@ class Engine:
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
                 generator=generators,
-                output_type="np",
+                output_type="pt",
             )
-        return [np.asarray(img, dtype=np.float32) for img in out.images]
+            # HxWx3 float32 made on the device, then one copy out (the pipeline's "np" output
+            # converts on the CPU, while the GPU waits for the next batch).
+            pixels = out.images.permute(0, 2, 3, 1).float().contiguous().cpu().numpy()
+        return list(pixels)
 
 
 def configure(pipe, device: str, options: EngineOptions):
