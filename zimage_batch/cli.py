@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "a shard's prompts encode and batches hold 1 image (16 GB cards); below 16 the transformer's "
                           "weights are also int8 (12 GB cards; needs torchao; pixels change slightly)")
     run.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
-                     help="fp8: the transformer's linear layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
-                          "needs torchao); faster, changes pixels, so off by default (the CPU always computes in fp32)")
+                     help="fp8: the transformer's block layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
+                          "needs torchao), to cut the time per image; it changes pixels, so it is off by default "
+                          "(the CPU always computes in fp32)")
     run.add_argument("--workers", type=int, metavar="N",
                      help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
     run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
