@@ -97,8 +97,11 @@ def fresh(part: str, args: argparse.Namespace, device: str):
 
 
 def free_gpu() -> None:
+    """Release what earlier variants left: compiled code (dynamo's caches keep references to the
+    modules it compiled) and the allocator's cached blocks, so a peak measured next is honest."""
     import torch
 
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -168,6 +171,15 @@ def reset_peak(device: str) -> None:
 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def allocated_gb(device: str) -> float | None:
+    """GPU memory held by live tensors now (what a variant starts with)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_allocated() / 1e9
+    return None
 
 
 def peak_gb(device: str) -> float | None:
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
                "mfu": flops / steady / H100_BF16_PEAK if device == "cuda" else None}
         if calls is not None:
             row.update(calls.summary(len(timed)))
+        if device == "cuda":
+            row["resident_gb_at_start"] = resident_at_start
         if plain_images is not None and name != "plain":
             row.update(compare(plain_images, timing.images))
         rows.append(row)
@@ -389,13 +403,18 @@ def main(argv: list[str] | None = None) -> dict:
         plain_images = timing.images
         record("plain", timing, first.seconds, 1)
 
+    resident_at_start = None
+
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False) -> None:
+        nonlocal resident_at_start
         if peak_from_load:
             reset_peak(device)
+            resident_at_start = allocated_gb(device)
         engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
                         options)
         if not peak_from_load:
             reset_peak(device)
+            resident_at_start = allocated_gb(device)
         # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
         # no mask) compiles before the clock starts.
         first = runner(engine, timed if options.compile else warm[:batch], batch, device)
