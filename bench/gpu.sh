@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a bare GPU host with PyTorch but no diffusers and no
-# network: wheels for what is missing (diffusers, torchao, ...) lie in .whl/ beside the repo.
+# network: wheels for what is missing lie in .whl/ beside the repo (last carried: diffusers 0.42.1,
+# torchao 0.18.0, accelerate 1.15.0 + psutil for the streamed text encoder, pydantic 2.14 and its deps).
 #   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
 # Default variants take ~6-8 minutes on an H100 (build, compile warm-ups included); variants not
 # started within --budget (480 s) are skipped, and the JSON is rewritten after every variant.

@@ -26,8 +26,9 @@ the end of the first batch to the end of the last; in gen: inside the engine's g
 between: from one call's return to the next call, when the GPU has nothing queued), images per
 hour, peak GPU memory, speedup over plain (steady rates) and an MFU estimate for the transformer; writes the rows as JSON to --out after every variant,
 so a run cut short keeps what it measured. Variants not started within --budget seconds are
-skipped. Needs only torch, transformers, diffusers, numpy, Pillow, scipy, pydantic (torchao for fp8
-and vram12) and this repo (no Prefect, no network).
+skipped. Needs only torch, transformers, diffusers, accelerate (the vram variants' streaming),
+numpy, Pillow, scipy, pydantic, jinja2, pyyaml, jsonschema (torchao for fp8 and vram12) and this
+repo (no Prefect, no network).
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def fresh(part: str, args: argparse.Namespace, device: str):
 
         return getattr(ZImagePipeline.from_pretrained(args.model, dtype=torch.bfloat16), part).to(device)
     return full_size_transformer(device) if part == "transformer" else full_size_text_encoder(device)
+
+
+def group_offloaded(module) -> bool:
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(module)
 
 
 def free_gpu() -> None:
@@ -340,9 +347,6 @@ def main(argv: list[str] | None = None) -> dict:
     if set(wanted) - set(ORDER):
         parser.error(f"unknown variant(s) {sorted(set(wanted) - set(ORDER))}: use {', '.join(ORDER)}")
 
-    # The memory profiles set this before CUDA starts (it cannot change later in a process), so the
-    # whole benchmark runs with it; every variant shares the allocator setting.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     began = time.perf_counter()
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     result = {"device": gpu, "torch": torch.__version__, "size": size, "steps": args.steps, "images": len(timed),
               "batch": args.batch, "date": time.strftime("%Y-%m-%d"), "build_seconds": round(build_seconds, 1),
-              "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+              "allocator": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "command": " ".join(["python -m bench.throughput", *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows}
     print(f"{gpu}; torch {torch.__version__}; {len(timed)} images at {size}, {args.steps} steps; build {build_seconds:.1f} s",
@@ -380,15 +384,15 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 
-    def record(name: str, timing: Timing, first_image: float, batch: int, calls: CallTimes | None = None) -> None:
+    def record(name: str, timing: Timing, first_image: float, batch: int, calls: CallTimes | None = None,
+               extra: dict | None = None) -> None:
         steady = timing.steady(batch)
         row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": steady,
                "images_per_hour": 3600 / steady, "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image,
                "mfu": flops / steady / H100_BF16_PEAK if device == "cuda" else None}
         if calls is not None:
             row.update(calls.summary(len(timed)))
-        if device == "cuda":
-            row["resident_gb_at_start"] = resident_at_start
+        row.update(extra or {})
         if plain_images is not None and name != "plain":
             row.update(compare(plain_images, timing.images))
         rows.append(row)
@@ -403,23 +407,24 @@ def main(argv: list[str] | None = None) -> dict:
         plain_images = timing.images
         record("plain", timing, first.seconds, 1)
 
-    resident_at_start = None
-
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False) -> None:
-        nonlocal resident_at_start
+        """Configure, warm up, time. ``peak_gpu_gb`` is the timed pass's peak; ``warmup_peak_gb``
+        covers the warm-up (compiling) and, with ``peak_from_load``, configuring (quantizing) too."""
         if peak_from_load:
             reset_peak(device)
-            resident_at_start = allocated_gb(device)
         engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
                         options)
         if not peak_from_load:
             reset_peak(device)
-            resident_at_start = allocated_gb(device)
+        resident = allocated_gb(device)
         # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
         # no mask) compiles before the clock starts.
         first = runner(engine, timed if options.compile else warm[:batch], batch, device)
+        warmup_peak = peak_gb(device)
+        reset_peak(device)
         calls = CallTimes(engine)
-        record(name, runner(engine, timed, batch, device), min(first.done_at), batch, calls)
+        record(name, runner(engine, timed, batch, device), min(first.done_at), batch, calls,
+               {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else None)
 
     def vae_compiled() -> None:
         decoder = pipe.vae.decoder
@@ -434,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.transformer = None
         free_gpu()
         pipe.transformer = fresh("transformer", args, device).to("cpu")  # as from_pretrained leaves it
+        if not group_offloaded(pipe.text_encoder):  # vram16 did not run: the encoder is still on the GPU
+            pipe.text_encoder.to("cpu")
         free_gpu()
         engine_pass("vram12", EngineOptions(compile=True, vram_gb=12), 1, peak_from_load=True)
 

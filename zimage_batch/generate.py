@@ -130,6 +130,7 @@ def memory_profile(vram_gb: int | None) -> str:
 
 
 CAPTION_BUCKET = 32  # the transformer pads captions to multiples of 32 tokens
+ENCODE_CHUNK = 32  # prompts per text-encoder call (a streamed encoder's weights cross PCIe once per call)
 
 
 @dataclass
@@ -157,31 +158,42 @@ class Engine:
             self._encode_missing(jobs)
 
     def _encode_missing(self, jobs: Sequence[Job]) -> None:
-        import torch
-
-        wanted: dict[int, list[str]] = {}
+        wanted: dict[int, dict[str, None]] = {}  # max length -> prompts not encoded yet, in order
         for job in jobs:
             texts = [job.prompt, job.negative_prompt] if job.guidance_scale > 0 else [job.prompt]
             for text in texts:
                 if (text, job.max_sequence_length) not in self._embeds:
-                    wanted.setdefault(job.max_sequence_length, [])
-                    if text not in wanted[job.max_sequence_length]:
-                        wanted[job.max_sequence_length].append(text)
-        if not wanted:
-            return
-        # A streamed text encoder keeps the hidden states of every layer (~100 MB per prompt at
-        # 512 tokens) beside the resident transformer: smaller chunks keep the peak in budget.
-        chunk_size = 8 if self.options.stream_text_encoder else 16
-        with torch.inference_mode():
-            for length, texts in wanted.items():
-                for start in range(0, len(texts), chunk_size):
-                    chunk = texts[start : start + chunk_size]
-                    embeds, _ = self.pipe.encode_prompt(
-                        prompt=list(chunk), device=self.device, do_classifier_free_guidance=False,
-                        max_sequence_length=length,
-                    )
-                    for text, embed in zip(chunk, embeds):
-                        self._embeds[(text, length)] = embed
+                    wanted.setdefault(job.max_sequence_length, {})[text] = None
+        for length, texts in wanted.items():
+            texts = list(texts)
+            for start in range(0, len(texts), ENCODE_CHUNK):
+                chunk = texts[start : start + ENCODE_CHUNK]
+                for text, embed in zip(chunk, self._encode(chunk, length)):
+                    self._embeds[(text, length)] = embed
+
+    def _encode(self, texts: list[str], length: int) -> list:
+        """The pipeline's own prompt encoding (chat template, padding to ``length``, the text
+        encoder's second-to-last hidden state, real tokens only), keeping just that one hidden
+        state instead of all 37 layers' (~100 MB per prompt at 512 tokens) and no KV cache."""
+        import torch
+
+        pipe = self.pipe
+        prompts = [pipe.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=True) for text in texts]
+        inputs = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device).bool()
+        captured = []  # the last layer's input: hidden_states[-2], what the pipeline uses
+
+        def keep(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+
+        hook = pipe.text_encoder.layers[-1].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                pipe.text_encoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            hook.remove()
+        return [captured[0][i][mask[i]] for i in range(len(texts))]
 
     def release(self, jobs: Sequence[Job] | None = None) -> None:
         """Forget the encoded prompts of these jobs (at the end of their shard), or all of them."""
@@ -233,29 +245,33 @@ class Engine:
 def configure(pipe, device: str, options: EngineOptions):
     """Apply the engine options to a freshly loaded pipeline and move it to ``device``.
 
-    Order matters: 8-bit weights are made layer by layer on the way to the GPU (so a 12 GB card
-    never holds the bf16 transformer), then the text encoder is set to stream, then compile.
+    Order matters: the text encoder is set to stream (it never lands on the GPU whole), then 8-bit
+    weights are made layer by layer on the way to the GPU (so a 12 GB card never holds the bf16
+    transformer), then compile.
     """
     import torch
 
     cuda = device.startswith("cuda")
-    if options.vram_gb is not None and cuda and not torch.cuda.is_initialized():
-        # Fewer stranded blocks between the text encoder's and the transformer's allocations.
-        # CUDA's allocator reads this when CUDA starts, so it must be set before anything touches the GPU.
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     check_options(options, device)
-    if options.weights is not None:
-        quantize_transformer(pipe.transformer, options.weights, device)
+    allocator_set = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if options.vram_gb is not None and cuda and not allocator_set and hasattr(torch.cuda.memory, "_set_allocator_settings"):
+        # Fewer stranded blocks between the encoder's streamed layers and the transformer's work;
+        # applies to segments made from now on (the user's own allocator settings win).
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     if options.stream_text_encoder:
         from diffusers.hooks import apply_group_offloading
         from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-        pipe.vae.to(device)
-        pipe.transformer.to(device)
         if not _is_group_offload_enabled(pipe.text_encoder):
             pipe.text_encoder.to("cpu")
+            # One layer per group: with a CUDA stream the next layer's copy overlaps this one's compute.
             apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=2, use_stream=cuda, non_blocking=cuda)
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda)
+    if options.weights is not None:
+        quantize_transformer(pipe.transformer, options.weights, device)
+    if options.stream_text_encoder:
+        pipe.vae.to(device)
+        pipe.transformer.to(device)
     else:
         pipe.to(device)
     if cuda:
