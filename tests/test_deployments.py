@@ -86,3 +86,25 @@ def test_serve_with_a_bad_catalog_is_a_clear_error_and_serves_nothing(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "missing.csv does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, phrase", [(["--vram", "8"], "--vram 8 is out of range: use 12..200"),
+                                           (["--precision", "fp8", "--device", "cpu"], "--precision fp8 needs an NVIDIA GPU")])
+def test_serve_checks_the_engine_options_before_serving(tmp_path, capsys, flags, phrase):
+    from zimage_batch.cli import main
+
+    catalog = write_csv(tmp_path / "c.csv", ["sku", "title"], [["A-1", "Mug"]])
+    template = write_template(tmp_path / "shot.j2", "A {{ title }}")
+    code = main(["serve", "--catalog", str(catalog), "-t", str(template), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code in (2, 3) and phrase in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_nightly_deployment_carries_the_engine_options(tmp_path):
+    from flows.deployments import deployments
+    from zimage_batch.run import RunConfig
+
+    config = RunConfig(catalogs=["c.csv"], templates=["t.j2"], out=str(tmp_path), vram_gb=16, precision="fp8", compile=False)
+    nightly = deployments(config)[0].parameters["config"]
+    assert nightly["vram_gb"] == 16 and nightly["precision"] == "fp8" and nightly["compile"] is False

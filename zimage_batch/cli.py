@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zimage-batch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def engine_options(p: argparse.ArgumentParser) -> None:  # how the pipeline runs: the same for run and serve
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process)")
+        p.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
+                       help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
+                            "a shard's prompts encode and batches hold 1 image (16 GB cards); below 16 the transformer's "
+                            "weights are also int8 (12 GB cards; needs torchao; pixels change slightly)")
+        p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
+                       help="fp8: the transformer's block layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
+                            "needs torchao), to cut the time per image; it changes pixels, so it is off by default "
+                            "(the CPU always computes in fp32)")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("catalogs", nargs="+", metavar="CATALOG",
                        help="CSV (UTF-8) or Parquet catalog file(s), a quoted glob pattern such as 'catalogs/*.csv' "
@@ -124,16 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     run.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process)")
-    run.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
-                     help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
-                          "a shard's prompts encode and batches hold 1 image (16 GB cards); below 16 the transformer's "
-                          "weights are also int8 (12 GB cards; needs torchao; pixels change slightly)")
-    run.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
-                     help="fp8: the transformer's block layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
-                          "needs torchao), to cut the time per image; it changes pixels, so it is off by default "
-                          "(the CPU always computes in fp32)")
+    engine_options(run)
     run.add_argument("--workers", type=int, metavar="N",
                      help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
     run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--out", required=True, help="the nightly run's output folder")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the nightly run's model (default {DEFAULT_MODEL})")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    engine_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
     serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
     serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU)")
@@ -440,10 +444,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
     if args.limit < 1:
         problems.append(f"--limit {args.limit} is out of range: use 1 or more.")
+    if args.vram_gb is not None and not 12 <= args.vram_gb <= 200:
+        problems.append(f"--vram {args.vram_gb} is out of range: use 12..200.")
     if problems:
         raise ZImageBatchError(" ".join(problems))
     config = RunConfig(catalogs=[os.path.abspath(c) for c in args.catalogs], templates=[os.path.abspath(t) for t in args.templates],
-                       out=os.path.abspath(args.out), model=args.model, device=args.device)
+                       out=os.path.abspath(args.out), model=args.model, device=args.device, compile=args.compile,
+                       vram_gb=args.vram_gb, precision=args.precision)
     check_run(config)  # the nightly inputs must be good before anything is served
     prefect_environment()
     import prefect
