@@ -125,8 +125,8 @@ def memory_profile(vram_gb: int | None) -> str:
         return "everything on the GPU, batches as asked"
     if vram_gb >= 16:
         return ("transformer resident, text encoder streamed from CPU memory while a shard's prompts encode, "
-                "batch 1 (~14 GB)")
-    return "as the 16 GB profile, plus the transformer's weights in int8 (~8 GB)"
+                "batch 1 (an estimated 14-15 GB peak)")
+    return "as the 16 GB profile, plus the transformer's block weights in int8 (an estimated 8-10 GB peak)"
 
 
 CAPTION_BUCKET = 32  # the transformer pads captions to multiples of 32 tokens
