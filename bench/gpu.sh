@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a bare GPU host with PyTorch but no diffusers and no
 # network: wheels for what is missing lie in .whl/ beside the repo (last carried: diffusers 0.42.1,
-# torchao 0.18.0, accelerate 1.15.0 + psutil for the streamed text encoder, pydantic 2.14 and its deps).
+# torchao 0.18.0, accelerate 1.15.0 + psutil for the streamed text encoder, pydantic 2.14 and its deps,
+# pytest + pluggy + iniconfig for ZB_GPU_TESTS=1).
 #   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
 # Default variants take ~6-8 minutes on an H100 (build, compile warm-ups included); variants not
 # started within --budget (480 s) are skipped, and the JSON is rewritten after every variant.
@@ -18,4 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 python3 -c "import torch, transformers, diffusers, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'pydantic', pydantic.__version__)" | tee -a "$out/gpu.txt"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null | tee -a "$out/gpu.txt" || echo "torchao: not installed (fp8 and vram12 will report it)" | tee -a "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/gpu.txt" || true
+if [ "${ZB_GPU_TESTS:-0}" = 1 ]; then  # the CUDA-path tests (tests/test_gpu.py, tiny model; ~1-2 min)
+  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" || true
+fi
 python3 -m bench.throughput --out "$out/throughput.json" "$@" 2>&1 | tee "$out/throughput.log"

@@ -1,0 +1,61 @@
+"""The CUDA paths of the engine with the tiny real pipeline: memory profiles, 8-bit weights, compile.
+
+Run on a GPU host with ``pytest -m gpu tests/test_gpu.py`` (skipped without CUDA). The full-size
+numbers come from ``bench/throughput.py``; these check behaviour, not speed.
+"""
+
+import numpy as np
+import pytest
+
+from zimage_batch.generate import EngineOptions, load_engine
+from zimage_batch.plan import Job
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def job(prompt: str, seed: int) -> Job:
+    return Job(job_id=f"id-{seed}", sku="S", catalog="c", row=1, template="t", template_path="t.j2", template_sha256="0",
+               variant=0, prompt=prompt, negative_prompt="", seed=seed, width=256, height=256, steps=8, guidance_scale=0.0,
+               max_sequence_length=512, model="tiny-random/v1", presets=("web",), background="scene")
+
+
+JOBS = [job("a red mug on a wooden table", 1), job("国风茶馆的木质招牌，带清晰“茗香”二字", 2)]
+
+
+@pytest.fixture(scope="module")
+def full():
+    engine = load_engine("tiny-random", "cuda")
+    return engine, engine.generate(JOBS, [j.seed for j in JOBS])
+
+
+def test_streamed_text_encoder_stays_off_the_gpu_and_keeps_the_images(full):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", EngineOptions(vram_gb=16))
+    images = [engine.generate([j], [j.seed])[0] for j in JOBS]
+    assert _is_group_offload_enabled(engine.pipe.text_encoder)
+    assert all(p.device.type == "cpu" for p in engine.pipe.text_encoder.parameters())  # between encodes
+    assert all(p.device.type == "cuda" for p in engine.pipe.transformer.parameters())
+    assert engine.pipe._execution_device.type == "cuda"
+    assert all(np.abs(a - b).max() < 0.05 for a, b in zip(images, reference))  # bf16 noise: batch 1 vs 2
+
+
+def test_int8_weights_on_the_gpu_compile_and_stay_close(full):
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", EngineOptions(vram_gb=12, compile=True))
+    weight = engine.pipe.transformer.layers[0].attention.to_q.weight
+    assert type(weight).__module__.startswith("torchao") and weight.device.type == "cuda"
+    images = [engine.generate([j], [j.seed])[0] for j in JOBS]
+    assert all(np.isfinite(i).all() and np.abs(i - r).max() < 0.1 for i, r in zip(images, reference))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs compute capability 8.9+")
+def test_fp8_generates_finite_images_close_to_bf16(full):
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", EngineOptions(precision="fp8"))
+    assert engine.options.precision_label("cuda") == "bf16+fp8-e4m3-rowwise"
+    images = engine.generate(JOBS, [j.seed for j in JOBS])
+    assert all(np.isfinite(i).all() and np.abs(i - r).max() < 0.2 for i, r in zip(images, reference))
