@@ -72,6 +72,9 @@ class EngineOptions:
         float8 (e4m3, per-row scales, dynamic activations; torchao) on GPUs with FP8 tensor cores
         (compute capability 8.9+: Ada, Hopper). fp8 changes pixels; it is never the default.
     vram_gb: a GPU memory budget; see ``memory_profile``.
+    overlap: queue a shard's next batch before reading the previous one's images back, so the
+        GPU does not idle while the host checks images and prepares the next call (same images).
+        A lever under measurement (bench variant ``engine+compile+overlap``): off by default.
     """
 
     compile: bool = False
@@ -79,6 +82,7 @@ class EngineOptions:
     bucket_captions: bool = True
     one_per_call: bool = False
     precision: str = "bf16"
+    overlap: bool = False
 
     @property
     def stream_text_encoder(self) -> bool:
@@ -218,6 +222,11 @@ class Engine:
 
     def generate(self, jobs: Sequence[Job], seeds: Sequence[int]) -> list[np.ndarray]:
         """Generate one batch (same size, steps and guidance); returns float32 HxWx3 arrays in [0, 1]."""
+        return self.submit(jobs, seeds).result()
+
+    def submit(self, jobs: Sequence[Job], seeds: Sequence[int]) -> Pending:
+        """Queue one batch on the device and return without waiting for it (on CUDA): its images
+        come back through ``Pending.result``. Errors raised while queueing (out of memory) raise here."""
         import torch
 
         first = jobs[0]
@@ -236,10 +245,36 @@ class Engine:
                 generator=generators,
                 output_type="pt",
             )
-            # HxWx3 float32 made on the device, then one copy out (the pipeline's "np" output
-            # converts on the CPU, while the GPU waits for the next batch).
-            pixels = out.images.permute(0, 2, 3, 1).float().contiguous().cpu().numpy()
-        return list(pixels)
+            # HxWx3 float32 made on the device, then one copy out, queued behind the batch (the
+            # pipeline's "np" output converts on the CPU while the GPU waits).
+            return Pending.copy_out(out.images.permute(0, 2, 3, 1).float().contiguous())
+
+
+class Pending:
+    """A batch's images on their way to the host. On CUDA the copy goes into pinned memory, queued
+    behind the batch's own work, so the next batch can be queued before this one is read."""
+
+    def __init__(self, images: list[np.ndarray] | None = None, host=None, done=None):
+        self._images, self._host, self._done = images, host, done
+
+    @classmethod
+    def copy_out(cls, pixels) -> Pending:
+        import torch
+
+        if not pixels.is_cuda:
+            return cls(list(pixels.numpy()))
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host=host, done=done)
+
+    def result(self) -> list[np.ndarray]:
+        """The images, float32 HxWx3 in [0, 1]; waits for the device if it has not finished."""
+        if self._images is None:
+            self._done.synchronize()  # releases the GIL while it waits
+            self._images = list(self._host.numpy())
+        return self._images
 
 
 def configure(pipe, device: str, options: EngineOptions):
@@ -360,6 +395,9 @@ class SimulatedEngine:
         with _SIMULATED_GPU:
             time.sleep(self.seconds_per_image * len(jobs))
         return [synthetic_product(job.width, job.height, seed) for job, seed in zip(jobs, seeds)]
+
+    def submit(self, jobs: Sequence[Job], seeds: Sequence[int]) -> Pending:
+        return Pending(self.generate(jobs, seeds))
 
 
 def synthetic_product(width: int, height: int, seed: int) -> np.ndarray:
