@@ -85,16 +85,21 @@ def product_on_white(size: int = 256, seed: int = 0) -> np.ndarray:
     return image
 
 
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which the engine recognises by name."""
+
+
 class RecordingEngine:
     """A stand-in for ``generate.Engine`` that records each call and returns images from ``make``.
 
     ``make(job, seed, call_index)`` returns a float HxWx3 array, or raises.
     """
 
-    def __init__(self, make, device: str = "cpu"):
+    def __init__(self, make, device: str = "cpu", max_fitting_batch: int | None = None):
         from zimage_batch.generate import EngineOptions
 
         self.make = make
+        self.max_fitting_batch = max_fitting_batch  # larger calls raise CUDA's out-of-memory error
         self.device = device
         self.load_id = "recording:0"
         self.load_seconds = 0.0
@@ -116,6 +121,8 @@ class RecordingEngine:
 
     def generate(self, jobs, seeds):
         self.calls.append([(j.job_id, s) for j, s in zip(jobs, seeds)])
+        if self.max_fitting_batch is not None and len(jobs) > self.max_fitting_batch:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [self.make(j, s, len(self.calls) - 1) for j, s in zip(jobs, seeds)]
 
     def submit(self, jobs, seeds):

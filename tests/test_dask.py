@@ -100,22 +100,10 @@ def test_a_killed_worker_loses_nothing(tmp_path, catalog, templates):
 
 
 def test_out_of_memory_splits_the_batch_and_records_the_smaller_size(tmp_path):
-    class OutOfMemoryError(RuntimeError):
-        pass
-
     def make(j, seed, call):
         return np.random.default_rng(seed).random((256, 256, 3), dtype=np.float32)
 
-    engine = RecordingEngine(make)
-    plain_generate = engine.generate
-
-    def generate(jobs, seeds):
-        if len(jobs) > 1:
-            engine.calls.append([(j.job_id, s) for j, s in zip(jobs, seeds)])
-            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return plain_generate(jobs, seeds)
-
-    engine.generate = generate
+    engine = RecordingEngine(make, max_fitting_batch=1)
     jobs = [job(seed=i) for i in range(4)]
     manifest = Manifest(tmp_path)
     result = process_shard(jobs, engine, LocalStore(tmp_path), manifest, batch_size=4)

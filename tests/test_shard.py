@@ -174,16 +174,7 @@ def test_with_overlap_failures_and_out_of_memory_are_handled_as_without(tmp_path
             raise RuntimeError("device-side assert triggered (simulated)")
         return noise(j, seed, call)
 
-    engine = overlapping(RecordingEngine(make))
-    plain_generate = engine.generate
-
-    def generate(jobs_, seeds):
-        if len(jobs_) > 1:
-            engine.calls.append([(j.job_id, s) for j, s in zip(jobs_, seeds)])
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return plain_generate(jobs_, seeds)
-
-    engine.generate = generate
+    engine = overlapping(RecordingEngine(make, max_fitting_batch=1))
     result, manifest = run(tmp_path, jobs, engine, batch_size=4)
     assert (result.generated, result.failed) == (4, 1)
     assert {manifest.records[j.job_id].batch_size for j in jobs[:4]} == {1}  # split down to single images
