@@ -328,9 +328,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"Loading model {args.model} ...", file=sys.stderr)
         if args.vram_gb is not None:
-            from .generate import memory_profile
+            from .generate import memory_profile, pick_device
 
-            print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}.", file=sys.stderr)
+            where = "" if config.cluster or pick_device(config.device) != "cpu" else "; on the CPU it saves no memory"
+            print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}{where}.", file=sys.stderr)
     if args.workers and args.cluster:
         raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
     if config.cluster:

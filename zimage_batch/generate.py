@@ -339,7 +339,17 @@ def check_options(options: EngineOptions, device: str) -> None:
     _torchao("--precision fp8")
 
 
+def _quiet_torchao() -> None:
+    """torchao's notices about optional kernels it cannot load, and torch's deprecation notes about
+    its enums, are not the user's business (diffusers imports torchao whenever it is installed)."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _torchao(option: str):
+    _quiet_torchao()
     try:
         import torchao.quantization
     except ImportError:
@@ -435,12 +445,7 @@ def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: Engin
 
 def quiet_libraries() -> None:
     """Silence diffusers' and transformers' own progress bars and info logs (we show our own)."""
-    import logging
-
-    # diffusers imports torchao when it is installed: its optional kernels' load notices and
-    # torch's deprecation notes about its enums are not the user's business.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_torchao()
     import diffusers.utils.logging
     import transformers.utils.logging
 
