@@ -91,11 +91,13 @@ def fresh(part: str, args: argparse.Namespace, device: str):
     the first (for the variants that quantize or must undo the text encoder's streaming)."""
     if args.tiny:
         return getattr(build_tiny_pipeline(), part).to(device)
-    if args.model:
+    if args.model:  # just that component's subfolder, not the whole pipeline
         import torch
-        from diffusers import ZImagePipeline
+        from diffusers import ZImageTransformer2DModel
+        from transformers import Qwen3Model
 
-        return getattr(ZImagePipeline.from_pretrained(args.model, dtype=torch.bfloat16), part).to(device)
+        loader = ZImageTransformer2DModel if part == "transformer" else Qwen3Model
+        return loader.from_pretrained(args.model, subfolder=part, dtype=torch.bfloat16).to(device)
     return full_size_transformer(device) if part == "transformer" else full_size_text_encoder(device)
 
 

@@ -430,6 +430,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+    from .generate import VRAM_RANGE
     from .run import RunConfig, check_run
 
     problems = []
@@ -445,8 +446,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
     if args.limit < 1:
         problems.append(f"--limit {args.limit} is out of range: use 1 or more.")
-    if args.vram_gb is not None and not 12 <= args.vram_gb <= 200:
-        problems.append(f"--vram {args.vram_gb} is out of range: use 12..200.")
+    vram = _out_of_range("--vram", args.vram_gb, *VRAM_RANGE)
+    if vram:
+        problems.append(vram)
     if problems:
         raise ZImageBatchError(" ".join(problems))
     config = RunConfig(catalogs=[os.path.abspath(c) for c in args.catalogs], templates=[os.path.abspath(t) for t in args.templates],
@@ -469,11 +471,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
+    from .generate import VRAM_RANGE
+
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
                                    ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
-                                   ("--vram", args.vram_gb, 12, 200), ("--workers", args.workers, 1, 256)):
-        if value is not None and (value < low or (high is not None and value > high)):
-            raise ZImageBatchError(f"{flag} {value} is out of range: use {low}..{high if high else 'any'}.")
+                                   ("--vram", args.vram_gb, *VRAM_RANGE), ("--workers", args.workers, 1, 256)):
+        problem = _out_of_range(flag, value, low, high)
+        if problem:
+            raise ZImageBatchError(problem)
+
+
+def _out_of_range(flag: str, value: int | None, low: int, high: int | None) -> str | None:
+    if value is not None and (value < low or (high is not None and value > high)):
+        return f"{flag} {value} is out of range: use {low}..{high if high else 'any'}."
+    return None
 
 
 def print_summary(summary) -> None:

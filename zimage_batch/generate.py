@@ -54,6 +54,8 @@ def pick_device(device: str) -> str:
 
 FULL_MEMORY_GB = 40  # at or above this --vram budget everything stays on the GPU (batch 4 peaks at ~36 GB)
 SMALLEST_PROFILE_GB = 12
+INT8_BELOW_GB = 16  # below this budget the transformer's block weights are int8
+VRAM_RANGE = (SMALLEST_PROFILE_GB, 200)  # what --vram accepts
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class EngineOptions:
         """The transformer blocks' 8-bit weight format, if any: ``fp8``, ``int8`` or None (bf16)."""
         if self.precision == "fp8":
             return "fp8"
-        if self.vram_gb is not None and self.vram_gb < 16:
+        if self.vram_gb is not None and self.vram_gb < INT8_BELOW_GB:
             return "int8"
         return None
 
@@ -127,7 +129,7 @@ def memory_profile(vram_gb: int | None) -> str:
     """One line on what a ``--vram`` budget does (for --help, logs and the docs)."""
     if vram_gb is None or vram_gb >= FULL_MEMORY_GB:
         return "everything on the GPU, batches as asked"
-    if vram_gb >= 16:
+    if vram_gb >= INT8_BELOW_GB:
         return ("transformer resident, text encoder streamed from CPU memory while a shard's prompts encode, "
                 "batch 1 (an estimated 14-15 GB peak)")
     return "as the 16 GB profile, plus the transformer's block weights in int8 (an estimated 8-10 GB peak)"

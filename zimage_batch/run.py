@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, SigningError
-from .generate import EngineOptions, check_options, load_engine, pick_device
+from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
 from .manifest import MANIFEST, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
     size: str | None = None
     steps: int | None = None
     compile: bool | None = None  # None: compile on CUDA, not on the CPU
-    vram_gb: int | None = Field(None, ge=12, le=200)
+    vram_gb: int | None = Field(None, ge=VRAM_RANGE[0], le=VRAM_RANGE[1])
     precision: Literal["bf16", "fp8"] = "bf16"
     workers: int | None = Field(None, ge=1, le=256)  # a local Dask cluster of this many worker processes
     cluster: str | None = None  # the address of an existing Dask scheduler
@@ -122,7 +122,8 @@ def check_run(config: RunConfig) -> PlanInputs:
     if config.strict:
         strict_check(inputs)
     if not config.cluster:  # a cluster's workers check their own GPUs when they load
-        check_options(engine_options(config), pick_device(config.device))
+        device = pick_device(config.device)
+        check_options(engine_options(config, device), device)
     if config.dest:
         from .deliver import check
 
@@ -219,9 +220,8 @@ def read_shards(plan: RunPlan, shard_size: int) -> Iterator[list[Job]]:
         yield shard
 
 
-def engine_options(config: RunConfig) -> EngineOptions:
-    """The engine options a run asks for, on the device it will use."""
-    device = pick_device(config.device)
+def engine_options(config: RunConfig, device: str) -> EngineOptions:
+    """The engine options a run asks for, on the device it will use (``pick_device``'s answer)."""
     compile_ = config.compile if config.compile is not None else device.startswith("cuda")
     return EngineOptions(compile=compile_, vram_gb=config.vram_gb, one_per_call=device == "cpu",
                          precision=config.precision)
@@ -229,7 +229,8 @@ def engine_options(config: RunConfig) -> EngineOptions:
 
 def engine_for(config: RunConfig):
     """This process's engine for the run's model, device and options (loaded once)."""
-    return load_engine(config.model, pick_device(config.device), engine_options(config))
+    device = pick_device(config.device)
+    return load_engine(config.model, device, engine_options(config, device))
 
 
 def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
