@@ -363,14 +363,18 @@ def _torchao(option: str):
 def quantize_transformer(transformer, weights: str, device: str) -> None:
     """Put the linear layers of the transformer's repeated blocks (nearly all of its weights and
     FLOPs) in 8-bit: ``int8`` weight-only (per channel), or ``fp8`` weights and activations
-    (e4m3, per-row scales). Embedders and the final layer stay in full precision."""
+    (e4m3, per-row scales). Embedders and the final layer stay in full precision.
+
+    ``set_inductor_config=False``: otherwise torchao turns on Inductor's coordinate-descent tuning
+    (checking all directions) for the whole process, which benchmarks every compiled kernel many
+    times over and made a compiled fp8 warm-up run past 6 minutes on an H100."""
     import torch
 
     quant = _torchao("--precision fp8" if weights == "fp8" else "--vram 12")
     if weights == "fp8":
-        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=quant.PerRow())
+        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=quant.PerRow(), set_inductor_config=False)
     else:
-        config = quant.Int8WeightOnlyConfig()
+        config = quant.Int8WeightOnlyConfig(set_inductor_config=False)
     blocks = ("layers.", "noise_refiner.", "context_refiner.")
 
     def in_blocks(module, name: str) -> bool:
