@@ -2,9 +2,10 @@
 # The whole GPU check in one command, for a bare GPU host with PyTorch but no diffusers and no
 # network: wheels for what is missing lie in .whl/ beside the repo (last carried: diffusers 0.42.1,
 # torchao 0.18.0, accelerate 1.15.0 + psutil for the streamed text encoder, pydantic 2.14 and its deps,
+# jsonschema 4.26 + referencing + rpds-py + jsonschema-specifications for the manifest,
 # pytest + pluggy + iniconfig for ZB_GPU_TESTS=1).
 #   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
-# Default variants take ~6-8 minutes on an H100 (build, compile warm-ups included); variants not
+# Default variants should take ~6 minutes on an H100 (build, compile warm-ups included); variants not
 # started within --budget (480 s) are skipped, and the JSON is rewritten after every variant.
 set -euo pipefail
 out=${1:-${OUT:-bench/out}}
@@ -16,7 +17,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, transformers, diffusers, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'pydantic', pydantic.__version__)" | tee -a "$out/gpu.txt"
+python3 -c "import torch, transformers, diffusers, pydantic, jsonschema; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'pydantic', pydantic.__version__)" | tee -a "$out/gpu.txt"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null | tee -a "$out/gpu.txt" || echo "torchao: not installed (fp8 and vram12 will report it)" | tee -a "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/gpu.txt" || true
 if [ "${ZB_GPU_TESTS:-0}" = 1 ]; then  # the CUDA-path tests (tests/test_gpu.py, tiny model; ~1-2 min)

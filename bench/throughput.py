@@ -11,15 +11,14 @@ order whatever order --variants names them (later ones change the shared pipelin
                  and storing that overlap it): prompts encoded once per shard, batches of equal
                  caption buckets (no attention mask), eager.
   engine+compile the same after `compile_repeated_blocks` (the default on CUDA).
-  engine+compile+overlap a lever under test (EngineOptions.overlap): each batch is queued before the
-                 previous one's images are read back, so the GPU does not wait for the host.
   engine+compile+mask    length-sorted batches with an attention mask where lengths differ.
   generate-only  the compiled engine's `generate` alone, batch after batch: no post-processing, no
                  storing. Against engine+compile it shows what the CPU side costs the GPU.
   engine+compile+vae     a lever under test, not in the engine: the VAE decoder compiled too.
   vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
   vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
-                 the way to the GPU (peak memory counted from before the quantization).
+                 the way to the GPU (peak memory counted from before the quantization); eager,
+                 whatever --compile says (EngineOptions.compiles).
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
                  encoder, compiled. Last, because its compile time is the least known.
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
@@ -60,9 +59,9 @@ from zimage_batch.postprocess import PRESETS  # noqa: E402
 from zimage_batch.shard import batches, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
-ORDER = ["plain", "engine", "engine+compile", "engine+compile+overlap", "engine+compile+mask", "generate-only",
-         "engine+compile+vae", "vram16", "vram12", "fp8", "cold-start"]
-DEFAULT_VARIANTS = "plain,engine+compile,engine+compile+overlap,generate-only,engine+compile+vae,vram16,vram12,fp8"
+ORDER = ["plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "engine+compile+vae", "vram16",
+         "vram12", "fp8", "cold-start"]
+DEFAULT_VARIANTS = "plain,engine+compile,generate-only,vram16,vram12,fp8"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
 
 
@@ -427,12 +426,13 @@ def main(argv: list[str] | None = None) -> dict:
         # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
         # no mask) compiles before the clock starts; a short warm-up where they already are.
         shapes = (id(pipe.transformer), batch, options.bucket_captions, pipe.vae.decoder._compiled_call_impl is not None)
-        first = runner(engine, timed if options.compile and shapes not in compiled else warm[:batch], batch, device)
-        if options.compile:
+        first = runner(engine, timed if options.compiles and shapes not in compiled else warm[:batch], batch, device)
+        if options.compiles:
             compiled.add(shapes)
+        print(f"  warm-up: {first.seconds:.1f} s for {len(first.done_at)} images", flush=True)
         warmup_peak = peak_gb(device)
         reset_peak(device)
-        calls = None if options.overlap else CallTimes(engine)  # with overlap, generate is only called for retries
+        calls = CallTimes(engine)
         record(name, runner(engine, timed, batch, device), min(first.done_at), batch, calls,
                {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else None)
 
@@ -466,8 +466,6 @@ def main(argv: list[str] | None = None) -> dict:
         "plain": plain,
         "engine": lambda: engine_pass("engine", EngineOptions(), args.batch),
         "engine+compile": lambda: engine_pass("engine+compile", EngineOptions(compile=True), args.batch),
-        "engine+compile+overlap": lambda: engine_pass("engine+compile+overlap", EngineOptions(compile=True, overlap=True),
-                                                      args.batch),
         "engine+compile+mask": lambda: engine_pass("engine+compile+mask", EngineOptions(compile=True, bucket_captions=False),
                                                    args.batch),
         "generate-only": lambda: engine_pass("generate-only", EngineOptions(compile=True), args.batch, run_generate_only),
@@ -481,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
         if time.perf_counter() - began > args.budget:
             rows.append({"variant": name, "skipped": f"not started: past the {args.budget:.0f} s budget"})
             continue
+        print(f"[{time.perf_counter() - began:.0f} s] {name}", flush=True)
         try:
             bodies[name]()
         except Skip as skip:

@@ -125,11 +125,6 @@ class RecordingEngine:
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [self.make(j, s, len(self.calls) - 1) for j, s in zip(jobs, seeds)]
 
-    def submit(self, jobs, seeds):
-        from zimage_batch.generate import Pending
-
-        return Pending(self.generate(jobs, seeds))
-
 
 def make_certificates(folder: Path, *, days: int = 30, expired: bool = False, self_signed: bool = False,
                       extended_key_usage: bool = True) -> dict[str, Path]:

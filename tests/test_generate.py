@@ -133,6 +133,8 @@ def test_memory_profiles_follow_the_vram_budget():
     assert card16.stream_text_encoder and card16.weights is None and card16.max_batch == 1
     assert card12.stream_text_encoder and card12.weights == "int8" and card12.max_batch == 1
     assert EngineOptions(vram_gb=12, precision="fp8").weights == "fp8"  # fp8 weights are 8-bit too
+    assert EngineOptions(compile=True, vram_gb=16).compiles and EngineOptions(compile=True, precision="fp8").compiles
+    assert not EngineOptions(compile=True, vram_gb=12).compiles  # int8 weights compiled ran far slower (H100)
     assert full.precision_label("cpu") == "fp32" and full.precision_label("cuda") == "bf16"
     assert card12.precision_label("cuda") == "bf16+int8-weights"
     assert EngineOptions(precision="fp8").precision_label("cuda") == "bf16+fp8-e4m3-rowwise"

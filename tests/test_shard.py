@@ -132,41 +132,7 @@ def test_real_pipeline_that_only_makes_black_images_fails_cleanly(tmp_path):
     assert rec.attempts[0].seed != rec.attempts[1].seed
 
 
-# --- overlap: the next batch is queued before the previous one is read back -----------------------
-
-def overlapping(engine):
-    from dataclasses import replace
-
-    engine.options = replace(engine.options, overlap=True)
-    return engine
-
-
-def test_overlap_makes_the_same_files_and_records_as_one_batch_at_a_time(tmp_path):
-    from zimage_batch.generate import EngineOptions, load_engine
-
-    jobs = [job(f"a mug, style {i}", seed=i) for i in range(5)]
-    made = {}
-    for overlap in (False, True):
-        engine = load_engine("tiny-random", "cpu", EngineOptions(overlap=overlap))
-        result, manifest = run(tmp_path / str(overlap), jobs, engine, batch_size=2)
-        assert result.images == 5 and result.failed == 0
-        made[overlap] = {j.job_id: ([o.sha256 for o in manifest.records[j.job_id].outputs],
-                                    manifest.records[j.job_id].batch_size) for j in jobs}
-    assert made[True] == made[False]
-
-
-def test_with_overlap_a_black_image_is_regenerated_after_the_next_batch_was_queued(tmp_path):
-    first, second = job("a mug", seed=1), job("a lamp", seed=2, size=512)
-    engine = overlapping(RecordingEngine(lambda j, seed, call: np.zeros((j.height, j.width, 3), np.float32)
-                                         if call == 0 else noise(j, seed, call)))
-    result, manifest = run(tmp_path, [first, second], engine)
-    retry_seed = derive_seed(first.seed, "retry", 1)
-    assert engine.calls == [[(first.job_id, first.seed)], [(second.job_id, second.seed)], [(first.job_id, retry_seed)]]
-    assert [(a.seed, a.outcome) for a in manifest.records[first.job_id].attempts] == [(first.seed, "black"), (retry_seed, "ok")]
-    assert result.generated == 2 and manifest.records[second.job_id].status == "ok"
-
-
-def test_with_overlap_failures_and_out_of_memory_are_handled_as_without(tmp_path):
+def test_a_failed_batch_and_out_of_memory_splits_in_one_shard(tmp_path):
     jobs = [job(seed=i) for i in range(4)] + [job(seed=9, size=512)]
 
     def make(j, seed, call):
@@ -174,7 +140,7 @@ def test_with_overlap_failures_and_out_of_memory_are_handled_as_without(tmp_path
             raise RuntimeError("device-side assert triggered (simulated)")
         return noise(j, seed, call)
 
-    engine = overlapping(RecordingEngine(make, max_fitting_batch=1))
+    engine = RecordingEngine(make, max_fitting_batch=1)
     result, manifest = run(tmp_path, jobs, engine, batch_size=4)
     assert (result.generated, result.failed) == (4, 1)
     assert {manifest.records[j.job_id].batch_size for j in jobs[:4]} == {1}  # split down to single images

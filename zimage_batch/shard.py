@@ -83,28 +83,20 @@ def batches(jobs: Sequence[Job], batch_size: int, key: Callable[[Job], tuple] = 
             yield group[start : start + batch_size]
 
 
-def generate_batch(engine: Engine, batch: list[Job], max_attempts: int,
-                   first: Callable[[], tuple[list[np.ndarray], int]] | None = None,
-                   start: float | None = None) -> list[Generated]:
-    """Generate a batch, regenerating bad images with derived seeds; never raises for a job's failure.
-
-    ``first`` gives the first attempt's images when the batch was already queued (``queue_batch``),
-    ``start`` when its clock started."""
+def generate_batch(engine: Engine, batch: list[Job], max_attempts: int) -> list[Generated]:
+    """Generate a batch, regenerating bad images with derived seeds; never raises for a job's failure."""
     seeds = {job.job_id: job.seed for job in batch}
     attempts: dict[str, list[Attempt]] = {job.job_id: [] for job in batch}
     images: dict[str, np.ndarray] = {}
     made_in: dict[str, int] = {}  # size of the call that made each delivered image (a retry's is smaller)
     reasons: dict[str, str] = {}
     todo = list(batch)
-    start = time.perf_counter() if start is None else start
+    start = time.perf_counter()
     for attempt in range(1, max_attempts + 1):
         if not todo:
             break
         try:
-            if attempt == 1 and first is not None:
-                arrays, used = first()
-            else:
-                arrays, used = generate_splitting(engine, todo, [seeds[j.job_id] for j in todo])
+            arrays, used = generate_splitting(engine, todo, [seeds[j.job_id] for j in todo])
         except Exception as exc:  # a failed batch must not take the run down
             for job in todo:
                 attempts[job.job_id].append(Attempt(seed=seeds[job.job_id], outcome="error"))
@@ -145,23 +137,6 @@ def generate_splitting(engine: Engine, jobs: list[Job], seeds: list[int]) -> tup
         if len(jobs) == 1 or not is_out_of_memory(exc):
             raise
     return _halves(engine, jobs, seeds)
-
-
-def queue_batch(engine: Engine, jobs: list[Job], seeds: list[int]) -> Callable[[], tuple[list[np.ndarray], int]]:
-    """Queue a batch on the device without waiting for it; the returned function gives its images
-    and the batch size that made them, as ``generate_splitting`` does (or raises its error)."""
-    try:
-        pending = engine.submit(jobs, seeds)
-    except Exception as exc:
-        if len(jobs) > 1 and is_out_of_memory(exc):
-            return lambda: _halves(engine, jobs, seeds)
-        error = exc
-
-        def fail():
-            raise error
-
-        return fail
-    return lambda: (pending.result(), len(jobs))
 
 
 def _halves(engine: Engine, jobs: list[Job], seeds: list[int]) -> tuple[list[np.ndarray], int]:
@@ -285,14 +260,6 @@ def process_shard(
             if on_record is not None:
                 on_record(record)
 
-    def complete(queued: tuple[list[Job], Callable, float]) -> list[Generated]:
-        """A queued batch's images read back and checked; bad ones regenerated."""
-        batch, first, started = queued
-        mark = time.perf_counter()
-        generated = generate_batch(engine, batch, max_attempts, first, started)
-        result.seconds["generate"] += time.perf_counter() - mark
-        return generated
-
     waiting: deque[Future] = deque()
     batch_size = min(batch_size, engine.options.max_batch or batch_size)
     start = time.perf_counter()
@@ -306,20 +273,10 @@ def process_shard(
                 while len(waiting) > 1:
                     waiting.popleft().result()
 
-            queued = None  # with overlap: the batch on the device, not read back yet
             for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
                 start = time.perf_counter()
-                if not engine.options.overlap:
-                    hand_over(generate_batch(engine, batch, max_attempts))
-                    result.seconds["generate"] += time.perf_counter() - start
-                    continue
-                latest = (batch, queue_batch(engine, batch, [job.seed for job in batch]), start)
+                hand_over(generate_batch(engine, batch, max_attempts))
                 result.seconds["generate"] += time.perf_counter() - start
-                if queued is not None:
-                    hand_over(complete(queued))
-                queued = latest
-            if queued is not None:
-                hand_over(complete(queued))
             while waiting:
                 waiting.popleft().result()
     finally:
