@@ -13,14 +13,15 @@ order whatever order --variants names them (later ones change the shared pipelin
   engine+compile the same after `compile_repeated_blocks` (the default on CUDA).
   engine+compile+mask    length-sorted batches with an attention mask where lengths differ.
   generate-only  the compiled engine's `generate` alone, batch after batch: no post-processing, no
-                 storing. Against engine+compile it shows what the CPU side costs the GPU.
+                 storing. Against engine+compile it shows what the CPU side costs the GPU. Also
+                 splits the device time: transformer forwards, VAE decodes (StageTimes).
   engine+compile+vae     a lever under test, not in the engine: the VAE decoder compiled too.
   vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
   vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
                  the way to the GPU (peak memory counted from before the quantization); eager,
                  whatever --compile says (EngineOptions.compiles).
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
-                 encoder, compiled. Last, because its compile time is the least known.
+                 encoder, compiled (26 s warm-up on an H100), with generate-only's device-time split.
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 Prints seconds per image (wall: everything from the first call to the last file; steady: from the
 first batch's start, after the shard's prompts are encoded, to the last file; in gen: inside the engine's generate calls;
@@ -61,7 +62,7 @@ from zimage_batch.store import LocalStore  # noqa: E402
 
 ORDER = ["plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "engine+compile+vae", "vram16",
          "vram12", "fp8", "cold-start"]
-DEFAULT_VARIANTS = "plain,engine+compile,generate-only,vram16,vram12,fp8"
+DEFAULT_VARIANTS = "plain,engine+compile,generate-only,engine+compile+vae,vram16,vram12,fp8"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
 
 
@@ -244,6 +245,47 @@ class CallTimes:
                 "between_calls_s_per_image": between / images}
 
 
+class StageTimes:
+    """Device time of the transformer's forwards and the VAE's decodes during a pass (CUDA events
+    in the stream, so no syncs are added; wall clock on the CPU). What is left of the time inside
+    the generate calls is the pipeline's own work (latents, scheduler, conversion, copy out)."""
+
+    def __init__(self, pipe, device: str):
+        self.device, self.spans = device, {"transformer": [], "vae_decode": []}
+        self.wrapped = [(pipe.transformer, "forward", "transformer"), (pipe.vae, "decode", "vae_decode")]
+        for owner, attr, name in self.wrapped:
+            setattr(owner, attr, self._timed(getattr(owner, attr), self.spans[name]))
+
+    def _timed(self, call, spans: list):
+        import functools
+
+        import torch
+
+        @functools.wraps(call)
+        def timed(*args, **kwargs):
+            if self.device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = call(*args, **kwargs)
+                end.record()
+                spans.append(lambda: start.elapsed_time(end) / 1000)
+            else:
+                began = time.perf_counter()
+                out = call(*args, **kwargs)
+                elapsed = time.perf_counter() - began
+                spans.append(lambda: elapsed)
+            return out
+
+        return timed
+
+    def summary(self, images: int) -> dict:
+        """Seconds per image in each stage; unwraps the pipeline."""
+        sync(self.device)
+        for owner, attr, _ in self.wrapped:
+            delattr(owner, attr)  # the instance attribute goes, the class's method is back
+        return {f"{name}_s_per_image": sum(span() for span in spans) / images for name, spans in self.spans.items()}
+
+
 def run_plain(pipe, jobs: list[Job], device: str) -> Timing:
     """The plain diffusers loop: one `pipe(prompt)` call per image."""
     import torch
@@ -397,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         if calls is not None:
             row.update(calls.summary(len(timed)))
         row.update(extra or {})
+        if row.get("transformer_s_per_image") and device == "cuda":
+            row["transformer_mfu"] = flops / row["transformer_s_per_image"] / H100_BF16_PEAK
         if plain_images is not None and name != "plain":
             row.update(compare(plain_images, timing.images))
         rows.append(row)
@@ -413,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     compiled: set[tuple[int, int]] = set()  # (transformer, batch size) whose shapes for `timed` are compiled
 
-    def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False) -> None:
+    def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
+                    stages: bool = False) -> None:
         """Configure, warm up, time. ``peak_gpu_gb`` is the timed pass's peak; ``warmup_peak_gb``
         covers the warm-up (compiling) and, with ``peak_from_load``, configuring (quantizing) too."""
         if peak_from_load:
@@ -433,8 +478,10 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_peak = peak_gb(device)
         reset_peak(device)
         calls = CallTimes(engine)
-        record(name, runner(engine, timed, batch, device), min(first.done_at), batch, calls,
-               {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else None)
+        split = StageTimes(pipe, device) if stages else None
+        timing = runner(engine, timed, batch, device)
+        extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
+        record(name, timing, min(first.done_at), batch, calls, {**extra, **(split.summary(len(timed)) if split else {})})
 
     def vae_compiled() -> None:
         decoder = pipe.vae.decoder
@@ -460,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.transformer = pipe.text_encoder = None  # the text encoder was set to stream: a resident one instead
         free_gpu()
         pipe.transformer, pipe.text_encoder = fresh("transformer", args, device), fresh("text_encoder", args, device)
-        engine_pass("fp8", EngineOptions(compile=True, precision="fp8"), args.batch)
+        engine_pass("fp8", EngineOptions(compile=True, precision="fp8"), args.batch, stages=True)
 
     bodies = {
         "plain": plain,
@@ -468,7 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
         "engine+compile": lambda: engine_pass("engine+compile", EngineOptions(compile=True), args.batch),
         "engine+compile+mask": lambda: engine_pass("engine+compile+mask", EngineOptions(compile=True, bucket_captions=False),
                                                    args.batch),
-        "generate-only": lambda: engine_pass("generate-only", EngineOptions(compile=True), args.batch, run_generate_only),
+        "generate-only": lambda: engine_pass("generate-only", EngineOptions(compile=True), args.batch, run_generate_only,
+                                             stages=True),
         "engine+compile+vae": vae_compiled,
         "vram16": lambda: engine_pass("vram16", EngineOptions(compile=True, vram_gb=16), 1),
         "vram12": vram12,
@@ -518,6 +566,12 @@ def print_table(rows: list[dict]) -> None:
         between = f"{r['between_calls_s_per_image']:.3f}" if "between_calls_s_per_image" in r else "-"
         print(f"{r['variant']:<24}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{inside:>8}{between:>8}"
               f"{r['images_per_hour']:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
+    for r in rows:
+        if "transformer_s_per_image" in r:
+            rest = r["in_generate_s_per_image"] - r["transformer_s_per_image"] - r["vae_decode_s_per_image"]
+            print(f"{r['variant']}: per image {r['transformer_s_per_image']:.3f} s in transformer forwards, "
+                  f"{r['vae_decode_s_per_image']:.3f} s in VAE decodes, {rest:.3f} s else inside the generate calls"
+                  + (f"; transformer MFU {r['transformer_mfu']:.0%}" if "transformer_mfu" in r else ""))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     assert rows["fp8"]["skipped"].startswith("fp8 needs a CUDA GPU") and "skipped" in rows["cold-start"]
     measured = {name: row for name, row in rows.items() if name not in ("fp8", "cold-start")}
     assert all("error" not in r and r["s_per_image"] > 0 and r["steady_s_per_image"] > 0 for r in measured.values()), rows
+    split = rows["generate-only"]  # device time split into transformer forwards and VAE decodes
+    assert 0 < split["transformer_s_per_image"] and 0 < split["vae_decode_s_per_image"]
+    assert split["transformer_s_per_image"] + split["vae_decode_s_per_image"] < split["in_generate_s_per_image"]
+    assert "transformer_s_per_image" not in rows["engine+compile"]  # timed only where asked, then unwrapped
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
     assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]

@@ -101,8 +101,9 @@ class EngineOptions:
     @property
     def compiles(self) -> bool:
         """Whether ``configure`` compiles the transformer. Measured on an H100 (torch 2.11, torchao
-        0.18): int8 weights compiled did not finish 4 images in 50 s (Inductor's mixed int8/bf16
-        matmul), eager they make one every 1.65 s at a 9.9 GB peak; so int8 runs eager."""
+        0.18): with int8 weights, once Inductor had autotuned the int8 x bf16 matmuls, the compiled
+        blocks made no image in 50 s (280 s in another run); eager, an image every 1.65 s at a
+        9.9 GB peak. So int8 runs eager."""
         return self.compile and self.weights != "int8"
 
     @property
@@ -346,7 +347,8 @@ def quantize_transformer(transformer, weights: str, device: str) -> None:
 
     ``set_inductor_config=False``: otherwise torchao turns on Inductor's coordinate-descent tuning
     (checking all directions) for the whole process, which benchmarks every compiled kernel many
-    times over and made a compiled fp8 warm-up run past 6 minutes on an H100."""
+    times over. An earlier compiled fp8 try with torchao's default did not finish warming up in 6
+    minutes on an H100; with it off the warm-up took 26 s."""
     import torch
 
     quant = _torchao("--precision fp8" if weights == "fp8" else "--vram 12")
