@@ -1,6 +1,7 @@
 """Scaling on Dask: end-to-end throughput with a simulated GPU, 1 worker vs N workers.
 
     python -m bench.scaling [--seconds-per-image 1.0] [--workers 4] [--images-per-worker 64] [--shard-size 32]
+    python -m bench.scaling --local      # one `zimage-batch run` without Dask (Prefect's thread runner)
 
 Each configuration is one `zimage-batch run --workers N` command in its own process. The generator
 is `--model simulated:SECONDS`: it sleeps a fixed time per image (standing in for the GPU, no CPU
@@ -51,7 +52,7 @@ def throughput(out: Path, batch_seconds: float) -> tuple[float, int]:
 
 
 def run(workers: int, images: int, seconds: float, shard_size: int, tmp: Path) -> dict:
-    """One `zimage-batch run --workers N` in its own process, as a user runs it."""
+    """One `zimage-batch run --workers N` in its own process, as a user runs it (no Dask for 0)."""
     catalog = tmp / f"catalog-{workers}.csv"
     with open(catalog, "w", newline="") as f:
         writer = csv.writer(f)
@@ -62,8 +63,9 @@ def run(workers: int, images: int, seconds: float, shard_size: int, tmp: Path) -
     template.write_text(TEMPLATE)
     out = tmp / f"out-{workers}"
     cmd = [str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", str(template), "--out", str(out),
-           "--model", f"simulated:{seconds}", "--workers", str(workers), "--batch-size", "4", "--shard-size",
-           str(shard_size), "-q"]
+           "--model", f"simulated:{seconds}", "--batch-size", "4", "--shard-size", str(shard_size), "-q"]
+    if workers:
+        cmd += ["--workers", str(workers)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -81,8 +83,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--images-per-worker", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--local", action="store_true", help="one run without Dask instead of 1 vs N workers")
     args = parser.parse_args()
     generator_only = 1 / args.seconds_per_image
+    if args.local:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = run(0, args.images_per_worker, args.seconds_per_image, args.shard_size, Path(tmp))
+        print(json.dumps(local, indent=2))
+        print(f"\nno Dask: {local['images_per_s']:.3f} img/s; end-to-end / generator-only = "
+              f"{local['images_per_s'] / generator_only:.3f} ({os.cpu_count()} CPUs, simulated GPU {args.seconds_per_image} s/image)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args.images_per_worker, args.seconds_per_image, args.shard_size, Path(tmp))
         many = run(args.workers, args.images_per_worker * args.workers, args.seconds_per_image, args.shard_size, Path(tmp))

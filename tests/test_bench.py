@@ -53,3 +53,11 @@ def test_finisher_benchmark_runs():
 
     result = finisher.main(["--size", "256", "--images", "2", "--ops", "2000"])
     assert result["bench_job_s"] > 0 and result["catalog_job_s"] > 0 and result["launch_slowdown"] > 0
+
+
+def test_scaling_benchmark_runs_without_dask(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.scaling", "--local", "--seconds-per-image", "0.05",
+                           "--images-per-worker", "8", "--shard-size", "4"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no Dask:" in done.stdout and '"images": 8' in done.stdout and '"failed": 0' in done.stdout

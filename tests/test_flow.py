@@ -145,3 +145,28 @@ def test_the_run_publishes_progress_summary_and_report_artifacts(config, monkeyp
     assert (values["planned"], values["generated"], values["rejected"], values["failed"]) == ("6", "3", "3", "0")
     report = (Path(config.out) / "report.html").resolve()
     assert report.as_uri() in by_key["catalog-images-report"].data and summary.report == config.out + "/report.html"
+
+
+def test_without_dask_two_shards_run_at_once_so_one_finishes_while_the_next_generates(config, monkeypatch):
+    import threading
+
+    from zimage_batch import run
+
+    running, most, lock = [0], [0], threading.Lock()
+    real = run.run_shard
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(run, "run_shard", counted)  # the real shard work, counted
+    summary = run_flow(config)  # 6 jobs in shards of 2: three shards
+    assert most[0] == 2  # two at once (the engine's lock keeps generation to one), never all three
+    assert summary.generated + summary.rejected == 6 and summary.failed == 0
+    assert len({r["job_id"] for r in read_jsonl(Path(config.out) / "manifest.jsonl")}) == 6

@@ -85,9 +85,10 @@ def shape(config: RunConfig) -> tuple[int, bool]:
 
 
 def in_flight(config: RunConfig, workers: int) -> int:
-    """How many shards the flow keeps submitted at once (1 without Dask: shards run one by one)."""
+    """How many shards the flow keeps submitted at once. Without Dask, Prefect's thread runner runs
+    every submitted shard at once, so two: one generating while the other finishes (as on a worker)."""
     if not (config.cluster or config.workers):
-        return 1
+        return SHARD_SLOTS
     return SHARDS_PER_WORKER * workers
 
 
