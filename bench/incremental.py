@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds, load, plan = timed_plan(catalog, template, out, verify)
         assert plan.skipped == plan.planned == args.jobs and plan.pending == 0, plan
         result[name] = round(seconds, 2)
-        result["manifest load"] = round(load, 2)
+        result[f"{name} manifest load"] = round(load, 2)
         print(f"{name:>24}: {args.jobs:,} of {plan.planned:,} jobs recognised as done in {seconds:.2f} s "
               f"(loading manifest.jsonl alone: {load:.2f} s)")
     return result

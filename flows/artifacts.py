@@ -12,6 +12,7 @@ from uuid import UUID
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
+from zimage_batch.manifest import MANIFEST, REPORT_HTML, RUN_JSON
 from zimage_batch.run import RunPlan, RunSummary
 
 PROGRESS_KEY = "catalog-images-progress"
@@ -56,15 +57,15 @@ def report_markdown(summary: RunSummary) -> str:
     lines = [
         f"# catalog-images: {summary.generated} generated, {summary.rejected} rejected, {summary.failed} failed",
         "",
-        f"- Report (contact sheet): [{out / 'report.html'}]({(out / 'report.html').as_uri()})",
-        f"- Manifest: `{out / 'manifest.jsonl'}`",
-        f"- Summary: `{out / 'run.json'}`",
+        f"- Report (contact sheet): [{out / REPORT_HTML}]({(out / REPORT_HTML).as_uri()})",
+        f"- Manifest: `{out / MANIFEST}`",
+        f"- Summary: `{out / RUN_JSON}`",
     ]
     if summary.manifest_uri:  # delivered to S3: links anyone with the note can open for a week
         from zimage_batch.deliver import presign
 
         base = summary.manifest_uri.rsplit("/", 1)[0]
-        links = ", ".join(f"[{name}]({presign(f'{base}/{name}')})" for name in ("report.html", "manifest.jsonl", "run.json"))
+        links = ", ".join(f"[{name}]({presign(f'{base}/{name}')})" for name in (REPORT_HTML, MANIFEST, RUN_JSON))
         lines.append(f"- Delivered to `{base}` (links valid 7 days): {links}")
     if summary.removed:
         shown = ", ".join(summary.removed[:20]) + (" ..." if len(summary.removed) > 20 else "")

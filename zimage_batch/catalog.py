@@ -177,6 +177,7 @@ class Catalog:
         number = 0
         with self._open() as f:
             reader = csv.reader(self._decoded_lines(f))
+            sku_at = self.columns.index("sku")
             try:
                 next(reader)  # header, already read by _read_columns
                 for fields in reader:
@@ -184,7 +185,6 @@ class Catalog:
                         continue  # blank line
                     number += 1
                     if len(fields) != len(self.columns):
-                        sku_at = self.columns.index("sku")
                         yield RowProblem(
                             self.name,
                             number,

@@ -28,7 +28,6 @@ from .store import write_atomic
 if TYPE_CHECKING:
     from .run import RunSummary
 
-REPORT = REPORT_HTML
 THUMB_SIZE = 256
 MAX_THUMBNAILS = 1000
 MAX_ITEMS = 5000
@@ -77,7 +76,7 @@ def write_report(out: str | Path, records: Sequence[ManifestRecord], summary: Ru
         uri = thumbnail_uri(out / path) if path else None
         if uri:
             thumbnails[record.job_id] = uri
-    target = out / REPORT
+    target = out / REPORT_HTML
     write_atomic(target, render_html(records, summary, thumbnails).encode("utf-8"))
     return target
 

@@ -31,12 +31,12 @@ from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
-from .manifest import MANIFEST, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
+from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
 from .provenance import Sealer
-from .report import REPORT, write_report
+from .report import write_report
 from .shard import ShardResult, default_sealer, process_shard
 from .store import TEMP_PREFIX, LocalStore, write_atomic
 
@@ -326,19 +326,18 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         seconds=round(time.perf_counter() - wall_start, 3),
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
-        versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT),
+        versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT_HTML),
     )
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    write_report(config.out, this_run, summary)
+    report = write_report(config.out, this_run, summary)
     if config.dest:
-        summary = publish(config, summary, total.delivery, manifest)
+        summary = publish(config, summary, total.delivery, manifest, report)
     else:
         _write_summary(config, summary)
     Path(plan.pending_file).unlink(missing_ok=True)
     return summary
 
 
-def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest) -> RunSummary:
+def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest, report: Path) -> RunSummary:
     """Write run.json here and, with the destination's records merged with ours, manifest.jsonl and run.json there."""
     uploader = open_uploader(config)
     summary = summary.model_copy(update=dict(
@@ -348,8 +347,7 @@ def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, ma
     _write_summary(config, summary)
     try:
         uploader.read_records()  # manifest.jsonl and every journal part, this run's included
-        report = Path(config.out) / REPORT
-        uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes() if report.is_file() else None)
+        uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes())
     except DeliveryError as exc:  # the local run.json says so; the rerun publishes
         problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
         summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))

@@ -136,10 +136,6 @@ def generate_splitting(engine: Engine, jobs: list[Job], seeds: list[int]) -> tup
     except Exception as exc:
         if len(jobs) == 1 or not is_out_of_memory(exc):
             raise
-    return _halves(engine, jobs, seeds)
-
-
-def _halves(engine: Engine, jobs: list[Job], seeds: list[int]) -> tuple[list[np.ndarray], int]:
     _free_gpu_cache()
     half = len(jobs) // 2
     first, used_first = generate_splitting(engine, jobs[:half], seeds[:half])
@@ -267,16 +263,13 @@ def process_shard(
     result.seconds["encode"] += time.perf_counter() - start
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
-
-            def hand_over(generated: list[Generated]) -> None:
+            for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
+                start = time.perf_counter()
+                generated = generate_batch(engine, batch, max_attempts)
+                result.seconds["generate"] += time.perf_counter() - start
                 waiting.append(finisher.submit(finish_all, generated))
                 while len(waiting) > 1:
                     waiting.popleft().result()
-
-            for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
-                start = time.perf_counter()
-                hand_over(generate_batch(engine, batch, max_attempts))
-                result.seconds["generate"] += time.perf_counter() - start
             while waiting:
                 waiting.popleft().result()
     finally:

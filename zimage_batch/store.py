@@ -16,6 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from . import crashpoints
 from .errors import OutputError
@@ -95,7 +96,7 @@ class LocalStore:
             return False
         if not verify and mtime_ns is not None and stat.st_mtime_ns == mtime_ns and stat.st_size == size:
             return True
-        return os.path.isfile(path) and sha256_file(Path(path)) == sha256
+        return S_ISREG(stat.st_mode) and sha256_file(Path(path)) == sha256
 
     def remove_stale_temp_files(self) -> int:
         """Delete temp files a killed run left behind; return how many."""
