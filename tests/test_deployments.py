@@ -88,6 +88,16 @@ def test_serve_with_a_bad_catalog_is_a_clear_error_and_serves_nothing(tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_serve_keeps_an_s3_catalog_a_uri(tmp_path, capsys, s3):
+    from zimage_batch.cli import main
+
+    template = write_template(tmp_path / "shot.j2", "A {{ title }}")
+    uri = f"s3://{s3.bucket}/nightly/missing.csv"
+    code = main(["serve", "--catalog", uri, "-t", str(template), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{uri} does not exist (no such object" in err  # looked up in the bucket, not as a local path
+
+
 @pytest.mark.parametrize("flags, phrase", [(["--vram", "8"], "--vram 8 is out of range: use 12..200"),
                                            (["--precision", "fp8", "--device", "cpu"], "--precision fp8 needs an NVIDIA GPU")])
 def test_serve_checks_the_engine_options_before_serving(tmp_path, capsys, flags, phrase):

@@ -453,7 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems.append(vram)
     if problems:
         raise ZImageBatchError(" ".join(problems))
-    config = RunConfig(catalogs=[os.path.abspath(c) for c in args.catalogs], templates=[os.path.abspath(t) for t in args.templates],
+    catalogs = [c if c.startswith("s3://") else os.path.abspath(c) for c in args.catalogs]  # runs start elsewhere
+    config = RunConfig(catalogs=catalogs, templates=[os.path.abspath(t) for t in args.templates],
                        out=os.path.abspath(args.out), model=args.model, device=args.device, compile=args.compile,
                        vram_gb=args.vram_gb, precision=args.precision)
     check_run(config)  # the nightly inputs must be good before anything is served
