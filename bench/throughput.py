@@ -5,32 +5,44 @@
     python -m bench.throughput --tiny          # the same code on the CPU with tiny-random (< 1 min; run by the tests)
 
 Variants, each on the same jobs (prompts and seeds from catalogs/demo.csv x templates), run in this
-order whatever order --variants names them (later ones change the shared pipeline):
+order whatever order --variants names them (later ones change the shared pipeline; a variant with
+levers runs in its base's place, in the order given):
+  sdpa           the attention kernel alone at the transformer's shape, per SDPA backend, and an
+                 FFN-sized matmul: what the kernels reach on this card (TFLOP/s), to read MFU against.
   plain          `pipe(prompt)` one image at a time, eager: what a user writes first.
   engine         the project's engine through `process_shard` (generation plus the post-processing
                  and storing that overlap it): prompts encoded once per shard, batches of equal
                  caption buckets (no attention mask), eager.
-  engine+compile the same after `compile_repeated_blocks` (the default on CUDA).
+  engine+compile the same, compiled: the transformer's repeated blocks and the VAE decoder (the
+                 default on CUDA).
   engine+compile+mask    length-sorted batches with an attention mask where lengths differ.
   generate-only  the compiled engine's `generate` alone, batch after batch: no post-processing, no
-                 storing. Against engine+compile it shows what the CPU side costs the GPU. Also
-                 splits the device time: transformer forwards, VAE decodes (StageTimes).
-  engine+compile+vae     a lever under test, not in the engine: the VAE decoder compiled too.
+                 storing. Against engine+compile it shows what the CPU side costs the GPU.
+  profile        one batch of the compiled engine under torch.profiler: device time per kind of
+                 kernel (matmul, attention, Inductor's fused elementwise, copies, other), the
+                 device's idle time inside the call, the costliest kernels; the Chrome trace is
+                 written beside --out (profile-trace.json.gz).
   vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
   vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
                  the way to the GPU (peak memory counted from before the quantization); eager,
                  whatever --compile says (EngineOptions.compiles).
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
-                 encoder, compiled (26 s warm-up on an H100), with generate-only's device-time split.
+                 encoder, compiled (~36 s warm-up on an H100).
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
+A variant that runs the engine can leave out one of its levers, to measure each alone:
+`+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)
+and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`.
 Prints seconds per image (wall: everything from the first call to the last file; steady: from the
-first batch's start, after the shard's prompts are encoded, to the last file; in gen: inside the engine's generate calls;
-between: from one call's return to the next call, when the GPU has nothing queued), images per
-hour, peak GPU memory, speedup over plain (steady rates) and an MFU estimate for the transformer; writes the rows as JSON to --out after every variant,
-so a run cut short keeps what it measured. Variants not started within --budget seconds are
-skipped. Needs only torch, transformers, diffusers, accelerate (the vram variants' streaming),
-numpy, Pillow, scipy, pydantic, jinja2, pyyaml, jsonschema (torchao for fp8 and vram12) and this
-repo (no Prefect, no network).
+first batch's start, after the shard's prompts are encoded, to the last file; sustained: from the
+pass's start, prompt encoding included, to the end of the last generate call, which leaves out only
+the shard's last post-processing, overlapped by the next shard in a run; in gen: inside the
+engine's generate calls; between: from one call's return to the next call, when the GPU has nothing
+queued), images per hour, peak GPU memory, speedup over plain (sustained where measured, else
+steady), an MFU estimate, and where the device time went (transformer forwards, VAE decodes);
+writes the rows as JSON to --out after every variant, so a run cut short keeps what it measured.
+Variants not started within --budget seconds are skipped. Needs only torch, transformers,
+diffusers, accelerate (the vram variants' streaming), numpy, Pillow, scipy, pydantic, jinja2,
+pyyaml, jsonschema (torchao for fp8 and vram12) and this repo (no Prefect, no network).
 """
 
 from __future__ import annotations
@@ -40,10 +52,12 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +66,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from zimage_batch.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
 from zimage_batch.generate import Engine, EngineOptions, build_tiny_pipeline, configure, quiet_libraries  # noqa: E402
 from zimage_batch.manifest import Manifest  # noqa: E402
 from zimage_batch.models import ModelRef  # noqa: E402
@@ -60,10 +75,91 @@ from zimage_batch.postprocess import PRESETS  # noqa: E402
 from zimage_batch.shard import batches, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
-ORDER = ["plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "engine+compile+vae", "vram16",
-         "vram12", "fp8", "cold-start"]
-DEFAULT_VARIANTS = "plain,engine+compile,generate-only,engine+compile+vae,vram16,vram12,fp8"
+ORDER = ["sdpa", "plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "vram16", "vram12",
+         "fp8", "cold-start"]
+LEVERS = ("complex-rope", "eager-vae")  # the engine without one of its levers, e.g. engine+compile+eager-vae
+UNLEVERED = ("sdpa", "plain", "cold-start")
+DEFAULT_VARIANTS = "sdpa,plain,engine+compile,engine+compile+complex-rope,engine+compile+eager-vae,profile,vram16,vram12,fp8"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
+
+
+def parse_variant(name: str) -> tuple[str, tuple[str, ...]]:
+    """``engine+compile+complex-rope+eager-vae`` -> (``engine+compile``, (``complex-rope``, ``eager-vae``))."""
+    parts = name.split("+")
+    levers: list[str] = []
+    while len(parts) > 1 and parts[-1] in LEVERS:
+        levers.insert(0, parts.pop())
+    return "+".join(parts), tuple(levers)
+
+
+@contextmanager
+def levers(pipe, names: tuple[str, ...], device: str):
+    """Take levers out of a configured (not yet run, so not yet compiled) pipeline, to measure each
+    against the engine with it; put them back afterwards. ``complex-rope``: diffusers' own attention
+    processor (complex rotary embedding). ``eager-vae``: the VAE decoder not compiled (CUDA only:
+    on the CPU it never is)."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    compiled_vae = pipe.vae.decoder._compiled_call_impl
+    if "complex-rope" in names:
+        for module in pipe.transformer.modules():
+            if isinstance(getattr(module, "processor", None), RealRopeAttnProcessor):
+                module.set_processor(ZSingleStreamAttnProcessor())
+    if "eager-vae" in names:
+        pipe.vae.decoder._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        if "complex-rope" in names:
+            use_real_rope(pipe.transformer)
+        pipe.vae.decoder._compiled_call_impl = compiled_vae
+
+
+def best_seconds(call, device: str, repeat: int = 10) -> float:
+    """Mean seconds per call over ``repeat`` calls, after three untimed ones."""
+    for _ in range(3):
+        call()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        call()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def attention_kernels(pipe, batch: int, tokens: int, device: str) -> dict:
+    """SDPA at the transformer's attention shape (batch, heads, tokens, head dim) under each backend,
+    and one FFN-sized matmul, in TFLOP/s: the ceilings the transformer's MFU is read against."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = pipe.transformer.config
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    shape = (batch, cfg.n_heads, tokens, cfg.dim // cfg.n_heads)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    flops = 4 * batch * cfg.n_heads * tokens * tokens * shape[-1]
+    row: dict = {"variant": "sdpa", "shape": list(shape)}
+    for name, backend in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        def call():
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        try:
+            seconds = best_seconds(call, device)
+        except RuntimeError as exc:  # a backend this device or shape does not have
+            row[f"{name}_error"] = str(exc).splitlines()[0][:160]
+            continue
+        row[f"{name}_ms"], row[f"{name}_tflops"] = seconds * 1e3, flops / seconds / 1e12
+    hidden = pipe.transformer.layers[0].feed_forward.w1.out_features
+    x, w = torch.randn(batch * tokens, cfg.dim, device=device, dtype=dtype), torch.randn(cfg.dim, hidden, device=device, dtype=dtype)
+    seconds = best_seconds(lambda: x @ w, device)
+    row["matmul_shape"], row["matmul_tflops"] = [batch * tokens, cfg.dim, hidden], 2 * x.shape[0] * cfg.dim * hidden / seconds / 1e12
+    del q, k, v, x, w
+    return row
 
 
 def full_size_transformer(device: str):
@@ -228,6 +324,7 @@ class CallTimes:
 
     def __init__(self, engine: Engine):
         self.spans: list[tuple[float, float]] = []
+        self.began = time.perf_counter()  # made just before the timed pass starts
         generate = engine.generate
 
         def timed(jobs, seeds):
@@ -243,7 +340,8 @@ class CallTimes:
         inside = sum(end - start for start, end in self.spans)
         between = sum(later[0] - earlier[1] for earlier, later in zip(self.spans, self.spans[1:]))
         return {"generate_calls": len(self.spans), "in_generate_s_per_image": inside / images,
-                "between_calls_s_per_image": between / images}
+                "between_calls_s_per_image": between / images,
+                "sustained_s_per_image": (self.spans[-1][1] - self.began) / images}
 
 
 class StageTimes:
@@ -341,6 +439,65 @@ def run_generate_only(engine: Engine, jobs: list[Job], batch: int, device: str) 
     return Timing(seconds, done_at, [made[j.job_id] for j in jobs], encoded_at)
 
 
+KERNEL_KINDS = [  # (kind, name pattern), first match wins: CUDA kernel names on a GPU, aten op names on the CPU
+    ("convolution (VAE)", re.compile(r"conv|fprop|dgrad|implicit_gemm", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|aten::(mm|addmm|bmm)$", re.I)),
+    ("attention", re.compile(r"fmha|flash|sdpa|attention", re.I)),
+    ("fused elementwise (Inductor)", re.compile(r"^triton_|^cpp_fused|graph_\d+_cpp_fused", re.I)),
+    ("copies", re.compile(r"memcpy|memset|aten::copy_", re.I)),
+]
+
+
+def profile_batch(engine: Engine, jobs: list[Job], device: str, trace: Path) -> dict:
+    """One generate call under torch.profiler: device time per kind of kernel, the GPU's idle time
+    inside the call, the ten costliest kernels; the Chrome trace goes to ``trace`` (gzipped)."""
+    import gzip
+    import shutil
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    engine.prepare(jobs)
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        engine.generate(jobs, [j.seed for j in jobs])
+        wall = time.perf_counter() - start
+    engine.release(jobs)
+    if cuda:  # kernels, with their own (device) times
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:  # aten ops' own CPU time (no children), as if they were kernels
+        kernels = [(e.name, e.time_range.start, e.time_range.start + e.self_cpu_time_total) for e in prof.events()
+                   if e.name.startswith(("aten::", "cpp_fused", "graph_")) and e.self_cpu_time_total > 0]
+    per_kind: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    for name, begin, end in kernels:
+        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+        per_kind[kind] = per_kind.get(kind, 0.0) + (end - begin) / 1e6
+        per_name[name] = per_name.get(name, 0.0) + (end - begin) / 1e6
+    busy, reach = 0.0, None  # the union of kernel intervals: the time the device did something
+    for _, begin, end in sorted((k for k in kernels), key=lambda k: k[1]):
+        if reach is None or begin > reach:
+            busy += end - begin
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    raw = trace.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    images = len(jobs)
+    top = sorted(per_name.items(), key=lambda item: -item[1])[:10]
+    return {"variant": "profile", "images": images, "wall_s_per_image": wall / images,
+            "busy_s_per_image": busy / 1e6 / images, "idle_s_per_image": wall / images - busy / 1e6 / images,
+            "kinds_s_per_image": {k: v / images for k, v in sorted(per_kind.items(), key=lambda item: -item[1])},
+            "top_kernels_s_per_image": {name[:120]: v / images for name, v in top}, "trace": str(trace)}
+
+
 def transformer_flops(pipe, job: Job) -> float:
     """FLOPs of the transformer for one image: 2 x params x tokens + attention, per forward."""
     params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -392,8 +549,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "bench/out/throughput.json"))
     args = parser.parse_args(argv)
     wanted = args.variants.split(",")
-    if set(wanted) - set(ORDER):
-        parser.error(f"unknown variant(s) {sorted(set(wanted) - set(ORDER))}: use {', '.join(ORDER)}")
+    unknown = [n for n in wanted if parse_variant(n)[0] not in ORDER or (parse_variant(n)[1] and parse_variant(n)[0] in UNLEVERED)]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}: use {', '.join(ORDER)}, the engine ones optionally with "
+                     f"+{', +'.join(LEVERS)}")
+    wanted.sort(key=lambda n: ORDER.index(parse_variant(n)[0]))  # stable: levers keep the order given
 
     import torch
 
@@ -434,12 +594,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(name: str, timing: Timing, first_image: float, batch: int, calls: CallTimes | None = None,
                extra: dict | None = None) -> None:
-        steady = timing.steady()
-        row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": steady,
-               "images_per_hour": 3600 / steady, "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image,
-               "mfu": flops / steady / H100_BF16_PEAK if device == "cuda" else None}
+        row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": timing.steady(),
+               "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image}
         if calls is not None:
             row.update(calls.summary(len(timed)))
+        rate = row.get("sustained_s_per_image", row["steady_s_per_image"])  # what the speedup is taken on
+        row.update({"images_per_hour": 3600 / rate, "mfu": flops / rate / H100_BF16_PEAK if device == "cuda" else None})
         row.update(extra or {})
         if row.get("transformer_s_per_image") and device == "cuda":
             row["transformer_mfu"] = flops / row["transformer_s_per_image"] / H100_BF16_PEAK
@@ -457,82 +617,95 @@ def main(argv: list[str] | None = None) -> dict:
         plain_images = timing.images
         record("plain", timing, first.seconds, 1)
 
-    compiled: set[tuple[int, int]] = set()  # (transformer, batch size) whose shapes for `timed` are compiled
+    compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers) whose shapes for `timed` are compiled
+
+    def engine_for(name: str, options: EngineOptions) -> Engine:
+        return Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
+                      options)
 
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
-                    stages: bool = False) -> None:
-        """Configure, warm up, time. ``peak_gpu_gb`` is the timed pass's peak; ``warmup_peak_gb``
-        covers the warm-up (compiling) and, with ``peak_from_load``, configuring (quantizing) too."""
+                    applied: tuple[str, ...] = ()) -> None:
+        """Configure, apply the levers, warm up, time. ``peak_gpu_gb`` is the timed pass's peak;
+        ``warmup_peak_gb`` covers the warm-up (compiling) and, with ``peak_from_load``,
+        configuring (quantizing) too."""
         if peak_from_load:
             reset_peak(device)
-        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
-                        options)
+        engine = engine_for(name, options)
         if not peak_from_load:
             reset_peak(device)
         resident = allocated_gb(device)
-        # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
-        # no mask) compiles before the clock starts; a short warm-up where they already are.
-        shapes = (id(pipe.transformer), batch, options.bucket_captions, pipe.vae.decoder._compiled_call_impl is not None)
-        compiling = options.compiles and device == "cuda"  # configure compiles on CUDA only
-        first = runner(engine, timed if compiling and shapes not in compiled else warm[:batch], batch, device)
-        if compiling:
-            compiled.add(shapes)
-        print(f"  warm-up: {first.seconds:.1f} s for {len(first.done_at)} images", flush=True)
-        warmup_peak = peak_gb(device)
-        reset_peak(device)
-        calls = CallTimes(engine)
-        split = StageTimes(pipe, device) if stages else None
-        timing = runner(engine, timed, batch, device)
+        with levers(pipe, applied, device):
+            # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
+            # no mask) compiles before the clock starts; a short warm-up where they already are.
+            shapes = (id(pipe.transformer), batch, options.bucket_captions, applied)
+            compiling = options.compiles and device == "cuda"  # configure compiles on CUDA only
+            first = runner(engine, timed if compiling and shapes not in compiled else warm[:batch], batch, device)
+            if compiling:
+                compiled.add(shapes)
+            print(f"  warm-up: {first.seconds:.1f} s for {len(first.done_at)} images", flush=True)
+            warmup_peak = peak_gb(device)
+            reset_peak(device)
+            calls, split = CallTimes(engine), StageTimes(pipe, device)
+            timing = runner(engine, timed, batch, device)
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
-        record(name, timing, min(first.done_at), batch, calls, {**extra, **(split.summary(len(timed)) if split else {})})
+        record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed))})
 
-    def vae_compiled() -> None:
-        decoder = pipe.vae.decoder
-        if device == "cuda":
-            decoder.compile(fullgraph=True)
-        try:
-            engine_pass("engine+compile+vae", EngineOptions(compile=True), args.batch)
-        finally:
-            decoder._compiled_call_impl = None  # back to eager for the variants after this one
-
-    def vram12() -> None:
+    def vram12(name: str, applied: tuple[str, ...]) -> None:
         pipe.transformer = None
         free_gpu()
         pipe.transformer = fresh("transformer", args, device).to("cpu")  # as from_pretrained leaves it
         if not group_offloaded(pipe.text_encoder):  # vram16 did not run: the encoder is still on the GPU
             pipe.text_encoder.to("cpu")
         free_gpu()
-        engine_pass("vram12", EngineOptions(compile=True, vram_gb=12), 1, peak_from_load=True)
+        engine_pass(name, EngineOptions(compile=True, vram_gb=12), 1, peak_from_load=True, applied=applied)
 
-    def fp8() -> None:
+    def fp8(name: str, applied: tuple[str, ...]) -> None:
         if device != "cuda":
             raise Skip("fp8 needs a CUDA GPU with FP8 tensor cores")
         pipe.transformer = pipe.text_encoder = None  # the text encoder was set to stream: a resident one instead
         free_gpu()
         pipe.transformer, pipe.text_encoder = fresh("transformer", args, device), fresh("text_encoder", args, device)
-        engine_pass("fp8", EngineOptions(compile=True, precision="fp8"), args.batch, stages=True)
+        engine_pass(name, EngineOptions(compile=True, precision="fp8"), args.batch, applied=applied)
+
+    def profiled(name: str, applied: tuple[str, ...]) -> None:
+        engine, batch = engine_for(name, EngineOptions(compile=True)), timed[: args.batch]
+        with levers(pipe, applied, device):
+            run_generate_only(engine, batch, args.batch, device)  # this batch's shapes compiled before the profile
+            row = profile_batch(engine, batch, device, Path(args.out).parent / "profile-trace.json.gz")
+        row["variant"] = name
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def sdpa(name: str, applied: tuple[str, ...]) -> None:
+        caption = -(-(args.max_tokens if not args.tiny else 96) // 32) * 32  # the transformer pads captions to 32s
+        tokens = (timed[0].height // 16) * (timed[0].width // 16) + caption
+        row = attention_kernels(pipe, args.batch, tokens, device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def passes(options: EngineOptions, batch: int, runner=run_engine):
+        return lambda name, applied: engine_pass(name, options, batch, runner, applied=applied)
 
     bodies = {
-        "plain": plain,
-        "engine": lambda: engine_pass("engine", EngineOptions(), args.batch),
-        "engine+compile": lambda: engine_pass("engine+compile", EngineOptions(compile=True), args.batch),
-        "engine+compile+mask": lambda: engine_pass("engine+compile+mask", EngineOptions(compile=True, bucket_captions=False),
-                                                   args.batch),
-        "generate-only": lambda: engine_pass("generate-only", EngineOptions(compile=True), args.batch, run_generate_only,
-                                             stages=True),
-        "engine+compile+vae": vae_compiled,
-        "vram16": lambda: engine_pass("vram16", EngineOptions(compile=True, vram_gb=16), 1),
+        "sdpa": sdpa,
+        "plain": lambda name, applied: plain(),
+        "engine": passes(EngineOptions(), args.batch),
+        "engine+compile": passes(EngineOptions(compile=True), args.batch),
+        "engine+compile+mask": passes(EngineOptions(compile=True, bucket_captions=False), args.batch),
+        "generate-only": passes(EngineOptions(compile=True), args.batch, run_generate_only),
+        "profile": profiled,
+        "vram16": passes(EngineOptions(compile=True, vram_gb=16), 1),
         "vram12": vram12,
         "fp8": fp8,
-        "cold-start": lambda: rows.append(cold_start(args.batch)),
+        "cold-start": lambda name, applied: rows.append(cold_start(args.batch)),
     }
-    for name in (n for n in ORDER if n in wanted):
+    for name in wanted:
         if time.perf_counter() - began > args.budget:
             rows.append({"variant": name, "skipped": f"not started: past the {args.budget:.0f} s budget"})
             continue
         print(f"[{time.perf_counter() - began:.0f} s] {name}", flush=True)
         try:
-            bodies[name]()
+            bodies[parse_variant(name)[0]](name, parse_variant(name)[1])
         except Skip as skip:
             rows.append({"variant": name, "skipped": str(skip)})
         except Exception as exc:  # noqa: BLE001 - one failed variant must not cost the others
@@ -551,31 +724,45 @@ class Skip(Exception):
 
 def print_table(rows: list[dict]) -> None:
     base = next((r["steady_s_per_image"] for r in rows if r["variant"] == "plain" and "steady_s_per_image" in r), None)
-    print(f"\n{'variant':<24}{'wall s/img':>11}{'steady':>8}{'in gen':>8}{'between':>8}{'img/hour':>10}{'peak GB':>9}"
-          f"{'speedup':>9}{'MFU':>6}{'1st img s':>10}{'PSNR dB':>9}")
+    print(f"\n{'variant':<30}{'wall s/img':>11}{'steady':>8}{'sustained':>10}{'in gen':>8}{'between':>8}{'img/hour':>10}"
+          f"{'peak GB':>9}{'speedup':>9}{'MFU':>6}{'1st img s':>10}{'PSNR dB':>9}")
+
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "-"
+
     for r in rows:
         if r["variant"] == "cold-start" and "first_image_s" in r:
-            print(f"{'cold-start':<24}first image after {r['first_image_s']:.1f} s in a new process "
+            print(f"{'cold-start':<30}first image after {r['first_image_s']:.1f} s in a new process "
                   f"({r['process_seconds']:.0f} s in all, building the weights included)")
             continue
-        if "steady_s_per_image" not in r:
-            print(f"{r['variant']:<24}{r.get('error') or r.get('skipped') or r}")
+        if r["variant"] == "sdpa" and "shape" in r:
+            kernels = ", ".join(f"{name} {r[name + '_tflops']:.0f}" for name in ("default", "flash", "cudnn", "efficient")
+                                if name + "_tflops" in r)
+            print(f"{'sdpa':<30}attention {r['shape']} TFLOP/s: {kernels}; matmul {r['matmul_shape']}: "
+                  f"{r['matmul_tflops']:.0f} TFLOP/s")
             continue
-        speed = f"{base / r['steady_s_per_image']:.2f}x" if base else "-"
+        if r["variant"].startswith("profile") and "kinds_s_per_image" in r:
+            kinds = ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in r["kinds_s_per_image"].items())
+            print(f"{r['variant']:<30}one batch, per image: {r['wall_s_per_image']:.3f} s in the call, device busy "
+                  f"{r['busy_s_per_image']:.3f}, idle {r['idle_s_per_image']:.3f}; {kinds}; trace {r['trace']}")
+            continue
+        if "steady_s_per_image" not in r:
+            print(f"{r['variant']:<30}{r.get('error') or r.get('skipped') or r}")
+            continue
+        rate = r.get("sustained_s_per_image", r["steady_s_per_image"])
+        speed = f"{base / rate:.2f}x" if base else "-"
         mem = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"
         psnr = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "-"
-        inside = f"{r['in_generate_s_per_image']:.3f}" if "in_generate_s_per_image" in r else "-"
-        between = f"{r['between_calls_s_per_image']:.3f}" if "between_calls_s_per_image" in r else "-"
-        print(f"{r['variant']:<24}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{inside:>8}{between:>8}"
-              f"{r['images_per_hour']:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
+        print(f"{r['variant']:<30}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{cell(r, 'sustained_s_per_image'):>10}"
+              f"{cell(r, 'in_generate_s_per_image'):>8}{cell(r, 'between_calls_s_per_image'):>8}"
+              f"{3600 / rate:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
     for r in rows:
         if "transformer_s_per_image" in r:
             rest = r["in_generate_s_per_image"] - r["transformer_s_per_image"] - r["vae_decode_s_per_image"]
             print(f"{r['variant']}: per image {r['transformer_s_per_image']:.3f} s in transformer forwards, "
                   f"{r['vae_decode_s_per_image']:.3f} s in VAE decodes, {rest:.3f} s else inside the generate calls"
                   + (f"; transformer MFU {r['transformer_mfu']:.0%}" if "transformer_mfu" in r else ""))
-
 
 if __name__ == "__main__":
     main()

@@ -4,26 +4,46 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
+    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae"]
     result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
-                              ",".join(throughput.ORDER)])
+                              ",".join([*reversed(throughput.ORDER), *levered])])
     rows = {r["variant"]: r for r in result["rows"]}
-    assert [r["variant"] for r in result["rows"]] == throughput.ORDER  # every variant, in the documented order
+    order = throughput.ORDER[:4] + levered + throughput.ORDER[4:]  # the documented order; levers in their base's place
+    assert [r["variant"] for r in result["rows"]] == order
     assert rows["fp8"]["skipped"].startswith("fp8 needs a CUDA GPU") and "skipped" in rows["cold-start"]
-    measured = {name: row for name, row in rows.items() if name not in ("fp8", "cold-start")}
+    assert rows["sdpa"]["default_tflops"] > 0 and rows["sdpa"]["matmul_tflops"] > 0
+    profile = rows["profile"]  # one batch under torch.profiler (aten ops' own CPU time here)
+    assert {"matmul", "attention", "convolution (VAE)"} <= set(profile["kinds_s_per_image"])
+    assert 0 < profile["busy_s_per_image"] <= profile["wall_s_per_image"]
+    assert sum(profile["kinds_s_per_image"].values()) >= profile["busy_s_per_image"] * 0.99  # the union is no more than the sum
+    assert (tmp_path / "profile-trace.json.gz").stat().st_size > 0
+    measured = {name: row for name, row in rows.items() if name not in ("sdpa", "profile", "fp8", "cold-start")}
     assert all("error" not in r and r["s_per_image"] > 0 and r["steady_s_per_image"] > 0 for r in measured.values()), rows
-    split = rows["generate-only"]  # device time split into transformer forwards and VAE decodes
-    assert 0 < split["transformer_s_per_image"] and 0 < split["vae_decode_s_per_image"]
-    assert split["transformer_s_per_image"] + split["vae_decode_s_per_image"] < split["in_generate_s_per_image"]
-    assert "transformer_s_per_image" not in rows["engine+compile"]  # timed only where asked, then unwrapped
+    for name, split in measured.items():  # device time split into transformer forwards and VAE decodes
+        if name != "plain":
+            assert 0 < split["transformer_s_per_image"] and 0 < split["vae_decode_s_per_image"]
+            assert split["transformer_s_per_image"] + split["vae_decode_s_per_image"] < split["in_generate_s_per_image"]
+            assert split["in_generate_s_per_image"] <= split["sustained_s_per_image"]
+    assert rows["engine+compile+complex-rope"]["max_abs_diff"] == rows["engine+compile"]["max_abs_diff"]  # same images
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
     assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
+
+
+def test_throughput_benchmark_names_what_it_does_not_know(capsys):
+    from bench import throughput
+
+    for wrong in ("plain+eager-vae", "engine+compile+cudnn"):
+        with pytest.raises(SystemExit) as exit_:
+            throughput.main(["--tiny", "--variants", wrong])
+        assert exit_.value.code == 2 and wrong in capsys.readouterr().err
 
 
 def test_throughput_benchmark_stops_starting_variants_past_its_budget(tmp_path):

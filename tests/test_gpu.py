@@ -42,12 +42,25 @@ def test_streamed_text_encoder_stays_off_the_gpu_and_keeps_the_images(full):
     assert all(np.abs(a - b).max() < 0.05 for a, b in zip(images, reference))  # bf16 noise: batch 1 vs 2
 
 
+def test_compiled_engine_compiles_the_blocks_and_the_vae_decoder_and_keeps_the_images(full):
+    from zimage_batch.attention import RealRopeAttnProcessor
+
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", EngineOptions(compile=True))
+    assert engine.pipe.transformer.layers[0]._compiled_call_impl is not None
+    assert engine.pipe.vae.decoder._compiled_call_impl is not None
+    assert isinstance(engine.pipe.transformer.layers[0].attention.processor, RealRopeAttnProcessor)
+    images = engine.generate(JOBS, [j.seed for j in JOBS])
+    assert all(np.abs(i - r).max() < 0.05 for i, r in zip(images, reference))  # compiled vs eager: bf16 noise
+
+
 def test_int8_weights_on_the_gpu_run_eager_and_stay_close(full):
     _, reference = full
     engine = load_engine("tiny-random", "cuda", EngineOptions(vram_gb=12, compile=True))
     weight = engine.pipe.transformer.layers[0].attention.to_q.weight
     assert type(weight).__module__.startswith("torchao") and weight.device.type == "cuda"
     assert engine.pipe.transformer.layers[0]._compiled_call_impl is None  # compiled int8 ran far slower (H100)
+    assert engine.pipe.vae.decoder._compiled_call_impl is None
     images = [engine.generate([j], [j.seed])[0] for j in JOBS]
     assert all(np.isfinite(i).all() and np.abs(i - r).max() < 0.1 for i, r in zip(images, reference))
 

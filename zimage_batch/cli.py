@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_options(p: argparse.ArgumentParser) -> None:  # how the pipeline runs: the same for run and serve
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the transformer's repeated blocks (default: on with CUDA; ~20 s warm-up per process; "
+                       help="torch.compile the transformer's repeated blocks and the VAE decoder (default: on with CUDA; ~35 s "
+                            "warm-up the first time, cached on disk; "
                             "never with --vram below 16, whose int8 weights run faster eager)")
         p.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
                        help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "per 1024px image on an H100; needs torchao; pixels change slightly)")
         p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
                        help="fp8: the transformer's block layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
-                            "needs torchao): 0.64 s per 1024px image on an H100 vs 0.87 in bf16; it changes pixels, so it is off by default "
+                            "needs torchao): 0.625 s per 1024px image on an H100 vs 0.817 in bf16; it changes pixels, so it is off by default "
                             "(the CPU always computes in fp32)")
 
     def common(p: argparse.ArgumentParser) -> None:
