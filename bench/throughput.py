@@ -27,7 +27,7 @@ levers runs in its base's place, in the order given):
                  the way to the GPU (peak memory counted from before the quantization); eager,
                  whatever --compile says (EngineOptions.compiles).
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
-                 encoder, compiled (~36 s warm-up on an H100).
+                 encoder, compiled (first image after ~28 s on an H100).
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 A variant that runs the engine can leave out one of its levers, to measure each alone:
 `+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)
@@ -115,7 +115,7 @@ def levers(pipe, names: tuple[str, ...], device: str):
         pipe.vae.decoder._compiled_call_impl = compiled_vae
 
 
-def best_seconds(call, device: str, repeat: int = 10) -> float:
+def mean_seconds(call, device: str, repeat: int = 10) -> float:
     """Mean seconds per call over ``repeat`` calls, after three untimed ones."""
     for _ in range(3):
         call()
@@ -149,7 +149,7 @@ def attention_kernels(pipe, batch: int, tokens: int, device: str) -> dict:
                 return F.scaled_dot_product_attention(q, k, v)
 
         try:
-            seconds = best_seconds(call, device)
+            seconds = mean_seconds(call, device)
         except RuntimeError as exc:  # a backend this device or shape does not have
             row[f"{name}_error"] = str(exc).splitlines()[0][:160]
             continue
@@ -157,7 +157,7 @@ def attention_kernels(pipe, batch: int, tokens: int, device: str) -> dict:
     hidden = pipe.transformer.layers[0].feed_forward.w1.out_features
     x = torch.randn(batch * tokens, cfg.dim, device=device, dtype=dtype)
     w = torch.randn(cfg.dim, hidden, device=device, dtype=dtype)
-    seconds = best_seconds(lambda: x @ w, device)
+    seconds = mean_seconds(lambda: x @ w, device)
     row["matmul_shape"] = [batch * tokens, cfg.dim, hidden]
     row["matmul_tflops"] = 2 * batch * tokens * cfg.dim * hidden / seconds / 1e12
     del q, k, v, x, w
@@ -379,11 +379,14 @@ class StageTimes:
 
         return timed
 
-    def summary(self, images: int) -> dict:
-        """Seconds per image in each stage; unwraps the pipeline."""
-        sync(self.device)
+    def close(self) -> None:
+        """Unwrap the pipeline (also after a failed pass, so the next variant is not timed twice)."""
         for owner, attr, _ in self.wrapped:
-            delattr(owner, attr)  # the instance attribute goes, the class's method is back
+            owner.__dict__.pop(attr, None)  # the instance attribute goes, the class's method is back
+
+    def summary(self, images: int) -> dict:
+        """Seconds per image in each stage."""
+        sync(self.device)
         return {f"{name}_s_per_image": sum(span() for span in spans) / images for name, spans in self.spans.items()}
 
 
@@ -442,10 +445,10 @@ def run_generate_only(engine: Engine, jobs: list[Job], batch: int, device: str) 
 
 
 KERNEL_KINDS = [  # (kind, name pattern), first match wins: CUDA kernel names on a GPU, aten op names on the CPU
+    ("fused elementwise (Inductor)", re.compile(r"^triton_(poi|red|per)_|cpp_fused", re.I)),  # names may say "convolution"
     ("convolution (VAE)", re.compile(r"conv|fprop|dgrad|implicit_gemm", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|aten::(mm|addmm|bmm)$", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|^triton_tem_|aten::(mm|addmm|bmm)$", re.I)),
     ("attention", re.compile(r"fmha|flash|sdpa|attention", re.I)),
-    ("fused elementwise (Inductor)", re.compile(r"^triton_|^cpp_fused|graph_\d+_cpp_fused", re.I)),
     ("copies", re.compile(r"memcpy|memset|aten::copy_", re.I)),
 ]
 
@@ -652,7 +655,10 @@ def main(argv: list[str] | None = None) -> dict:
             warmup_peak = peak_gb(device)
             reset_peak(device)
             calls, split = CallTimes(engine), StageTimes(pipe, device)
-            timing = runner(engine, timed, batch, device)
+            try:
+                timing = runner(engine, timed, batch, device)
+            finally:
+                split.close()
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
         record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed))})
 

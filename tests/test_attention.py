@@ -39,10 +39,16 @@ def test_images_are_diffusers_own_with_and_without_an_attention_mask():
         assert np.array_equal(images(p), image)
 
 
-def test_the_engine_uses_it():
-    engine = load_engine("tiny-random", "cpu")
-    attention = [m for m in engine.pipe.transformer.modules() if hasattr(m, "processor")]
-    assert attention and all(isinstance(m.processor, RealRopeAttnProcessor) for m in attention)
+def test_the_engine_uses_it_where_it_compiles():
+    from zimage_batch.generate import EngineOptions
+
+    def processors(options):
+        engine = load_engine("tiny-random", "cpu", options)
+        return {type(m.processor).__name__ for m in engine.pipe.transformer.modules() if hasattr(m, "processor")}
+
+    assert processors(EngineOptions(compile=True)) == {"RealRopeAttnProcessor"}
+    assert processors(EngineOptions()) == {"ZSingleStreamAttnProcessor"}  # eager: the complex form takes fewer kernels
+    assert processors(EngineOptions(compile=True, vram_gb=12)) == {"ZSingleStreamAttnProcessor"}  # int8 runs eager
 
 
 @pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex operators")

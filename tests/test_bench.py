@@ -31,10 +31,31 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
             assert 0 < split["transformer_s_per_image"] and 0 < split["vae_decode_s_per_image"]
             assert split["transformer_s_per_image"] + split["vae_decode_s_per_image"] < split["in_generate_s_per_image"]
             assert split["in_generate_s_per_image"] <= split["sustained_s_per_image"]
-    assert rows["engine+compile+complex-rope"]["max_abs_diff"] == rows["engine+compile"]["max_abs_diff"]  # same images
+    for key in ("max_abs_diff", "mean_abs_diff", "psnr_db"):  # the real rotation leaves the images as they were
+        assert rows["engine+compile+complex-rope"][key] == rows["engine+compile"][key]
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
     assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
+
+
+def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
+    from bench.throughput import levers
+    from zimage_batch.attention import use_real_rope
+    from zimage_batch.generate import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    use_real_rope(pipe.transformer)
+    pipe.vae.decoder.compile()  # lazy: nothing compiles until it is called
+    compiled = pipe.vae.decoder._compiled_call_impl
+
+    def processors():
+        return {type(m.processor).__name__ for m in pipe.transformer.modules() if hasattr(m, "processor")}
+
+    with pytest.raises(RuntimeError, match="pass failed"):
+        with levers(pipe, ("complex-rope", "eager-vae"), "cpu"):
+            assert processors() == {"ZSingleStreamAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is None
+            raise RuntimeError("pass failed")
+    assert processors() == {"RealRopeAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is compiled
 
 
 def test_throughput_benchmark_names_what_it_does_not_know(capsys):

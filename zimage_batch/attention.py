@@ -5,12 +5,15 @@ diffusers' ``ZSingleStreamAttnProcessor`` rotates queries and keys as complex nu
 operators, so in a compiled transformer those steps stay separate eager kernels, each reading and
 writing the whole query or key in float32, in every block of every forward. Written with cos and
 sin, the same rotation is plain elementwise arithmetic that Inductor fuses with the q/k norms.
-The images are the same within float rounding (a test compares them).
+The images are the same within float rounding (a test compares them). Eager, it launches more
+kernels than the complex form (about eight per tensor against three), so the engine installs it only
+where it compiles.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -32,8 +35,6 @@ class RealRopeAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
@@ -41,8 +42,8 @@ class RealRopeAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if freqs_cis is not None:
-            freqs = torch.view_as_real(freqs_cis) if freqs_cis.is_complex() else freqs_cis
+        if freqs_cis is not None:  # complex64 (batch, tokens, head_dim / 2): viewed as (cos, sin) pairs
+            freqs = torch.view_as_real(freqs_cis)
             query, key = rotate(query, freqs), rotate(key, freqs)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
