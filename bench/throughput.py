@@ -38,7 +38,8 @@ pass's start, prompt encoding included, to the end of the last generate call, wh
 the shard's last post-processing, overlapped by the next shard in a run; in gen: inside the
 engine's generate calls; between: from one call's return to the next call, when the GPU has nothing
 queued), images per hour, peak GPU memory, speedup over plain (sustained where measured, else
-steady), an MFU estimate, and where the device time went (transformer forwards, VAE decodes);
+steady), an MFU estimate, where the device time went (transformer forwards, VAE decodes) and the
+GPU's SM clock, temperature and power during each pass (nvidia-smi: so clock drift over a run shows);
 writes the rows as JSON to --out after every variant, so a run cut short keeps what it measured.
 Variants not started within --budget seconds are skipped. Needs only torch, transformers,
 diffusers, accelerate (the vram variants' streaming), numpy, Pillow, scipy, pydantic, jinja2,
@@ -53,9 +54,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -316,6 +319,46 @@ class Timing:
         the shard's tail (the last batch's post-processing and storing, ~1.2 s on the H100 host:
         ~0.07 s per image with 16 images) is in it; generate-only has none."""
         return (max(self.done_at) - self.encoded_at) / len(self.done_at)
+
+
+class GpuMonitor:
+    """Samples the GPU's SM clock, temperature and power with nvidia-smi twice a second while a pass
+    runs, so clock drift over a long run (a warm GPU slowing down) shows beside each number. Does
+    nothing where nvidia-smi is missing."""
+
+    QUERY = ["--query-gpu=clocks.sm,temperature.gpu,power.draw", "--format=csv,noheader,nounits"]
+
+    def __init__(self, enabled: bool, period: float = 0.5):
+        self.tool = shutil.which("nvidia-smi") if enabled else None
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if self.tool else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                line = subprocess.run([self.tool, *self.QUERY], capture_output=True, text=True, timeout=5).stdout
+                self.samples.append([float(v) for v in line.splitlines()[0].split(",")])
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass  # a sample lost is not a failed pass
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "GpuMonitor":
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        clocks, temps, watts = zip(*self.samples)
+        return {"gpu_sm_mhz_mean": sum(clocks) / len(clocks), "gpu_sm_mhz_min": min(clocks), "gpu_temp_c_max": max(temps),
+                "gpu_power_w_mean": sum(watts) / len(watts)}
 
 
 class CallTimes:
@@ -622,9 +665,10 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal plain_images
         reset_peak(device)
         first = run_plain(pipe, warm[:1], device)
-        timing = run_plain(pipe, timed, device)
+        with GpuMonitor(device == "cuda") as gpu:
+            timing = run_plain(pipe, timed, device)
         plain_images = timing.images
-        record("plain", timing, first.seconds, 1)
+        record("plain", timing, first.seconds, 1, extra=gpu.summary())
 
     compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers) whose shapes for `timed` are compiled
 
@@ -656,11 +700,12 @@ def main(argv: list[str] | None = None) -> dict:
             reset_peak(device)
             calls, split = CallTimes(engine), StageTimes(pipe, device)
             try:
-                timing = runner(engine, timed, batch, device)
+                with GpuMonitor(device == "cuda") as gpu:
+                    timing = runner(engine, timed, batch, device)
             finally:
                 split.close()
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
-        record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed))})
+        record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed)), **gpu.summary()})
 
     def vram12(name: str, applied: tuple[str, ...]) -> None:
         pipe.transformer = None
@@ -737,7 +782,7 @@ class Skip(Exception):
 def print_table(rows: list[dict]) -> None:
     base = next((r["steady_s_per_image"] for r in rows if r["variant"] == "plain" and "steady_s_per_image" in r), None)
     print(f"\n{'variant':<30}{'wall s/img':>11}{'steady':>8}{'sustained':>10}{'in gen':>8}{'between':>8}{'img/hour':>10}"
-          f"{'peak GB':>9}{'speedup':>9}{'MFU':>6}{'1st img s':>10}{'PSNR dB':>9}")
+          f"{'peak GB':>9}{'speedup':>9}{'MFU':>6}{'1st img s':>10}{'PSNR dB':>9}{'SM MHz':>8}")
 
     def cell(row: dict, key: str) -> str:
         return f"{row[key]:.3f}" if key in row else "-"
@@ -766,9 +811,10 @@ def print_table(rows: list[dict]) -> None:
         mem = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"
         psnr = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "-"
+        clock = f"{r['gpu_sm_mhz_mean']:.0f}" if "gpu_sm_mhz_mean" in r else "-"
         print(f"{r['variant']:<30}{r['s_per_image']:>11.3f}{r['steady_s_per_image']:>8.3f}{cell(r, 'sustained_s_per_image'):>10}"
               f"{cell(r, 'in_generate_s_per_image'):>8}{cell(r, 'between_calls_s_per_image'):>8}"
-              f"{3600 / rate:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}")
+              f"{3600 / rate:>10,.0f}{mem:>9}{speed:>9}{mfu:>6}{r['first_image_s']:>10.1f}{psnr:>9}{clock:>8}")
     for r in rows:
         if "transformer_s_per_image" in r:
             rest = r["in_generate_s_per_image"] - r["transformer_s_per_image"] - r["vae_decode_s_per_image"]

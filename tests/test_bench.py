@@ -1,6 +1,7 @@
 """The benchmarks run (tiny sizes), so they cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,28 @@ def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
             assert processors() == {"ZSingleStreamAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is None
             raise RuntimeError("pass failed")
     assert processors() == {"RealRopeAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is compiled
+
+
+def test_gpu_monitor_samples_clocks_beside_a_pass_and_shrugs_off_what_it_cannot_read(tmp_path, monkeypatch):
+    import time
+
+    from bench.throughput import GpuMonitor
+
+    tool = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw` does
+    tool.write_text("#!/bin/sh\ncat " + str(tmp_path / "reading") + "\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "reading").write_text("1755, 61, 612.40\n")
+    with GpuMonitor(True, period=0.02) as gpu:
+        time.sleep(0.2)
+    assert gpu.summary() == {"gpu_sm_mhz_mean": 1755.0, "gpu_sm_mhz_min": 1755.0, "gpu_temp_c_max": 61.0,
+                             "gpu_power_w_mean": 612.4}
+    (tmp_path / "reading").write_text("[N/A], 61, [N/A]\n")  # a card that does not report: no numbers, no failure
+    with GpuMonitor(True, period=0.02) as gpu:
+        time.sleep(0.1)
+    assert gpu.summary() == {}
+    with GpuMonitor(False) as gpu:  # the CPU: never starts
+        assert gpu._thread is None
 
 
 def test_throughput_benchmark_names_what_it_does_not_know(capsys):
