@@ -31,7 +31,9 @@ levers runs in its base's place, in the order given):
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 A variant that runs the engine can leave out one of its levers, to measure each alone:
 `+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)
-and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`.
+and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. A batched variant
+takes its own batch size after `@` (e.g. `engine+compile@8`; default --batch): per-call costs
+(latents drawn on the CPU, the copy out) spread over more images.
 Prints seconds per image (wall: everything from the first call to the last file; steady: from the
 first batch's start, after the shard's prompts are encoded, to the last file; sustained: from the
 pass's start, prompt encoding included, to the end of the last generate call, which leaves out only
@@ -63,6 +65,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,17 +85,32 @@ ORDER = ["sdpa", "plain", "engine", "engine+compile", "engine+compile+mask", "ge
          "fp8", "cold-start"]
 LEVERS = ("complex-rope", "eager-vae")  # the engine without one of its levers, e.g. engine+compile+eager-vae
 UNLEVERED = ("sdpa", "plain", "cold-start")
-DEFAULT_VARIANTS = "sdpa,plain,engine+compile,engine+compile+complex-rope,engine+compile+eager-vae,profile,vram16,vram12,fp8"
+BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "fp8")  # take @N
+DEFAULT_VARIANTS = ("sdpa,plain,engine+compile,engine+compile+complex-rope,engine+compile+eager-vae,engine+compile@8,profile,"
+                    "vram16,vram12,fp8")
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
 
 
-def parse_variant(name: str) -> tuple[str, tuple[str, ...]]:
-    """``engine+compile+complex-rope+eager-vae`` -> (``engine+compile``, (``complex-rope``, ``eager-vae``))."""
+class Variant(NamedTuple):
+    base: str
+    levers: tuple[str, ...] = ()
+    batch: int | None = None  # None: --batch
+
+
+def parse_variant(name: str) -> Variant | None:
+    """``engine+compile+complex-rope+eager-vae@8`` -> the base variant, the levers it leaves out, its
+    batch size; None where the name is not a variant."""
+    name, at, size = name.partition("@")
     parts = name.split("+")
     levers: list[str] = []
     while len(parts) > 1 and parts[-1] in LEVERS:
         levers.insert(0, parts.pop())
-    return "+".join(parts), tuple(levers)
+    variant = Variant("+".join(parts), tuple(levers), int(size) if size.isdigit() and int(size) > 0 else None)
+    if variant.base not in ORDER or (variant.levers and variant.base in UNLEVERED):
+        return None
+    if at and (variant.batch is None or variant.base not in BATCHED):
+        return None
+    return variant
 
 
 @contextmanager
@@ -593,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "Qwen's BPE gives ~70-110 for these prompts); 512 keeps them whole")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
-                             f"+{', +'.join(LEVERS)} (default {DEFAULT_VARIANTS})")
+                             f"+{', +'.join(LEVERS)}, a batched one in @BATCH (default {DEFAULT_VARIANTS})")
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds (from the start) after which no new variant starts (default 420: the longest, "
                              "fp8, then still ends inside 8 minutes)")
@@ -601,11 +619,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     wanted = args.variants.split(",")
     parsed = {name: parse_variant(name) for name in wanted}
-    unknown = [name for name, (base, applied) in parsed.items() if base not in ORDER or (applied and base in UNLEVERED)]
+    unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: use {', '.join(ORDER)}, the engine ones optionally with "
-                     f"+{', +'.join(LEVERS)}")
-    wanted.sort(key=lambda name: ORDER.index(parsed[name][0]))  # stable: levers keep the order given
+                     f"+{', +'.join(LEVERS)}, and {', '.join(BATCHED)} with @BATCH (e.g. engine+compile@8)")
+    wanted.sort(key=lambda name: ORDER.index(parsed[name].base))  # stable: levers keep the order given
 
     import torch
 
@@ -707,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
         record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed)), **gpu.summary()})
 
-    def vram12(name: str, applied: tuple[str, ...]) -> None:
+    def vram12(name: str, applied: tuple[str, ...], batch: int) -> None:
         pipe.transformer = None
         free_gpu()
         pipe.transformer = fresh("transformer", args, device).to("cpu")  # as from_pretrained leaves it
@@ -716,45 +734,45 @@ def main(argv: list[str] | None = None) -> dict:
         free_gpu()
         engine_pass(name, EngineOptions(compile=True, vram_gb=12), 1, peak_from_load=True, applied=applied)
 
-    def fp8(name: str, applied: tuple[str, ...]) -> None:
+    def fp8(name: str, applied: tuple[str, ...], batch: int) -> None:
         if device != "cuda":
             raise Skip("fp8 needs a CUDA GPU with FP8 tensor cores")
         pipe.transformer = pipe.text_encoder = None  # the text encoder was set to stream: a resident one instead
         free_gpu()
         pipe.transformer, pipe.text_encoder = fresh("transformer", args, device), fresh("text_encoder", args, device)
-        engine_pass(name, EngineOptions(compile=True, precision="fp8"), args.batch, applied=applied)
+        engine_pass(name, EngineOptions(compile=True, precision="fp8"), batch, applied=applied)
 
-    def profiled(name: str, applied: tuple[str, ...]) -> None:
-        engine, batch = engine_for(name, EngineOptions(compile=True)), timed[: args.batch]
+    def profiled(name: str, applied: tuple[str, ...], batch: int) -> None:
+        engine, jobs = engine_for(name, EngineOptions(compile=True)), timed[:batch]
         with levers(pipe, applied, device):
-            run_generate_only(engine, batch, args.batch, device)  # this batch's shapes compiled before the profile
-            row = profile_batch(engine, batch, device, Path(args.out).parent / "profile-trace.json.gz")
+            run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
+            row = profile_batch(engine, jobs, device, Path(args.out).parent / "profile-trace.json.gz")
         row["variant"] = name
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def sdpa(name: str, applied: tuple[str, ...]) -> None:
+    def sdpa(name: str, applied: tuple[str, ...], batch: int) -> None:
         caption = -(-(args.max_tokens if not args.tiny else 96) // 32) * 32  # the transformer pads captions to 32s
         tokens = (timed[0].height // 16) * (timed[0].width // 16) + caption
-        row = attention_kernels(pipe, args.batch, tokens, device)
+        row = attention_kernels(pipe, batch, tokens, device)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def passes(options: EngineOptions, batch: int, runner=run_engine):
-        return lambda name, applied: engine_pass(name, options, batch, runner, applied=applied)
+    def passes(options: EngineOptions, runner=run_engine, batch: int | None = None):
+        return lambda name, applied, asked: engine_pass(name, options, batch or asked, runner, applied=applied)
 
     bodies = {
         "sdpa": sdpa,
-        "plain": lambda name, applied: plain(),
-        "engine": passes(EngineOptions(), args.batch),
-        "engine+compile": passes(EngineOptions(compile=True), args.batch),
-        "engine+compile+mask": passes(EngineOptions(compile=True, bucket_captions=False), args.batch),
-        "generate-only": passes(EngineOptions(compile=True), args.batch, run_generate_only),
+        "plain": lambda name, applied, batch: plain(),
+        "engine": passes(EngineOptions()),
+        "engine+compile": passes(EngineOptions(compile=True)),
+        "engine+compile+mask": passes(EngineOptions(compile=True, bucket_captions=False)),
+        "generate-only": passes(EngineOptions(compile=True), run_generate_only),
         "profile": profiled,
-        "vram16": passes(EngineOptions(compile=True, vram_gb=16), 1),
+        "vram16": passes(EngineOptions(compile=True, vram_gb=16), batch=1),
         "vram12": vram12,
         "fp8": fp8,
-        "cold-start": lambda name, applied: rows.append(cold_start(args.batch)),
+        "cold-start": lambda name, applied, batch: rows.append(cold_start(args.batch)),
     }
     for name in wanted:
         if time.perf_counter() - began > args.budget:
@@ -762,7 +780,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"[{time.perf_counter() - began:.0f} s] {name}", flush=True)
         try:
-            bodies[parsed[name][0]](name, parsed[name][1])
+            variant = parsed[name]
+            bodies[variant.base](name, variant.levers, variant.batch or args.batch)
         except Skip as skip:
             rows.append({"variant": name, "skipped": str(skip)})
         except Exception as exc:  # noqa: BLE001 - one failed variant must not cost the others

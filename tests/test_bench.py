@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
-    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae"]
+    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1"]
     result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
                               ",".join([*reversed(throughput.ORDER), *levered])])
     rows = {r["variant"]: r for r in result["rows"]}
@@ -32,6 +32,7 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
             assert 0 < split["transformer_s_per_image"] and 0 < split["vae_decode_s_per_image"]
             assert split["transformer_s_per_image"] + split["vae_decode_s_per_image"] < split["in_generate_s_per_image"]
             assert split["in_generate_s_per_image"] <= split["sustained_s_per_image"]
+    assert rows["engine+compile@1"]["batch"] == 1 and rows["engine+compile@1"]["generate_calls"] == 2
     for key in ("max_abs_diff", "mean_abs_diff", "psnr_db"):  # the real rotation leaves the images as they were
         assert rows["engine+compile+complex-rope"][key] == rows["engine+compile"][key]
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
@@ -84,7 +85,7 @@ def test_gpu_monitor_samples_clocks_beside_a_pass_and_shrugs_off_what_it_cannot_
 def test_throughput_benchmark_names_what_it_does_not_know(capsys):
     from bench import throughput
 
-    for wrong in ("plain+eager-vae", "engine+compile+cudnn"):
+    for wrong in ("plain+eager-vae", "engine+compile+cudnn", "plain@2", "vram16@4", "engine+compile@0", "engine@x"):
         with pytest.raises(SystemExit) as exit_:
             throughput.main(["--tiny", "--variants", wrong])
         assert exit_.value.code == 2 and wrong in capsys.readouterr().err
