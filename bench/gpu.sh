@@ -5,7 +5,7 @@
 # jsonschema 4.26 + referencing + rpds-py + jsonschema-specifications for the manifest,
 # pytest + pluggy + iniconfig for ZB_GPU_TESTS=1).
 #   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
-# Default variants take ~6 minutes on an H100 (build, compile warm-ups included; estimated from two
+# Default variants take ~6.5 minutes on an H100 (build, compile warm-ups included; estimated from two
 # runs of most of them); variants not started within --budget (420 s) are skipped, and the JSON is
 # rewritten after every variant. profile writes OUT_DIR/profile-trace.json.gz (open in Perfetto).
 set -euo pipefail

@@ -106,7 +106,7 @@ def parse_variant(name: str) -> Variant | None:
     levers: list[str] = []
     while len(parts) > 1 and parts[-1] in LEVERS:
         levers.insert(0, parts.pop())
-    variant = Variant("+".join(parts), tuple(levers), int(size) if size.isdigit() and int(size) > 0 else None)
+    variant = Variant("+".join(parts), tuple(levers), int(size) if size.isascii() and size.isdigit() and int(size) > 0 else None)
     if variant.base not in ORDER or (variant.levers and variant.base in UNLEVERED):
         return None
     if at and (variant.batch is None or variant.base not in BATCHED):
@@ -342,24 +342,31 @@ class Timing:
 
 class GpuMonitor:
     """Samples the GPU's SM clock, temperature and power with nvidia-smi twice a second while a pass
-    runs, so clock drift over a long run (a warm GPU slowing down) shows beside each number. Does
-    nothing where nvidia-smi is missing."""
+    runs, so clock drift over a long run shows beside each number. ``gpu`` names the card torch uses
+    (nvidia-smi counts cards in its own order); does nothing where nvidia-smi is missing."""
 
-    QUERY = ["--query-gpu=clocks.sm,temperature.gpu,power.draw", "--format=csv,noheader,nounits"]
+    FIELDS = ("clocks.sm", "temperature.gpu", "power.draw")
 
-    def __init__(self, enabled: bool, period: float = 0.5):
-        self.tool = shutil.which("nvidia-smi") if enabled else None
-        self.period, self.samples = period, []
+    def __init__(self, gpu: str | None, period: float = 0.5):
+        self.tool = shutil.which("nvidia-smi") if gpu else None
+        self.command = [self.tool, "-i", gpu, f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
+        self.period, self.samples = period, {field: [] for field in self.FIELDS}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True) if self.tool else None
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                line = subprocess.run([self.tool, *self.QUERY], capture_output=True, text=True, timeout=5).stdout
-                self.samples.append([float(v) for v in line.splitlines()[0].split(",")])
-            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-                pass  # a sample lost is not a failed pass
+                out = subprocess.run(self.command, capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.SubprocessError):
+                out = ""  # a sample lost is not a failed pass
+            if self._stop.is_set():
+                break  # read after the pass: the idle card's clock would drag the numbers down
+            for field, value in zip(self.FIELDS, (out.splitlines() or [""])[0].split(",")):
+                try:
+                    self.samples[field].append(float(value))
+                except ValueError:  # "[N/A]": a field this card does not report
+                    pass
             self._stop.wait(self.period)
 
     def __enter__(self) -> "GpuMonitor":
@@ -373,11 +380,27 @@ class GpuMonitor:
             self._thread.join()
 
     def summary(self) -> dict:
-        if not self.samples:
-            return {}
-        clocks, temps, watts = zip(*self.samples)
-        return {"gpu_sm_mhz_mean": sum(clocks) / len(clocks), "gpu_sm_mhz_min": min(clocks), "gpu_temp_c_max": max(temps),
-                "gpu_power_w_mean": sum(watts) / len(watts)}
+        clocks, temps, watts = (self.samples[field] for field in self.FIELDS)
+        out = {}
+        if clocks:
+            out.update(gpu_sm_mhz_mean=sum(clocks) / len(clocks), gpu_sm_mhz_min=min(clocks))
+        if temps:
+            out["gpu_temp_c_max"] = max(temps)
+        if watts:
+            out["gpu_power_w_mean"] = sum(watts) / len(watts)
+        return out
+
+
+def gpu_id(device: str) -> str | None:
+    """The card torch uses, as nvidia-smi names it (``GPU-<uuid>``); None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    if uuid is None:
+        return str(torch.cuda.current_device())
+    return str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}"
 
 
 class CallTimes:
@@ -612,13 +635,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "Qwen's BPE gives ~70-110 for these prompts); 512 keeps them whole")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
-                             f"+{', +'.join(LEVERS)}, a batched one in @BATCH (default {DEFAULT_VARIANTS})")
+                             f"+{', +'.join(LEVERS)}, and {', '.join(BATCHED)} in @BATCH (default {DEFAULT_VARIANTS})")
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds (from the start) after which no new variant starts (default 420: the longest, "
                              "fp8, then still ends inside 8 minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench/out/throughput.json"))
     args = parser.parse_args(argv)
-    wanted = args.variants.split(",")
+    wanted = list(dict.fromkeys(args.variants.split(",")))  # each once
     parsed = {name: parse_variant(name) for name in wanted}
     unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
@@ -645,8 +668,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         pipe = build_full_size(device)
     build_seconds = time.perf_counter() - began
-    jobs = bench_jobs(args.images + args.batch, size, args.steps, None if args.tiny else args.max_tokens)
-    warm, timed = jobs[: args.batch], jobs[args.batch :]
+    largest = max([args.batch, *(v.batch for v in parsed.values() if v.batch)])  # warm-up jobs for the largest batch
+    jobs = bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens)
+    timed = jobs[args.batch : args.batch + args.images]  # the same jobs whatever the batch sizes asked
+    warm = jobs[: args.batch] + jobs[args.batch + args.images :]
+    if len(timed) < args.images:
+        parser.error(f"the demo catalog makes {len(jobs)} jobs: ask for at most {len(jobs) - largest} --images")
     flops = transformer_flops(pipe, timed[0])
     rows: list[dict] = []
     plain_images: list[np.ndarray] | None = None
@@ -684,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal plain_images
         reset_peak(device)
         first = run_plain(pipe, warm[:1], device)
-        with GpuMonitor(device == "cuda") as gpu:
+        with GpuMonitor(gpu_id(device)) as gpu:
             timing = run_plain(pipe, timed, device)
         plain_images = timing.images
         record("plain", timing, first.seconds, 1, extra=gpu.summary())
@@ -719,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
             reset_peak(device)
             calls, split = CallTimes(engine), StageTimes(pipe, device)
             try:
-                with GpuMonitor(device == "cuda") as gpu:
+                with GpuMonitor(gpu_id(device)) as gpu:
                     timing = runner(engine, timed, batch, device)
             finally:
                 split.close()
@@ -748,7 +775,7 @@ def main(argv: list[str] | None = None) -> dict:
         with levers(pipe, applied, device):
             run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
             row = profile_batch(engine, jobs, device, Path(args.out).parent / "profile-trace.json.gz")
-        row["variant"] = name
+        row.update(variant=name, batch=len(jobs))
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -60,32 +60,38 @@ def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
     assert processors() == {"RealRopeAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is compiled
 
 
-def test_gpu_monitor_samples_clocks_beside_a_pass_and_shrugs_off_what_it_cannot_read(tmp_path, monkeypatch):
+def test_gpu_monitor_samples_the_card_torch_uses_and_keeps_what_it_can_read(tmp_path, monkeypatch):
     import time
 
     from bench.throughput import GpuMonitor
 
-    tool = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw` does
-    tool.write_text("#!/bin/sh\ncat " + str(tmp_path / "reading") + "\n")
+    tool = tmp_path / "nvidia-smi"  # answers as `nvidia-smi -i ID --query-gpu=clocks.sm,temperature.gpu,power.draw` does
+    tool.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'asked'}\ncat {tmp_path / 'reading'}\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     (tmp_path / "reading").write_text("1755, 61, 612.40\n")
-    with GpuMonitor(True, period=0.02) as gpu:
+    with GpuMonitor("GPU-1234", period=0.02) as gpu:
         time.sleep(0.2)
     assert gpu.summary() == {"gpu_sm_mhz_mean": 1755.0, "gpu_sm_mhz_min": 1755.0, "gpu_temp_c_max": 61.0,
                              "gpu_power_w_mean": 612.4}
-    (tmp_path / "reading").write_text("[N/A], 61, [N/A]\n")  # a card that does not report: no numbers, no failure
-    with GpuMonitor(True, period=0.02) as gpu:
+    assert (tmp_path / "asked").read_text().startswith("-i GPU-1234 --query-gpu=clocks.sm,temperature.gpu,power.draw")
+    (tmp_path / "reading").write_text("1410, 70, [N/A]\n")  # a card without a power reading keeps its clock
+    with GpuMonitor("GPU-1234", period=0.02) as gpu:
+        time.sleep(0.1)
+    assert gpu.summary() == {"gpu_sm_mhz_mean": 1410.0, "gpu_sm_mhz_min": 1410.0, "gpu_temp_c_max": 70.0}
+    (tmp_path / "reading").write_text("No devices were found\n")
+    with GpuMonitor("GPU-1234", period=0.02) as gpu:
         time.sleep(0.1)
     assert gpu.summary() == {}
-    with GpuMonitor(False) as gpu:  # the CPU: never starts
-        assert gpu._thread is None
+    with GpuMonitor(None) as gpu:  # the CPU: never starts
+        assert gpu._thread is None and gpu.summary() == {}
 
 
 def test_throughput_benchmark_names_what_it_does_not_know(capsys):
     from bench import throughput
 
-    for wrong in ("plain+eager-vae", "engine+compile+cudnn", "plain@2", "vram16@4", "engine+compile@0", "engine@x"):
+    for wrong in ("plain+eager-vae", "engine+compile+cudnn", "plain@2", "vram16@4", "engine+compile@0", "engine@x",
+                  "engine+compile@", "@8", "engine@²"):
         with pytest.raises(SystemExit) as exit_:
             throughput.main(["--tiny", "--variants", wrong])
         assert exit_.value.code == 2 and wrong in capsys.readouterr().err
