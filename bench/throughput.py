@@ -51,6 +51,7 @@ pyyaml, jsonschema (torchao for fp8 and vram12) and this repo (no Prefect, no ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -73,7 +74,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from zimage_batch.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
-from zimage_batch.generate import Engine, EngineOptions, build_tiny_pipeline, configure, quiet_libraries  # noqa: E402
+from zimage_batch.generate import (CAPTION_BUCKET, Engine, EngineOptions, build_tiny_pipeline, configure,  # noqa: E402
+                                   quiet_libraries)
 from zimage_batch.manifest import Manifest  # noqa: E402
 from zimage_batch.models import ModelRef  # noqa: E402
 from zimage_batch.plan import check_inputs, plan_jobs, Job  # noqa: E402
@@ -286,7 +288,7 @@ def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None)
     overrides = {"presets": ("png",), "background": "scene"}
     if max_tokens:
         overrides["max_sequence_length"] = max_tokens
-    return [Job(**{**j.to_dict(), **overrides}) for j in jobs[:count]]
+    return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
 
 
 def sync(device: str) -> None:
@@ -567,7 +569,7 @@ def profile_batch(engine: Engine, jobs: list[Job], device: str, trace: Path) -> 
         per_kind[kind] = per_kind.get(kind, 0.0) + (end - begin) / 1e6
         per_name[name] = per_name.get(name, 0.0) + (end - begin) / 1e6
     busy, reach = 0.0, None  # the union of kernel intervals: the time the device did something
-    for _, begin, end in sorted((k for k in kernels), key=lambda k: k[1]):
+    for _, begin, end in sorted(kernels, key=lambda k: k[1]):
         if reach is None or begin > reach:
             busy += end - begin
             reach = end
@@ -780,7 +782,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row), flush=True)
 
     def sdpa(name: str, applied: tuple[str, ...], batch: int) -> None:
-        caption = -(-(args.max_tokens if not args.tiny else 96) // 32) * 32  # the transformer pads captions to 32s
+        caption = -(-(args.max_tokens if not args.tiny else 96) // CAPTION_BUCKET) * CAPTION_BUCKET  # as the transformer pads
         tokens = (timed[0].height // 16) * (timed[0].width // 16) + caption
         row = attention_kernels(pipe, batch, tokens, device)
         rows.append(row)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -57,5 +58,5 @@ def use_real_rope(transformer) -> None:
     """Give every attention module of a Z-Image transformer the real-arithmetic processor (before
     it is compiled; a processor swapped afterwards recompiles)."""
     for module in transformer.modules():
-        if type(getattr(module, "processor", None)).__name__ == "ZSingleStreamAttnProcessor":
+        if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
             module.set_processor(RealRopeAttnProcessor())
