@@ -31,7 +31,10 @@ levers runs in its base's place, in the order given):
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 A variant that runs the engine can leave out one of its levers, to measure each alone:
 `+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)
-and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. A batched variant
+and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. It can also put in
+a trial, an engine option that is not the default until it has paid here: `+fused` (q/k/v and the
+feed-forward's gate/up projections each one matmul; compiled variants) and `+tensorwise` (fp8 with
+one scale per tensor instead of per row; fp8 only), e.g. `engine+compile+fused@8`. A batched variant
 takes its own batch size after `@` (e.g. `engine+compile@8`; default --batch): per-call costs
 (latents drawn on the CPU, the copy out) spread over more images.
 Prints seconds per image (wall: everything from the first call to the last file; steady: from the
@@ -73,13 +76,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zimage_batch.attention import RealRopeAttnProcessor, use_real_rope  # noqa: E402
+from zimage_batch.blocks import RealRopeAttnProcessor, unfuse_projections, use_real_rope  # noqa: E402
 from zimage_batch.generate import (CAPTION_BUCKET, Engine, EngineOptions, build_tiny_pipeline, configure,  # noqa: E402
                                    quiet_libraries)
 from zimage_batch.manifest import Manifest  # noqa: E402
 from zimage_batch.models import ModelRef  # noqa: E402
 from zimage_batch.plan import check_inputs, plan_jobs, Job  # noqa: E402
-from zimage_batch.postprocess import PRESETS  # noqa: E402
+from zimage_batch.postprocess import PRESETS, Source  # noqa: E402
 from zimage_batch.shard import batches, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
@@ -87,10 +90,22 @@ ORDER = ["sdpa", "plain", "engine", "engine+compile", "engine+compile+mask", "ge
          "fp8", "cold-start"]
 LEVERS = ("complex-rope", "eager-vae")  # the engine without one of its levers, e.g. engine+compile+eager-vae
 UNLEVERED = ("sdpa", "plain", "cold-start")
+COMPILED = ("engine+compile", "engine+compile+mask", "generate-only", "profile", "vram16", "fp8")
+TRIALS = {  # engine options tried before they become defaults, e.g. engine+compile+fused: (option changes, bases)
+    "fused": ({"fuse_projections": True}, COMPILED),
+    "tensorwise": ({"fp8_scales": "tensor"}, ("fp8",)),
+}
 BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "fp8")  # take @N
-# ~6.5 minutes on an H100 (estimated from the runs in bench/RESULTS.md); the levers were each measured
-# alone there: add engine+compile+complex-rope,engine+compile+eager-vae (~80 s more) to measure them again.
-DEFAULT_VARIANTS = "sdpa,plain,engine+compile,engine+compile@8,profile,vram16,vram12,fp8"
+# Named sets, each sized for one device call (~5.5 minutes on an H100, estimated from the runs in
+# bench/RESULTS.md, build and compile warm-ups included): "bf16" decides the default profile's trials
+# and batch size, "fp8" the fp8 trials and the re-measured 16 GB profile. Each has the plain loop,
+# the baseline every speedup is taken against in the same process.
+VARIANT_SETS = {
+    "bf16": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+fused@8,profile",
+    "fp8": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
+    "memory": "plain,engine+compile,vram16,vram12,cold-start",
+}
+DEFAULT_VARIANTS = "bf16"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
 
 
@@ -101,15 +116,19 @@ class Variant(NamedTuple):
 
 
 def parse_variant(name: str) -> Variant | None:
-    """``engine+compile+complex-rope+eager-vae@8`` -> the base variant, the levers it leaves out, its
-    batch size; None where the name is not a variant."""
+    """``engine+compile+complex-rope+eager-vae@8`` -> the base variant, the levers it leaves out (or
+    the trials it puts in), its batch size; None where the name is not a variant."""
     name, at, size = name.partition("@")
     parts = name.split("+")
     levers: list[str] = []
-    while len(parts) > 1 and parts[-1] in LEVERS:
+    while len(parts) > 1 and (parts[-1] in LEVERS or parts[-1] in TRIALS):
         levers.insert(0, parts.pop())
     variant = Variant("+".join(parts), tuple(levers), int(size) if size.isascii() and size.isdigit() and int(size) > 0 else None)
     if variant.base not in ORDER or (variant.levers and variant.base in UNLEVERED):
+        return None
+    if any(name in TRIALS and variant.base not in TRIALS[name][1] for name in levers):
+        return None
+    if "fused" in levers and "complex-rope" in levers:  # diffusers' processor reads q, k and v apart
         return None
     if at and (variant.batch is None or variant.base not in BATCHED):
         return None
@@ -137,6 +156,14 @@ def levers(pipe, names: tuple[str, ...], device: str):
         if "complex-rope" in names:
             use_real_rope(pipe.transformer)
         pipe.vae.decoder._compiled_call_impl = compiled_vae
+
+
+def with_trials(options: EngineOptions, names: tuple[str, ...]) -> EngineOptions:
+    """The engine options with these trials put in."""
+    for name in names:
+        if name in TRIALS:
+            options = dataclasses.replace(options, **TRIALS[name][0])
+    return options
 
 
 def mean_seconds(call, device: str, repeat: int = 10) -> float:
@@ -523,7 +550,7 @@ def run_generate_only(engine: Engine, jobs: list[Job], batch: int, device: str) 
     encoded_at = time.perf_counter() - start
     for group in batches(jobs, batch, engine.batch_key, engine.caption_tokens):
         for job, image in zip(group, engine.generate(group, [j.seed for j in group])):
-            made[job.job_id] = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+            made[job.job_id] = np.asarray(Source(image).image)  # as stored: 8-bit RGB
             done_at.append(time.perf_counter() - start)
     sync(device)
     seconds = time.perf_counter() - start
@@ -636,19 +663,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cut captions to this many tokens with random weights (byte-level tokenizer; "
                              "Qwen's BPE gives ~70-110 for these prompts); 512 keeps them whole")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help=f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
-                             f"+{', +'.join(LEVERS)}, and {', '.join(BATCHED)} in @BATCH (default {DEFAULT_VARIANTS})")
+                        help=f"a set ({', '.join(f'{k}: {v}' for k, v in VARIANT_SETS.items())}), or "
+                             f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
+                             f"+{', +'.join(LEVERS)} or the trials +{', +'.join(TRIALS)}, and {', '.join(BATCHED)} in "
+                             f"@BATCH (default {DEFAULT_VARIANTS})")
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds (from the start) after which no new variant starts (default 420: the longest, "
                              "fp8, then still ends inside 8 minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench/out/throughput.json"))
     args = parser.parse_args(argv)
-    wanted = list(dict.fromkeys(args.variants.split(",")))  # each once
+    wanted = list(dict.fromkeys(VARIANT_SETS.get(args.variants, args.variants).split(",")))  # each once
     parsed = {name: parse_variant(name) for name in wanted}
     unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: use {', '.join(ORDER)}, the engine ones optionally with "
-                     f"+{', +'.join(LEVERS)}, and {', '.join(BATCHED)} with @BATCH (e.g. engine+compile@8)")
+                     f"+{', +'.join(LEVERS)}, the compiled ones with +fused, fp8 with +tensorwise, and "
+                     f"{', '.join(BATCHED)} with @BATCH (e.g. engine+compile+fused@8)")
     wanted.sort(key=lambda name: ORDER.index(parsed[name].base))  # stable: levers keep the order given
 
     import torch
@@ -718,28 +748,37 @@ def main(argv: list[str] | None = None) -> dict:
         plain_images = timing.images
         record("plain", timing, first.seconds, 1, extra=gpu.summary())
 
-    compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers) whose shapes for `timed` are compiled
+    compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers/trials) whose shapes for `timed` are compiled
 
-    def engine_for(name: str, options: EngineOptions) -> Engine:
-        return Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
-                      options)
+    @contextmanager
+    def configured(name: str, options: EngineOptions, applied: tuple[str, ...]):
+        """The engine with the variant's trials put in and levers taken out; afterwards the shared
+        pipeline's bf16 transformer as it was (a quantized one is replaced by the next variant)."""
+        options = with_trials(options, applied)
+        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
+                        options)
+        try:
+            with levers(pipe, applied, device):
+                yield engine
+        finally:
+            if options.fuse_projections and options.weights is None:
+                unfuse_projections(pipe.transformer)
 
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
                     applied: tuple[str, ...] = ()) -> None:
-        """Configure, apply the levers, warm up, time. ``peak_gpu_gb`` is the timed pass's peak;
-        ``warmup_peak_gb`` covers the warm-up (compiling) and, with ``peak_from_load``,
+        """Configure, apply the levers and trials, warm up, time. ``peak_gpu_gb`` is the timed
+        pass's peak; ``warmup_peak_gb`` covers the warm-up (compiling) and, with ``peak_from_load``,
         configuring (quantizing) too."""
         if peak_from_load:
             reset_peak(device)
-        engine = engine_for(name, options)
-        if not peak_from_load:
-            reset_peak(device)
-        resident = allocated_gb(device)
-        with levers(pipe, applied, device):
+        with configured(name, options, applied) as engine:
+            if not peak_from_load:
+                reset_peak(device)
+            resident = allocated_gb(device)
             # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
             # no mask) compiles before the clock starts; a short warm-up where they already are.
             shapes = (id(pipe.transformer), batch, options.bucket_captions, applied)
-            compiling = options.compiles and device == "cuda"  # configure compiles on CUDA only
+            compiling = engine.options.compiles and device == "cuda"  # configure compiles on CUDA only
             first = runner(engine, timed if compiling and shapes not in compiled else warm[:batch], batch, device)
             if compiling:
                 compiled.add(shapes)
@@ -773,8 +812,8 @@ def main(argv: list[str] | None = None) -> dict:
         engine_pass(name, EngineOptions(compile=True, precision="fp8"), batch, applied=applied)
 
     def profiled(name: str, applied: tuple[str, ...], batch: int) -> None:
-        engine, jobs = engine_for(name, EngineOptions(compile=True)), timed[:batch]
-        with levers(pipe, applied, device):
+        jobs = timed[:batch]
+        with configured(name, EngineOptions(compile=True), applied) as engine:
             run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
             row = profile_batch(engine, jobs, device, Path(args.out).parent / "profile-trace.json.gz")
         row.update(variant=name, batch=len(jobs))

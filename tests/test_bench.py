@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
-    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1"]
+    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1", "engine+compile+fused"]
     result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
                               ",".join([*reversed(throughput.ORDER), *levered])])
     rows = {r["variant"]: r for r in result["rows"]}
@@ -35,14 +35,26 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     assert rows["engine+compile@1"]["batch"] == 1 and rows["engine+compile@1"]["generate_calls"] == 2
     for key in ("max_abs_diff", "mean_abs_diff", "psnr_db"):  # the real rotation leaves the images as they were
         assert rows["engine+compile+complex-rope"][key] == rows["engine+compile"][key]
+    assert abs(rows["engine+compile+fused"]["max_abs_diff"] - rows["engine+compile"]["max_abs_diff"]) <= 1  # float noise
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
     assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
 
 
+def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch():
+    from bench.throughput import Variant, parse_variant
+
+    assert parse_variant("engine+compile+fused+eager-vae@8") == Variant("engine+compile", ("fused", "eager-vae"), 8)
+    assert parse_variant("fp8+tensorwise+fused") == Variant("fp8", ("tensorwise", "fused"))
+    assert parse_variant("engine+compile+mask") == Variant("engine+compile+mask")  # a base, not a lever
+    for name in ("engine+fused", "engine+compile+tensorwise", "vram12+fused", "plain+fused",  # where a trial does nothing
+                 "engine+compile+fused+complex-rope", "engine+compile@0", "vram16@2", "engine+compile+turbo"):
+        assert parse_variant(name) is None, name
+
+
 def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
     from bench.throughput import levers
-    from zimage_batch.attention import use_real_rope
+    from zimage_batch.blocks import use_real_rope
     from zimage_batch.generate import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()

@@ -20,6 +20,11 @@ def job(prompt: str, seed: int) -> Job:
                max_sequence_length=512, model="tiny-random/v1", presets=("web",), background="scene")
 
 
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference between two 8-bit images, in levels."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 JOBS = [job("a red mug on a wooden table", 1), job("国风茶馆的木质招牌，带清晰“茗香”二字", 2)]
 
 
@@ -39,11 +44,11 @@ def test_streamed_text_encoder_stays_off_the_gpu_and_keeps_the_images(full):
     assert all(p.device.type == "cpu" for p in engine.pipe.text_encoder.parameters())  # between encodes
     assert all(p.device.type == "cuda" for p in engine.pipe.transformer.parameters())
     assert engine.pipe._execution_device.type == "cuda"
-    assert all(np.abs(a - b).max() < 0.05 for a, b in zip(images, reference))  # bf16 noise: batch 1 vs 2
+    assert all(levels(a, b) < 13 for a, b in zip(images, reference))  # bf16 noise: batch 1 vs 2
 
 
 def test_compiled_engine_compiles_the_blocks_and_the_vae_decoder_and_keeps_the_images(full):
-    from zimage_batch.attention import RealRopeAttnProcessor
+    from zimage_batch.blocks import RealRopeAttnProcessor
 
     _, reference = full
     engine = load_engine("tiny-random", "cuda", EngineOptions(compile=True))
@@ -51,7 +56,7 @@ def test_compiled_engine_compiles_the_blocks_and_the_vae_decoder_and_keeps_the_i
     assert engine.pipe.vae.decoder._compiled_call_impl is not None
     assert isinstance(engine.pipe.transformer.layers[0].attention.processor, RealRopeAttnProcessor)
     images = engine.generate(JOBS, [j.seed for j in JOBS])
-    assert all(np.abs(i - r).max() < 0.05 for i, r in zip(images, reference))  # compiled vs eager: bf16 noise
+    assert all(levels(i, r) < 13 for i, r in zip(images, reference))  # compiled vs eager: bf16 noise
 
 
 def test_int8_weights_on_the_gpu_run_eager_and_stay_close(full):
@@ -62,7 +67,7 @@ def test_int8_weights_on_the_gpu_run_eager_and_stay_close(full):
     assert engine.pipe.transformer.layers[0]._compiled_call_impl is None  # compiled int8 ran far slower (H100)
     assert engine.pipe.vae.decoder._compiled_call_impl is None
     images = [engine.generate([j], [j.seed])[0] for j in JOBS]
-    assert all(np.isfinite(i).all() and np.abs(i - r).max() < 0.1 for i, r in zip(images, reference))
+    assert all(i.dtype == np.uint8 and levels(i, r) < 26 for i, r in zip(images, reference))  # uint8: finite
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
@@ -72,4 +77,26 @@ def test_fp8_generates_finite_images_close_to_bf16(full):
     engine = load_engine("tiny-random", "cuda", EngineOptions(precision="fp8"))
     assert engine.options.precision_label("cuda") == "bf16+fp8-e4m3-rowwise"
     images = engine.generate(JOBS, [j.seed for j in JOBS])
-    assert all(np.isfinite(i).all() and np.abs(i - r).max() < 0.2 for i, r in zip(images, reference))
+    assert all(i.dtype == np.uint8 and levels(i, r) < 51 for i, r in zip(images, reference))  # uint8: finite
+
+
+def test_fused_projections_compile_and_keep_the_images(full):
+    from zimage_batch.blocks import FusedFeedForward
+
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", EngineOptions(compile=True, fuse_projections=True))
+    assert engine.pipe.transformer.layers[0].attention.fused_projections
+    assert isinstance(engine.pipe.transformer.layers[0].feed_forward, FusedFeedForward)
+    images = engine.generate(JOBS, [j.seed for j in JOBS])
+    assert all(levels(i, r) < 13 for i, r in zip(images, reference))  # compiled vs eager: bf16 noise
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("options", [EngineOptions(precision="fp8", compile=True, fuse_projections=True),
+                                     EngineOptions(precision="fp8", fp8_scales="tensor")], ids=["fused", "tensorwise"])
+def test_fp8_trials_generate_finite_images_close_to_bf16(full, options):
+    _, reference = full
+    engine = load_engine("tiny-random", "cuda", options)
+    images = engine.generate(JOBS, [j.seed for j in JOBS])
+    assert all(i.dtype == np.uint8 and levels(i, r) < 51 for i, r in zip(images, reference))  # uint8: finite

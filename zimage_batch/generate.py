@@ -76,6 +76,12 @@ class EngineOptions:
         float8 (e4m3, per-row scales, dynamic activations; torchao) on GPUs with FP8 tensor cores
         (compute capability 8.9+: Ada, Hopper). fp8 changes pixels; it is never the default.
     vram_gb: a GPU memory budget; see ``memory_profile``.
+    fuse_projections: where the transformer compiles, its q/k/v projections as one matmul and its
+        feed-forward's gate/up projections as one (``blocks.fuse_projections``; the same weights).
+        Off until measured on a GPU: the benchmark's ``+fused`` variants.
+    fp8_scales: ``row`` (per-row scales for activations and weights) or ``tensor`` (one scale per
+        tensor: faster FP8 matmuls, coarser numbers). Off the command line until measured: the
+        benchmark's ``fp8+tensorwise``.
     """
 
     compile: bool = False
@@ -83,6 +89,8 @@ class EngineOptions:
     bucket_captions: bool = True
     one_per_call: bool = False
     precision: str = "bf16"
+    fuse_projections: bool = False
+    fp8_scales: str = "row"
 
     @property
     def stream_text_encoder(self) -> bool:
@@ -116,7 +124,7 @@ class EngineOptions:
         """What the manifest records: the compute dtype plus any 8-bit weights, e.g. ``bf16+int8-weights``."""
         base = "bf16" if device.startswith("cuda") else "fp32"
         if self.weights == "fp8":
-            return f"{base}+fp8-e4m3-rowwise"
+            return f"{base}+fp8-e4m3-{self.fp8_scales}wise"
         if self.weights == "int8":
             return f"{base}+int8-weights"
         return base
@@ -125,7 +133,7 @@ class EngineOptions:
 def options_for(precision: str | None) -> EngineOptions:
     """Engine options that make images at a recorded precision (a manifest's ``precision``)."""
     if precision and "fp8" in precision:
-        return EngineOptions(precision="fp8")
+        return EngineOptions(precision="fp8", fp8_scales="tensor" if "tensorwise" in precision else "row")
     if precision and "int8" in precision:
         return EngineOptions(vram_gb=SMALLEST_PROFILE_GB)
     return EngineOptions()
@@ -230,7 +238,7 @@ class Engine:
         return job.batch_key()
 
     def generate(self, jobs: Sequence[Job], seeds: Sequence[int]) -> list[np.ndarray]:
-        """Generate one batch (same size, steps and guidance); returns float32 HxWx3 arrays in [0, 1]."""
+        """Generate one batch (same size, steps and guidance); returns HxWx3 uint8 arrays (see ``to_host``)."""
         import torch
 
         first = jobs[0]
@@ -249,9 +257,19 @@ class Engine:
                 generator=generators,
                 output_type="pt",
             )
-            # HxWx3 float32 made on the device, then one copy out (the pipeline's "np" output
-            # converts on the CPU while the GPU waits).
-            return list(out.images.permute(0, 2, 3, 1).float().contiguous().cpu().numpy())
+            return to_host(out.images)
+
+
+def to_host(images) -> list[np.ndarray]:
+    """The pipeline's NCHW output in [0, 1] -> HxWx3 uint8 arrays, rounded on the device exactly as
+    ``postprocess.Source`` rounds floats (x 255 in float32, half to even), so a quarter of the bytes
+    cross to the host and the CPU has no conversion left to do. An image with a non-finite value (the
+    "black image" failure) comes back as float32 with its NaNs, for the checks to reject it."""
+    import torch
+
+    finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+    pixels = (images.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [pixels[i] if ok else images[i].permute(1, 2, 0).float().cpu().numpy() for i, ok in enumerate(finite)]
 
 
 def configure(pipe, device: str, options: EngineOptions):
@@ -268,9 +286,11 @@ def configure(pipe, device: str, options: EngineOptions):
     cuda = device.startswith("cuda")
     check_options(options, device)
     if options.compiles:
-        from .attention import use_real_rope
+        from .blocks import fuse_projections, use_real_rope
 
         use_real_rope(pipe.transformer)
+        if options.fuse_projections:
+            fuse_projections(pipe.transformer)
     allocator_set = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     if options.vram_gb is not None and cuda and not allocator_set:
         # Fewer stranded blocks between the encoder's streamed layers and the transformer's work;
@@ -289,7 +309,7 @@ def configure(pipe, device: str, options: EngineOptions):
             apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda)
     if options.weights is not None:
-        quantize_transformer(pipe.transformer, options.weights, device)
+        quantize_transformer(pipe.transformer, options.weights, device, options.fp8_scales)
     if options.stream_text_encoder:
         pipe.vae.to(device)
         pipe.transformer.to(device)
@@ -350,10 +370,11 @@ def _torchao(option: str):
     return torchao.quantization
 
 
-def quantize_transformer(transformer, weights: str, device: str) -> None:
+def quantize_transformer(transformer, weights: str, device: str, scales: str = "row") -> None:
     """Put the linear layers of the transformer's repeated blocks (nearly all of its weights and
     FLOPs) in 8-bit: ``int8`` weight-only (per channel), or ``fp8`` weights and activations
-    (e4m3, per-row scales). Embedders and the final layer stay in full precision.
+    (e4m3, per-row scales, or per-tensor ones with ``scales="tensor"``). Embedders and the final
+    layer stay in full precision.
 
     ``set_inductor_config=False``: otherwise torchao turns on Inductor's coordinate-descent tuning
     (checking all directions) for the whole process, which benchmarks every compiled kernel many
@@ -363,7 +384,8 @@ def quantize_transformer(transformer, weights: str, device: str) -> None:
 
     quant = _torchao("--precision fp8" if weights == "fp8" else "--vram 12")
     if weights == "fp8":
-        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=quant.PerRow(), set_inductor_config=False)
+        granularity = quant.PerTensor() if scales == "tensor" else quant.PerRow()
+        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
     else:
         config = quant.Int8WeightOnlyConfig(set_inductor_config=False)
     blocks = ("layers.", "noise_refiner.", "context_refiner.")
