@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = f"{args.size}x{args.size}"
     rng = np.random.default_rng(0)
     bench = bench_jobs(args.images, size, 8)
-    noise = [rng.random((args.size, args.size, 3), dtype=np.float32) for _ in bench]
+    noise = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in bench]  # as the engine returns
     catalog = [Job(**{**j.to_dict(), "presets": ("amazon_main", "shopify", "web"), "background": "white"}) for j in bench]
     products = [synthetic_product(args.size, args.size, i) for i in range(len(bench))]
     with tempfile.TemporaryDirectory() as tmp:

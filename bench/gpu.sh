@@ -7,9 +7,9 @@
 #   bash bench/gpu.sh [OUT_DIR] [bench.throughput options...]
 # A session's device time (15 minutes) holds two calls of one set each, ~5.5 minutes apiece on an
 # H100 (build and compile warm-ups included; estimated from earlier runs):
-#   bash bench/gpu.sh $OUT                    # the bf16 set (default): trials, batch 8, a profile
-#   bash bench/gpu.sh $OUT --variants fp8     # the fp8 trials and the 16 GB profile
-# (--variants memory: the memory profiles and cold start.) Variants not started within --budget (420 s)
+#   bash bench/gpu.sh $OUT                        # bf16-set (default): trials, batch 8, a profile
+#   bash bench/gpu.sh $OUT --variants fp8-set     # the fp8 trials and the 16 GB profile
+# (--variants memory-set: the memory profiles and cold start.) Variants not started within --budget (420 s)
 # are skipped, and the JSON is rewritten after every variant. profile writes
 # OUT_DIR/profile-trace.json.gz (open in Perfetto).
 set -euo pipefail

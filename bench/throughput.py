@@ -97,15 +97,15 @@ TRIALS = {  # engine options tried before they become defaults, e.g. engine+comp
 }
 BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "fp8")  # take @N
 # Named sets, each sized for one device call (~5.5 minutes on an H100, estimated from the runs in
-# bench/RESULTS.md, build and compile warm-ups included): "bf16" decides the default profile's trials
-# and batch size, "fp8" the fp8 trials and the re-measured 16 GB profile. Each has the plain loop,
-# the baseline every speedup is taken against in the same process.
+# bench/RESULTS.md, build and compile warm-ups included): "bf16-set" decides the default profile's
+# trials and batch size, "fp8-set" the fp8 trials and the re-measured 16 GB profile. Each has the
+# plain loop, the baseline every speedup is taken against in the same process.
 VARIANT_SETS = {
-    "bf16": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+fused@8,profile",
-    "fp8": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
-    "memory": "plain,engine+compile,vram16,vram12,cold-start",
+    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+fused@8,profile",
+    "fp8-set": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
+    "memory-set": "plain,engine+compile,vram16,vram12,cold-start",
 }
-DEFAULT_VARIANTS = "bf16"
+DEFAULT_VARIANTS = "bf16-set"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
 
 
@@ -164,6 +164,22 @@ def with_trials(options: EngineOptions, names: tuple[str, ...]) -> EngineOptions
         if name in TRIALS:
             options = dataclasses.replace(options, **TRIALS[name][0])
     return options
+
+
+@contextmanager
+def configured(pipe, device: str, name: str, options: EngineOptions, applied: tuple[str, ...]):
+    """An engine on the shared pipeline with the variant's trials put in and levers taken out;
+    afterwards (also after a failure) its bf16 transformer as it was, so the next variant measures
+    what it names (a quantized transformer is replaced by the next variant that needs another)."""
+    options = with_trials(options, applied)
+    try:
+        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0,
+                        f"bench:{name}", options)
+        with levers(pipe, applied, device):
+            yield engine
+    finally:
+        if options.fuse_projections and options.weights is None:
+            unfuse_projections(pipe.transformer)
 
 
 def mean_seconds(call, device: str, repeat: int = 10) -> float:
@@ -617,10 +633,11 @@ def profile_batch(engine: Engine, jobs: list[Job], device: str, trace: Path) -> 
             "top_kernels_s_per_image": {name[:120]: v / images for name, v in top}, "trace": str(trace)}
 
 
-def transformer_flops(pipe, job: Job) -> float:
-    """FLOPs of the transformer for one image: 2 x params x tokens + attention, per forward."""
+def transformer_flops(pipe, job: Job, caption: int) -> float:
+    """FLOPs of the transformer for one image with ``caption`` (padded) caption tokens: 2 x params x
+    tokens + attention, per forward."""
     params = sum(p.numel() for p in pipe.transformer.parameters())
-    tokens = (job.height // 16) * (job.width // 16) + 128
+    tokens = (job.height // 16) * (job.width // 16) + caption
     cfg = pipe.transformer.config
     attention = 4 * tokens * tokens * cfg.dim * cfg.n_layers
     return job.steps * (2 * params * tokens + attention)
@@ -672,7 +689,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "fp8, then still ends inside 8 minutes)")
     parser.add_argument("--out", default=str(ROOT / "bench/out/throughput.json"))
     args = parser.parse_args(argv)
-    wanted = list(dict.fromkeys(VARIANT_SETS.get(args.variants, args.variants).split(",")))  # each once
+    names = ",".join(VARIANT_SETS.get(name, name) for name in args.variants.split(","))  # sets expanded
+    wanted = list(dict.fromkeys(names.split(",")))  # each once
     parsed = {name: parse_variant(name) for name in wanted}
     unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
@@ -706,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
     warm = jobs[: args.batch] + jobs[args.batch + args.images :]
     if len(timed) < args.images:
         parser.error(f"the demo catalog makes {len(jobs)} jobs: ask for at most {len(jobs) - largest} --images")
-    flops = transformer_flops(pipe, timed[0])
+    caption = -(-(args.max_tokens if not args.tiny else 96) // CAPTION_BUCKET) * CAPTION_BUCKET  # as the transformer pads
+    flops = transformer_flops(pipe, timed[0], caption)
     rows: list[dict] = []
     plain_images: list[np.ndarray] | None = None
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
@@ -750,20 +769,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers/trials) whose shapes for `timed` are compiled
 
-    @contextmanager
-    def configured(name: str, options: EngineOptions, applied: tuple[str, ...]):
-        """The engine with the variant's trials put in and levers taken out; afterwards the shared
-        pipeline's bf16 transformer as it was (a quantized one is replaced by the next variant)."""
-        options = with_trials(options, applied)
-        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0, f"bench:{name}",
-                        options)
-        try:
-            with levers(pipe, applied, device):
-                yield engine
-        finally:
-            if options.fuse_projections and options.weights is None:
-                unfuse_projections(pipe.transformer)
-
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
                     applied: tuple[str, ...] = ()) -> None:
         """Configure, apply the levers and trials, warm up, time. ``peak_gpu_gb`` is the timed
@@ -771,7 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
         configuring (quantizing) too."""
         if peak_from_load:
             reset_peak(device)
-        with configured(name, options, applied) as engine:
+        with configured(pipe, device, name, options, applied) as engine:
             if not peak_from_load:
                 reset_peak(device)
             resident = allocated_gb(device)
@@ -813,7 +818,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def profiled(name: str, applied: tuple[str, ...], batch: int) -> None:
         jobs = timed[:batch]
-        with configured(name, EngineOptions(compile=True), applied) as engine:
+        with configured(pipe, device, name, EngineOptions(compile=True), applied) as engine:
             run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
             row = profile_batch(engine, jobs, device, Path(args.out).parent / "profile-trace.json.gz")
         row.update(variant=name, batch=len(jobs))
@@ -821,7 +826,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row), flush=True)
 
     def sdpa(name: str, applied: tuple[str, ...], batch: int) -> None:
-        caption = -(-(args.max_tokens if not args.tiny else 96) // CAPTION_BUCKET) * CAPTION_BUCKET  # as the transformer pads
         tokens = (timed[0].height // 16) * (timed[0].width // 16) + caption
         row = attention_kernels(pipe, batch, tokens, device)
         rows.append(row)

@@ -43,13 +43,42 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
 
 def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch():
     from bench.throughput import Variant, parse_variant
+    from zimage_batch.generate import EngineOptions
 
     assert parse_variant("engine+compile+fused+eager-vae@8") == Variant("engine+compile", ("fused", "eager-vae"), 8)
     assert parse_variant("fp8+tensorwise+fused") == Variant("fp8", ("tensorwise", "fused"))
     assert parse_variant("engine+compile+mask") == Variant("engine+compile+mask")  # a base, not a lever
+    with pytest.raises(ValueError, match="fp8_scales"):
+        EngineOptions(precision="fp8", fp8_scales="Tensor")
+    from bench.throughput import VARIANT_SETS
+
+    assert all(parse_variant(name) for names in VARIANT_SETS.values() for name in names.split(","))  # sets name variants
+    assert all(parse_variant(name) is None for name in VARIANT_SETS)  # a set's name never hides a variant's
     for name in ("engine+fused", "engine+compile+tensorwise", "vram12+fused", "plain+fused",  # where a trial does nothing
                  "engine+compile+fused+complex-rope", "engine+compile@0", "vram16@2", "engine+compile+turbo"):
         assert parse_variant(name) is None, name
+
+
+def test_a_trial_is_in_for_its_pass_only_even_when_the_pass_fails():
+    from bench.throughput import configured
+    from zimage_batch.blocks import FusedFeedForward
+    from zimage_batch.generate import EngineOptions, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+
+    def fused():
+        return any(isinstance(m, FusedFeedForward) for m in pipe.transformer.modules())
+
+    with configured(pipe, "cpu", "engine+compile+fused", EngineOptions(compile=True), ("fused",)) as engine:
+        assert engine.options.fuse_projections and fused()
+    assert not fused()
+    with pytest.raises(RuntimeError, match="pass failed"):
+        with configured(pipe, "cpu", "engine+compile+fused", EngineOptions(compile=True), ("fused",)):
+            assert fused()
+            raise RuntimeError("pass failed")
+    assert not fused()
+    with configured(pipe, "cpu", "engine+compile", EngineOptions(compile=True), ()) as engine:
+        assert not engine.options.fuse_projections and not fused()
 
 
 def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():

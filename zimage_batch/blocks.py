@@ -101,33 +101,47 @@ def _split(fused: torch.nn.Linear, parts: int) -> list[torch.nn.Linear]:
     return [_linear(rows.clone(), fused.weight.requires_grad) for rows in fused.weight.detach().chunk(parts)]
 
 
+def _named(transformer, wanted) -> list[str]:
+    """The names of the modules ``wanted`` picks: looked up again one at a time, so no list holds
+    on to a layer that has been replaced (its weights are freed as the loop goes)."""
+    return [name for name, module in transformer.named_modules() if wanted(module)]
+
+
+def _parent(transformer, name: str) -> tuple[torch.nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return transformer.get_submodule(parent), child
+
+
 def fuse_projections(transformer) -> None:
     """Fuse the feed-forward's gate/up projections in every block of a Z-Image transformer, and
     q/k/v where the attention has the real-rotation processor (the one that reads ``to_qkv``); before
     it is compiled or quantized. One layer at a time, so the extra memory is one layer's weights."""
-    for module in list(transformer.modules()):
-        if isinstance(getattr(module, "processor", None), RealRopeAttnProcessor) and not module.fused_projections:
-            if any(getattr(module, name).bias is not None for name in ("to_q", "to_k", "to_v")):
-                raise ValueError("fuse_projections expects Z-Image's bias-free q/k/v projections")
-            module.to_qkv = _stacked([module.to_q, module.to_k, module.to_v])
-            del module.to_q, module.to_k, module.to_v
-            module.fused_projections = True
-        for name, child in list(module.named_children()):
-            if type(child) is FeedForward:
-                setattr(module, name, FusedFeedForward(_stacked([child.w1, child.w3]), child.w2))
+    for name in _named(transformer, lambda m: isinstance(getattr(m, "processor", None), RealRopeAttnProcessor)
+                       and not m.fused_projections):
+        attn = transformer.get_submodule(name)
+        if any(getattr(attn, part).bias is not None for part in ("to_q", "to_k", "to_v")):
+            raise ValueError("fuse_projections expects Z-Image's bias-free q/k/v projections")
+        attn.to_qkv = _stacked([attn.to_q, attn.to_k, attn.to_v])
+        del attn.to_q, attn.to_k, attn.to_v
+        attn.fused_projections = True
+    for name in _named(transformer, lambda m: type(m) is FeedForward):
+        parent, child = _parent(transformer, name)
+        ff = getattr(parent, child)
+        setattr(parent, child, FusedFeedForward(_stacked([ff.w1, ff.w3]), ff.w2))
 
 
 def unfuse_projections(transformer) -> None:
     """Undo ``fuse_projections``: the original layers, with the very same weights."""
-    for module in list(transformer.modules()):
-        if getattr(module, "fused_projections", False) and hasattr(module, "to_qkv"):
-            module.to_q, module.to_k, module.to_v = _split(module.to_qkv, 3)
-            del module.to_qkv
-            module.fused_projections = False
-        for name, child in list(module.named_children()):
-            if isinstance(child, FusedFeedForward):
-                with torch.device("meta"):
-                    unfused = FeedForward(child.w13.in_features, child.w13.out_features // 2)
-                unfused.w1, unfused.w3 = _split(child.w13, 2)
-                unfused.w2 = child.w2
-                setattr(module, name, unfused)
+    for name in _named(transformer, lambda m: getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")):
+        attn = transformer.get_submodule(name)
+        attn.to_q, attn.to_k, attn.to_v = _split(attn.to_qkv, 3)
+        del attn.to_qkv
+        attn.fused_projections = False
+    for name in _named(transformer, lambda m: isinstance(m, FusedFeedForward)):
+        parent, child = _parent(transformer, name)
+        fused = getattr(parent, child)
+        with torch.device("meta"):
+            ff = FeedForward(fused.w13.in_features, fused.w13.out_features // 2)
+        ff.w1, ff.w3 = _split(fused.w13, 2)
+        ff.w2 = fused.w2
+        setattr(parent, child, ff)
