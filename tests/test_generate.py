@@ -132,27 +132,6 @@ def test_pre_encoded_prompts_give_the_pipelines_own_images(engine):
     assert levels(ours, np.round(theirs * 255.0)) <= 1
 
 
-def test_prompts_padded_to_the_chunks_longest_encode_as_padded_to_512(engine):
-    import torch
-
-    texts = ["a mug", "国风茶馆的木质招牌，带清晰“茗香”二字, 暖色灯光, 高清摄影 " * 3, "a red sneaker on white"]
-    seen = []
-    hook = engine.pipe.text_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape),
-                                                              with_kwargs=True)
-    try:
-        ours = engine._encode(texts, 512)
-    finally:
-        hook.remove()
-    assert seen[0][1] == max(e.shape[0] for e in ours) < 512  # the encoder ran on the longest prompt's tokens only
-    with torch.inference_mode():
-        theirs = engine.pipe.encode_prompt(list(texts), device="cpu", do_classifier_free_guidance=False,
-                                           max_sequence_length=512)[0]
-    assert [e.shape for e in ours] == [e.shape for e in theirs]
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
-    cut = engine._encode(texts, 24)  # max_sequence_length still cuts
-    assert [e.shape[0] for e in cut] == [min(24, e.shape[0]) for e in theirs]
-
-
 def test_caption_buckets_separate_lengths_only_when_asked(engine):
     from dataclasses import replace
 
