@@ -34,7 +34,10 @@ A variant that runs the engine can leave out one of its levers, to measure each 
 and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. It can also put in
 a trial, an engine option that is not the default until it has paid here: `+fused` (q/k/v and the
 feed-forward's gate/up projections each one matmul; compiled variants) and `+tensorwise` (fp8 with
-one scale per tensor instead of per row; fp8 only), e.g. `engine+compile+fused@8`. A batched variant
+one scale per tensor instead of per row; fp8 only), e.g. `engine+compile+fused@8`. `+varied` runs an
+engine variant on other jobs: the same prompts cut to 72-110 tokens, what Qwen's tokenizer makes of
+them, so two caption buckets, partial batches and more than one compiled shape, as in a real run (no
+image comparison: the plain loop's prompts are the whole ones). A batched variant
 takes its own batch size after `@` (e.g. `engine+compile@8`; default --batch): per-call costs
 (latents drawn on the CPU, the copy out) spread over more images.
 Prints seconds per image (wall: everything from the first call to the last file; steady: from the
@@ -91,6 +94,7 @@ ORDER = ["sdpa", "plain", "engine", "engine+compile", "engine+compile+mask", "ge
 LEVERS = ("complex-rope", "eager-vae")  # the engine without one of its levers, e.g. engine+compile+eager-vae
 UNLEVERED = ("sdpa", "plain", "cold-start")
 COMPILED = ("engine+compile", "engine+compile+mask", "generate-only", "profile", "vram16", "fp8")
+WORKLOADS = {"varied": ("engine", "engine+compile", "engine+compile+mask", "generate-only")}  # other jobs: (bases)
 TRIALS = {  # engine options tried before they become defaults, e.g. engine+compile+fused: (option changes, bases)
     "fused": ({"fuse_projections": True}, COMPILED),
     "tensorwise": ({"fp8_scales": "tensor"}, ("fp8",)),
@@ -101,7 +105,7 @@ BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-
 # trials and batch size, "fp8-set" the fp8 trials and the re-measured 16 GB profile. Each has the
 # plain loop, the baseline every speedup is taken against in the same process.
 VARIANT_SETS = {
-    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+fused@8,profile",
+    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+varied,profile",
     "fp8-set": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
     "memory-set": "plain,engine+compile,vram16,vram12,cold-start",
 }
@@ -121,12 +125,14 @@ def parse_variant(name: str) -> Variant | None:
     name, at, size = name.partition("@")
     parts = name.split("+")
     levers: list[str] = []
-    while len(parts) > 1 and (parts[-1] in LEVERS or parts[-1] in TRIALS):
+    while len(parts) > 1 and (parts[-1] in LEVERS or parts[-1] in TRIALS or parts[-1] in WORKLOADS):
         levers.insert(0, parts.pop())
     variant = Variant("+".join(parts), tuple(levers), int(size) if size.isascii() and size.isdigit() and int(size) > 0 else None)
     if variant.base not in ORDER or (variant.levers and variant.base in UNLEVERED):
         return None
     if any(name in TRIALS and variant.base not in TRIALS[name][1] for name in levers):
+        return None
+    if any(name in WORKLOADS and variant.base not in WORKLOADS[name] for name in levers):
         return None
     if "fused" in levers and "complex-rope" in levers:  # diffusers' processor reads q, k and v apart
         return None
@@ -319,19 +325,34 @@ def random_module(device: str, seed: int, build):
     return module.eval()
 
 
-def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None) -> list[Job]:
+def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None, varied: bool = False) -> list[Job]:
     """`count` real jobs: the demo catalog through product_white then lifestyle_scene, one preset (png).
 
     ``max_tokens`` cuts captions to that many tokens: with random weights the tokenizer is byte-level
     (~3.5x the tokens of Qwen's BPE for these prompts), which would inflate the transformer's work.
+    ``varied`` cuts each prompt instead, to 72-110 tokens (byte-level, chat template included; what
+    Qwen's BPE makes of these prompts), so captions pad to 96 or 128 as in a real run: batches of two
+    caption buckets, some of them partial, and the compiled blocks see several shapes.
     """
     templates = [str(ROOT / "templates" / n) for n in ("product_white.j2", "lifestyle_scene.j2")]
     inputs = check_inputs([str(ROOT / "catalogs/demo.csv")], templates, "tiny-random", PRESETS, size=size, steps=steps)
     jobs = sorted((j for j in plan_jobs(inputs) if isinstance(j, Job)), key=lambda j: j.template != "product_white")
     overrides = {"presets": ("png",), "background": "scene"}
     if max_tokens:
-        overrides["max_sequence_length"] = max_tokens
-    return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
+        overrides["max_sequence_length"] = max(max_tokens, VARIED_TOKENS[1]) if varied else max_tokens
+    if not varied:
+        return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
+    low, high = VARIED_TOKENS
+
+    def cut(i: int, prompt: str) -> str:  # 72, 91, 110, 90, 109, ... tokens: both buckets in turn, the same every run
+        tokens = low + (i * 19) % (high - low + 1)
+        return prompt.encode()[: tokens - CHAT_TOKENS].decode(errors="ignore")
+
+    return [dataclasses.replace(j, **overrides, prompt=cut(i, j.prompt)) for i, j in enumerate(jobs[:count])]
+
+
+VARIED_TOKENS = (72, 110)  # caption tokens of the varied jobs, chat template included
+CHAT_TOKENS = 19  # what the chat template adds, byte-level tokenizer
 
 
 def sync(device: str) -> None:
@@ -682,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"a set ({', '.join(f'{k}: {v}' for k, v in VARIANT_SETS.items())}), or "
                              f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
-                             f"+{', +'.join(LEVERS)} or the trials +{', +'.join(TRIALS)}, and {', '.join(BATCHED)} in "
+                             f"+{', +'.join(LEVERS)}, the trials +{', +'.join(TRIALS)} or +varied, and {', '.join(BATCHED)} in "
                              f"@BATCH (default {DEFAULT_VARIANTS})")
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds (from the start) after which no new variant starts (default 420: the longest, "
@@ -695,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: use {', '.join(ORDER)}, the engine ones optionally with "
-                     f"+{', +'.join(LEVERS)}, the compiled ones with +fused, fp8 with +tensorwise, and "
+                     f"+{', +'.join(LEVERS)} or +varied, the compiled ones with +fused, fp8 with +tensorwise, and "
                      f"{', '.join(BATCHED)} with @BATCH (e.g. engine+compile+fused@8)")
     wanted.sort(key=lambda name: ORDER.index(parsed[name].base))  # stable: levers keep the order given
 
@@ -722,6 +743,9 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens)
     timed = jobs[args.batch : args.batch + args.images]  # the same jobs whatever the batch sizes asked
     warm = jobs[: args.batch] + jobs[args.batch + args.images :]
+    varied = bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens, varied=True)
+    workloads = {(): (timed, warm), ("varied",): (varied[args.batch : args.batch + args.images],
+                                                  varied[: args.batch] + varied[args.batch + args.images :])}
     if len(timed) < args.images:
         parser.error(f"the demo catalog makes {len(jobs)} jobs: ask for at most {len(jobs) - largest} --images")
     caption = -(-(args.max_tokens if not args.tiny else 96) // CAPTION_BUCKET) * CAPTION_BUCKET  # as the transformer pads
@@ -752,8 +776,8 @@ def main(argv: list[str] | None = None) -> dict:
         row.update(extra or {})
         if row.get("transformer_s_per_image") and device == "cuda":
             row["transformer_mfu"] = flops / row["transformer_s_per_image"] / H100_BF16_PEAK
-        if plain_images is not None and name != "plain":
-            row.update(compare(plain_images, timing.images))
+        if plain_images is not None and name != "plain" and "varied" not in name.split("@")[0].split("+"):
+            row.update(compare(plain_images, timing.images))  # (varied jobs have other prompts than the plain loop's)
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()
@@ -784,7 +808,8 @@ def main(argv: list[str] | None = None) -> dict:
             # no mask) compiles before the clock starts; a short warm-up where they already are.
             shapes = (id(pipe.transformer), batch, options.bucket_captions, applied)
             compiling = engine.options.compiles and device == "cuda"  # configure compiles on CUDA only
-            first = runner(engine, timed if compiling and shapes not in compiled else warm[:batch], batch, device)
+            timed_jobs, warm_jobs = workloads[tuple(lever for lever in applied if lever in WORKLOADS)]
+            first = runner(engine, timed_jobs if compiling and shapes not in compiled else warm_jobs[:batch], batch, device)
             if compiling:
                 compiled.add(shapes)
             print(f"  warm-up: {first.seconds:.1f} s for {len(first.done_at)} images", flush=True)
@@ -793,7 +818,7 @@ def main(argv: list[str] | None = None) -> dict:
             calls, split = CallTimes(engine), StageTimes(pipe, device)
             try:
                 with GpuMonitor(gpu_id(device)) as gpu:
-                    timing = runner(engine, timed, batch, device)
+                    timing = runner(engine, timed_jobs, batch, device)
             finally:
                 split.close()
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}

@@ -12,7 +12,8 @@ from conftest import ROOT
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
-    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1", "engine+compile+fused"]
+    levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1", "engine+compile+fused",
+               "engine+compile+varied"]
     result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
                               ",".join([*reversed(throughput.ORDER), *levered])])
     rows = {r["variant"]: r for r in result["rows"]}
@@ -36,6 +37,8 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     for key in ("max_abs_diff", "mean_abs_diff", "psnr_db"):  # the real rotation leaves the images as they were
         assert rows["engine+compile+complex-rope"][key] == rows["engine+compile"][key]
     assert abs(rows["engine+compile+fused"]["max_abs_diff"] - rows["engine+compile"]["max_abs_diff"]) <= 1  # float noise
+    varied = rows["engine+compile+varied"]  # other prompts: two caption buckets, a partial batch
+    assert "psnr_db" not in varied and varied["generate_calls"] > rows["engine+compile"]["generate_calls"]
     assert rows["vram16"]["max_abs_diff"] <= 1  # batch 1 and a streamed text encoder: the plain loop's images
     assert 35 < rows["vram12"]["psnr_db"] < float("inf")  # int8 weights: close to, not equal to, the plain images
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
@@ -47,6 +50,7 @@ def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch(
 
     assert parse_variant("engine+compile+fused+eager-vae@8") == Variant("engine+compile", ("fused", "eager-vae"), 8)
     assert parse_variant("fp8+tensorwise+fused") == Variant("fp8", ("tensorwise", "fused"))
+    assert parse_variant("engine+compile+mask+varied") == Variant("engine+compile+mask", ("varied",))
     assert parse_variant("engine+compile+mask") == Variant("engine+compile+mask")  # a base, not a lever
     with pytest.raises(ValueError, match="fp8_scales"):
         EngineOptions(precision="fp8", fp8_scales="Tensor")
@@ -54,7 +58,7 @@ def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch(
 
     assert all(parse_variant(name) for names in VARIANT_SETS.values() for name in names.split(","))  # sets name variants
     assert all(parse_variant(name) is None for name in VARIANT_SETS)  # a set's name never hides a variant's
-    for name in ("engine+fused", "engine+compile+tensorwise", "vram12+fused", "plain+fused",  # where a trial does nothing
+    for name in ("engine+fused", "engine+compile+tensorwise", "fp8+varied", "profile+varied", "vram12+fused", "plain+fused",  # where a trial does nothing
                  "engine+compile+fused+complex-rope", "engine+compile@0", "vram16@2", "engine+compile+turbo"):
         assert parse_variant(name) is None, name
 
