@@ -176,8 +176,17 @@ def with_trials(options: EngineOptions, names: tuple[str, ...]) -> EngineOptions
 def configured(pipe, device: str, name: str, options: EngineOptions, applied: tuple[str, ...]):
     """An engine on the shared pipeline with the variant's trials put in and levers taken out;
     afterwards (also after a failure) its bf16 transformer as it was, so the next variant measures
-    what it names (a quantized transformer is replaced by the next variant that needs another)."""
+    what it names (a quantized transformer is replaced by the next variant that needs another).
+
+    Each compiled variant starts from a reset compiler: once compiled blocks meet a second shape,
+    dynamo recompiles them for dynamic sizes, so a variant would otherwise measure whatever shapes
+    the ones before it left (batch 8 after batch 4, say). A graph compiled before comes from
+    Inductor's on-disk cache in seconds."""
+    import torch
+
     options = with_trials(options, applied)
+    if options.compiles and device.startswith("cuda"):
+        torch._dynamo.reset()
     try:
         engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0,
                         f"bench:{name}", options)
@@ -332,7 +341,8 @@ def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None,
     (~3.5x the tokens of Qwen's BPE for these prompts), which would inflate the transformer's work.
     ``varied`` cuts each prompt instead, to 72-110 tokens (byte-level, chat template included; what
     Qwen's BPE makes of these prompts), so captions pad to 96 or 128 as in a real run: batches of two
-    caption buckets, some of them partial, and the compiled blocks see several shapes.
+    caption buckets, some of them partial (16 timed jobs split 10/6 at batch 4 and 8; tested), and
+    the compiled blocks see several shapes.
     """
     templates = [str(ROOT / "templates" / n) for n in ("product_white.j2", "lifestyle_scene.j2")]
     inputs = check_inputs([str(ROOT / "catalogs/demo.csv")], templates, "tiny-random", PRESETS, size=size, steps=steps)
@@ -344,8 +354,8 @@ def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None,
         return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
     low, high = VARIED_TOKENS
 
-    def cut(i: int, prompt: str) -> str:  # 72, 91, 110, 90, 109, ... tokens: both buckets in turn, the same every run
-        tokens = low + (i * 19) % (high - low + 1)
+    def cut(i: int, prompt: str) -> str:  # 72, 79, 86, 93, 100, ... tokens: the same every run
+        tokens = low + (i * 7) % (high - low + 1)
         return prompt.encode()[: tokens - CHAT_TOKENS].decode(errors="ignore")
 
     return [dataclasses.replace(j, **overrides, prompt=cut(i, j.prompt)) for i, j in enumerate(jobs[:count])]
@@ -743,7 +753,9 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens)
     timed = jobs[args.batch : args.batch + args.images]  # the same jobs whatever the batch sizes asked
     warm = jobs[: args.batch] + jobs[args.batch + args.images :]
-    varied = bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens, varied=True)
+    # With a real model's tokenizer (Qwen's BPE) the whole prompts are already ~70-110 tokens.
+    varied = (bench_jobs(args.images + largest, size, args.steps) if args.model else
+              bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens, varied=True))
     workloads = {(): (timed, warm), ("varied",): (varied[args.batch : args.batch + args.images],
                                                   varied[: args.batch] + varied[args.batch + args.images :])}
     if len(timed) < args.images:
@@ -766,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     def record(name: str, timing: Timing, first_image: float, batch: int, calls: CallTimes | None = None,
-               extra: dict | None = None) -> None:
+               extra: dict | None = None, same_prompts: bool = True) -> None:
         row = {"variant": name, "s_per_image": timing.seconds / len(timed), "steady_s_per_image": timing.steady(),
                "batch": batch, "peak_gpu_gb": peak_gb(device), "first_image_s": first_image}
         if calls is not None:
@@ -776,8 +788,8 @@ def main(argv: list[str] | None = None) -> dict:
         row.update(extra or {})
         if row.get("transformer_s_per_image") and device == "cuda":
             row["transformer_mfu"] = flops / row["transformer_s_per_image"] / H100_BF16_PEAK
-        if plain_images is not None and name != "plain" and "varied" not in name.split("@")[0].split("+"):
-            row.update(compare(plain_images, timing.images))  # (varied jobs have other prompts than the plain loop's)
+        if plain_images is not None and name != "plain" and same_prompts:
+            row.update(compare(plain_images, timing.images))
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()
@@ -791,8 +803,6 @@ def main(argv: list[str] | None = None) -> dict:
         plain_images = timing.images
         record("plain", timing, first.seconds, 1, extra=gpu.summary())
 
-    compiled: set[tuple] = set()  # (transformer, batch size, buckets, levers/trials) whose shapes for `timed` are compiled
-
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
                     applied: tuple[str, ...] = ()) -> None:
         """Configure, apply the levers and trials, warm up, time. ``peak_gpu_gb`` is the timed
@@ -804,14 +814,11 @@ def main(argv: list[str] | None = None) -> dict:
             if not peak_from_load:
                 reset_peak(device)
             resident = allocated_gb(device)
-            # Warm up on the timed jobs themselves when compiling, so every batch shape (and mask /
-            # no mask) compiles before the clock starts; a short warm-up where they already are.
-            shapes = (id(pipe.transformer), batch, options.bucket_captions, applied)
+            # Compiling, warm up on the timed jobs themselves, so every batch shape (and mask / no
+            # mask) compiles before the clock starts; else a short warm-up.
             compiling = engine.options.compiles and device == "cuda"  # configure compiles on CUDA only
             timed_jobs, warm_jobs = workloads[tuple(lever for lever in applied if lever in WORKLOADS)]
-            first = runner(engine, timed_jobs if compiling and shapes not in compiled else warm_jobs[:batch], batch, device)
-            if compiling:
-                compiled.add(shapes)
+            first = runner(engine, timed_jobs if compiling else warm_jobs[:batch], batch, device)
             print(f"  warm-up: {first.seconds:.1f} s for {len(first.done_at)} images", flush=True)
             warmup_peak = peak_gb(device)
             reset_peak(device)
@@ -822,7 +829,8 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 split.close()
         extra = {"resident_gb_at_start": resident, "warmup_peak_gb": warmup_peak} if device == "cuda" else {}
-        record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed)), **gpu.summary()})
+        record(name, timing, min(first.done_at), batch, calls, {**extra, **split.summary(len(timed)), **gpu.summary()},
+               same_prompts="varied" not in applied)  # varied jobs have other prompts than the plain loop's
 
     def vram12(name: str, applied: tuple[str, ...], batch: int) -> None:
         pipe.transformer = None

@@ -12,7 +12,8 @@
   and the feed-forward's two input projections (SwiGLU's gate and up) as one: the input is read once
   instead of three or two times, and each GEMM is larger. The weights are the same numbers,
   concatenated; ``unfuse_projections`` splits them back exactly. With fp8 weights each fused layer is
-  quantized as one (per-row scales: the same scales as apart).
+  quantized as one: with per-row scales that gives the same scales as apart, with per-tensor scales
+  one scale for all its parts. Off by default until measured (``EngineOptions.fuse_projections``).
 """
 
 from __future__ import annotations
