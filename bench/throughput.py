@@ -47,7 +47,8 @@ the shard's last post-processing, overlapped by the next shard in a run; in gen:
 engine's generate calls; between: from one call's return to the next call, when the GPU has nothing
 queued), images per hour, peak GPU memory, speedup over plain (sustained where measured, else
 steady), an MFU estimate, where the device time went (transformer forwards, VAE decodes) and the
-GPU's SM clock, temperature and power during each pass (nvidia-smi: so clock drift over a run shows);
+GPU's SM clock, temperature and power during each pass (nvidia-smi: so clock drift over a run shows),
+and each variant with a lever, trial, workload or batch size of its own against its base variant;
 writes the rows as JSON to --out after every variant, so a run cut short keeps what it measured.
 Variants not started within --budget seconds are skipped. Needs only torch, transformers,
 diffusers, accelerate (the vram variants' streaming), numpy, Pillow, scipy, pydantic, jinja2,
@@ -946,6 +947,23 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['variant']}: per image {r['transformer_s_per_image']:.3f} s in transformer forwards, "
                   f"{r['vae_decode_s_per_image']:.3f} s in VAE decodes, {rest:.3f} s else inside the generate calls"
                   + (f"; transformer MFU {r['transformer_mfu']:.0%}" if "transformer_mfu" in r else ""))
+    for line in against_base(rows):
+        print(line)
+
+
+def against_base(rows: list[dict]) -> list[str]:
+    """Each variant with levers, trials, a workload or its own batch size against its base variant
+    of the same run (sustained s per image): what the next change to the defaults rests on."""
+    rates = {r["variant"]: r["sustained_s_per_image"] for r in rows if "sustained_s_per_image" in r}
+    lines = []
+    for name, rate in rates.items():
+        variant = parse_variant(name)
+        if variant is None or variant.base not in rates or name == variant.base:
+            continue
+        base = rates[variant.base]
+        lines.append(f"{name}: {rate:.3f} s per image vs {variant.base} {base:.3f} s ({(rate / base - 1) * 100:+.1f}%)")
+    return lines
+
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,15 @@ def test_varied_jobs_make_two_caption_buckets_and_partial_batches_at_the_gpu_def
         assert sorted(sizes) != [batch] * (16 // batch) and sum(sizes) == 16, sizes  # some batch is partial
 
 
+def test_variants_are_set_against_their_base_of_the_same_run():
+    from bench.throughput import against_base
+
+    rows = [{"variant": "plain", "steady_s_per_image": 1.4}, {"variant": "engine+compile", "sustained_s_per_image": 0.8},
+            {"variant": "engine+compile+fused@8", "sustained_s_per_image": 0.78}, {"variant": "fp8+tensorwise", "sustained_s_per_image": 0.6},
+            {"variant": "vram16", "sustained_s_per_image": 0.9}]
+    assert against_base(rows) == ["engine+compile+fused@8: 0.780 s per image vs engine+compile 0.800 s (-2.5%)"]
+
+
 def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
     from bench.throughput import levers
     from zimage_batch.blocks import use_real_rope
