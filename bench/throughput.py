@@ -21,7 +21,7 @@ levers runs in its base's place, in the order given):
   profile        one batch of the compiled engine under torch.profiler: device time per kind of
                  kernel (matmul, attention, Inductor's fused elementwise, copies, other), the
                  device's idle time inside the call, the costliest kernels; the Chrome trace is
-                 written beside --out (profile-trace.json.gz).
+                 written beside --out (profile-trace.json.gz; profile+fused writes profile-fused-trace.json.gz).
   vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
   vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
                  the way to the GPU (peak memory counted from before the quantization); eager,
@@ -106,7 +106,7 @@ BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-
 # trials and batch size, "fp8-set" the fp8 trials and the re-measured 16 GB profile. Each has the
 # plain loop, the baseline every speedup is taken against in the same process.
 VARIANT_SETS = {
-    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+varied,profile",
+    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+varied,profile,profile+fused",
     "fp8-set": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
     "memory-set": "plain,engine+compile,vram16,vram12,cold-start",
 }
@@ -854,7 +854,8 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = timed[:batch]
         with configured(pipe, device, name, EngineOptions(compile=True), applied) as engine:
             run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
-            row = profile_batch(engine, jobs, device, Path(args.out).parent / "profile-trace.json.gz")
+            trace = Path(args.out).parent / f"{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}-trace.json.gz"  # profile-fused-...
+            row = profile_batch(engine, jobs, device, trace)
         row.update(variant=name, batch=len(jobs))
         rows.append(row)
         print(json.dumps(row), flush=True)

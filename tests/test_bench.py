@@ -13,11 +13,12 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from bench import throughput
 
     levered = ["engine+compile+complex-rope", "engine+compile+eager-vae", "engine+compile@1", "engine+compile+fused",
-               "engine+compile+varied"]
+               "engine+compile+varied", "profile+fused"]
     result = throughput.main(["--tiny", "--images", "2", "--batch", "2", "--out", str(tmp_path / "t.json"), "--variants",
                               ",".join([*reversed(throughput.ORDER), *levered])])
     rows = {r["variant"]: r for r in result["rows"]}
-    order = throughput.ORDER[:4] + levered + throughput.ORDER[4:]  # the documented order; levers in their base's place
+    # The documented order: a variant with levers, trials or a workload in its base's place.
+    order = [*throughput.ORDER[:4], *levered[:5], *throughput.ORDER[4:7], "profile+fused", *throughput.ORDER[7:]]
     assert [r["variant"] for r in result["rows"]] == order
     assert rows["fp8"]["skipped"].startswith("fp8 needs a CUDA GPU") and "skipped" in rows["cold-start"]
     assert rows["sdpa"]["default_tflops"] > 0 and rows["sdpa"]["matmul_tflops"] > 0
@@ -26,7 +27,8 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     assert 0 < profile["busy_s_per_image"] <= profile["wall_s_per_image"]
     assert sum(profile["kinds_s_per_image"].values()) >= profile["busy_s_per_image"] * 0.99  # the union is no more than the sum
     assert (tmp_path / "profile-trace.json.gz").stat().st_size > 0
-    measured = {name: row for name, row in rows.items() if name not in ("sdpa", "profile", "fp8", "cold-start")}
+    assert (tmp_path / "profile-fused-trace.json.gz").stat().st_size > 0  # a name the device's $OUT gives back
+    measured = {name: row for name, row in rows.items() if name not in ("sdpa", "profile", "profile+fused", "fp8", "cold-start")}
     assert all("error" not in r and r["s_per_image"] > 0 and r["steady_s_per_image"] > 0 for r in measured.values()), rows
     for name, split in measured.items():  # device time split into transformer forwards and VAE decodes
         if name != "plain":
