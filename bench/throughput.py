@@ -101,7 +101,7 @@ TRIALS = {  # engine options tried before they become defaults, e.g. engine+comp
     "tensorwise": ({"fp8_scales": "tensor"}, ("fp8",)),
 }
 BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "fp8")  # take @N
-# Named sets, each sized for one device call (~5.5 minutes on an H100, estimated from the runs in
+# Named sets, each sized for one device call (~5-6 minutes on an H100, estimated from the runs in
 # bench/RESULTS.md, build and compile warm-ups included): "bf16-set" decides the default profile's
 # trials and batch size, "fp8-set" the fp8 trials and the re-measured 16 GB profile. Each has the
 # plain loop, the baseline every speedup is taken against in the same process.
