@@ -7,8 +7,11 @@ one (`shard.finish`). This measures, on this machine's CPU:
   - seconds per image of `finish` for the throughput benchmark's job (png, scene background, a
     noise image as random weights make) and for a catalog job (white cut-out, three presets);
   - how much slower a Python loop of tiny torch ops (what launching GPU kernels looks like from
-    Python) runs while the finisher works beside it: the two share the GIL.
-Both must stay well below the GPU's time per image for the overlap to be free.
+    Python) runs while the finisher works beside it: the two share the GIL;
+  - the GPU's idle time between a shard's generate calls, with a simulated GPU (0.3 s per image,
+    slower than the finisher here so it never waits for it): the GPU thread's own work between
+    batches (checking each image, handing the batch over).
+All must stay well below the GPU's time per image for the overlap to be free.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import bench_jobs  # noqa: E402
-from zimage_batch.generate import synthetic_product  # noqa: E402
-from zimage_batch.manifest import Attempt  # noqa: E402
+from bench.throughput import CallTimes, bench_jobs  # noqa: E402
+from zimage_batch.generate import SimulatedEngine, synthetic_product  # noqa: E402
+from zimage_batch.manifest import Attempt, Manifest  # noqa: E402
+from zimage_batch.models import ModelRef  # noqa: E402
 from zimage_batch.plan import Job  # noqa: E402
-from zimage_batch.shard import Generated, finish  # noqa: E402
+from zimage_batch.shard import Generated, finish, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
 
@@ -39,6 +43,14 @@ def seconds_per_image(jobs: list[Job], images: list[np.ndarray], store: LocalSto
     for job, image in zip(jobs, images):
         finish(Generated(job, image, [Attempt(seed=job.seed, outcome="ok")], None, len(jobs), 1.0), store, "cuda")
     return (time.perf_counter() - start) / len(jobs)
+
+
+def between_calls(jobs: list[Job], folder: Path, batch: int = 4, seconds_per_image: float = 0.3) -> float:
+    """Seconds per image between a shard's generate calls, the GPU simulated."""
+    engine = SimulatedEngine(seconds_per_image, ModelRef("local", "simulated", "simulated"), "bench:between")
+    calls = CallTimes(engine)
+    process_shard(jobs, engine, LocalStore(folder), Manifest(folder), batch_size=batch)
+    return calls.summary(len(jobs))["between_calls_s_per_image"]
 
 
 def launch_loop(ops: int) -> float:
@@ -84,11 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
         beside = launch_loop(args.ops)
         stop.set()
         thread.join()
-    result.update(launch_alone_s=alone, launch_beside_finisher_s=beside, launch_slowdown=beside / alone)
+        with tempfile.TemporaryDirectory() as shard_out:
+            between = between_calls(bench, Path(shard_out))
+    result.update(launch_alone_s=alone, launch_beside_finisher_s=beside, launch_slowdown=beside / alone,
+                  between_calls_s_per_image=between)
     print(f"{result['machine']}, {size}: finish {result['bench_job_s']:.3f} s/image (png, scene, noise), "
           f"{result['catalog_job_s']:.3f} s/image (white cut-out + amazon_main, shopify, web); "
           f"{args.ops:,} tiny torch ops {alone:.3f} s alone, {beside:.3f} s beside the finisher "
-          f"({result['launch_slowdown']:.2f}x)")
+          f"({result['launch_slowdown']:.2f}x); between generate calls {between * 1000:.1f} ms/image "
+          f"(png jobs, batch 4, GPU simulated at 0.3 s/image)")
     return result
 
 

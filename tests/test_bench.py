@@ -210,8 +210,9 @@ def test_incremental_benchmark_runs(tmp_path):
 def test_finisher_benchmark_runs():
     from bench import finisher
 
-    result = finisher.main(["--size", "256", "--images", "2", "--ops", "2000"])
+    result = finisher.main(["--size", "256", "--images", "8", "--ops", "2000"])
     assert result["bench_job_s"] > 0 and result["catalog_job_s"] > 0 and result["launch_slowdown"] > 0
+    assert 0 < result["between_calls_s_per_image"] < 0.1  # two batches of 4: one gap, the GPU thread's own work
 
 
 def test_scaling_benchmark_runs_without_dask(tmp_path):

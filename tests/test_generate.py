@@ -94,6 +94,23 @@ def test_image_problem(image, problem):
     assert image_problem(image) == problem
 
 
+def test_blank_check_answers_as_the_full_standard_deviation_does():
+    rng = np.random.default_rng(5)
+    images = [np.full((64, 64, 3), 128, np.uint8), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    for spread in (0.3, 0.8, 1.0, 1.05, 1.3, 3.0):  # near the 1.02-level limit, both sides
+        images.append(np.clip(np.round(120 + rng.normal(0, spread, (64, 64, 3))), 0, 255).astype(np.uint8))
+    stripes = np.full((64, 64, 3), 120, np.uint8)
+    stripes.reshape(-1)[1::16] = 250  # all the spread where the every-16th sample does not look
+    sparse = np.full((64, 64, 3), 120, np.uint8)
+    sparse.reshape(-1)[::997] = 130  # a few faint dots in a flat picture: blank by the full pass
+    images += [stripes, sparse, rng.random((64, 64, 3), dtype=np.float32) * 0.003 + 0.5]
+    for image in images:
+        limit = 0.004 * (255.0 if image.dtype == np.uint8 else 1.0)
+        expected = "blank" if float(image.std(dtype=np.float32)) < limit else None
+        assert image_problem(image) == expected, float(image.std())
+    assert image_problem(stripes) is None and image_problem(sparse) == "blank"
+
+
 def test_unreachable_hub_model_gives_one_clear_paragraph(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

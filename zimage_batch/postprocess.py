@@ -189,9 +189,24 @@ def image_problem(pixels: np.ndarray) -> str | None:
         return "non_finite"
     if float(pixels.max()) < 0.03 * scale:
         return "black"
-    if float(pixels.std(dtype=np.float32)) < 0.004 * scale:
+    if _spread_below(pixels, 0.004 * scale):
         return "blank"
     return None
+
+
+def _spread_below(pixels: np.ndarray, limit: float) -> bool:
+    """Whether the pixels' standard deviation is below ``limit``, mostly without a full pass.
+
+    Every 16th value bounds the variance from below: the N values' squared deviations from their
+    mean add up to at least those of the n sampled ones from theirs (a sample's own mean fits it
+    best), so N * var >= n * var_sample. Any real picture clears the bound by far, in a tenth of
+    the time of the full standard deviation (this runs in the GPU's thread between batches); a
+    near-blank one gets the full pass, so the answer is exactly the full pass's."""
+    flat = pixels.reshape(-1)
+    sample = flat[::16]
+    if sample.var(dtype=np.float64) * sample.size / flat.size >= limit**2 * 1.01:  # 1%: past float rounding
+        return False
+    return float(pixels.std(dtype=np.float32)) < limit
 
 
 class Source:
