@@ -143,7 +143,7 @@ def parse_variant(name: str) -> Variant | None:
 
 
 @contextmanager
-def levers(pipe, names: tuple[str, ...], device: str):
+def levers(pipe, names: tuple[str, ...]):
     """Take levers out of a configured (not yet run, so not yet compiled) pipeline, to measure each
     against the engine with it; put them back afterwards. ``complex-rope``: diffusers' own attention
     processor (complex rotary embedding). ``eager-vae``: the VAE decoder not compiled (CUDA only:
@@ -191,7 +191,7 @@ def configured(pipe, device: str, name: str, options: EngineOptions, applied: tu
     try:
         engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0,
                         f"bench:{name}", options)
-        with levers(pipe, applied, device):
+        with levers(pipe, applied):
             yield engine
     finally:
         if options.fuse_projections and options.weights is None:
@@ -335,31 +335,34 @@ def random_module(device: str, seed: int, build):
     return module.eval()
 
 
-def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None, varied: bool = False) -> list[Job]:
+def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None) -> list[Job]:
     """`count` real jobs: the demo catalog through product_white then lifestyle_scene, one preset (png).
 
     ``max_tokens`` cuts captions to that many tokens: with random weights the tokenizer is byte-level
     (~3.5x the tokens of Qwen's BPE for these prompts), which would inflate the transformer's work.
-    ``varied`` cuts each prompt instead, to 72-110 tokens (byte-level, chat template included; what
-    Qwen's BPE makes of these prompts), so captions pad to 96 or 128 as in a real run: batches of two
-    caption buckets, some of them partial (16 timed jobs split 10/6 at batch 4 and 8; tested), and
-    the compiled blocks see several shapes.
     """
     templates = [str(ROOT / "templates" / n) for n in ("product_white.j2", "lifestyle_scene.j2")]
     inputs = check_inputs([str(ROOT / "catalogs/demo.csv")], templates, "tiny-random", PRESETS, size=size, steps=steps)
     jobs = sorted((j for j in plan_jobs(inputs) if isinstance(j, Job)), key=lambda j: j.template != "product_white")
     overrides = {"presets": ("png",), "background": "scene"}
     if max_tokens:
-        overrides["max_sequence_length"] = max(max_tokens, VARIED_TOKENS[1]) if varied else max_tokens
-    if not varied:
-        return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
+        overrides["max_sequence_length"] = max_tokens
+    return [dataclasses.replace(j, **overrides) for j in jobs[:count]]
+
+
+def varied_jobs(jobs: list[Job]) -> list[Job]:
+    """The same jobs with each prompt cut to 72-110 byte-level tokens, chat template included (what
+    Qwen's BPE makes of these prompts), so captions pad to 96 or 128 as in a real run: batches of two
+    caption buckets, some of them partial (16 timed jobs split 10/6 at batch 4 and 8; tested), and
+    the compiled blocks see several shapes."""
     low, high = VARIED_TOKENS
 
     def cut(i: int, prompt: str) -> str:  # 72, 79, 86, 93, 100, ... tokens: the same every run
         tokens = low + (i * 7) % (high - low + 1)
         return prompt.encode()[: tokens - CHAT_TOKENS].decode(errors="ignore")
 
-    return [dataclasses.replace(j, **overrides, prompt=cut(i, j.prompt)) for i, j in enumerate(jobs[:count])]
+    return [dataclasses.replace(j, prompt=cut(i, j.prompt), max_sequence_length=max(j.max_sequence_length, high))
+            for i, j in enumerate(jobs)]
 
 
 VARIED_TOKENS = (72, 110)  # caption tokens of the varied jobs, chat template included
@@ -755,8 +758,7 @@ def main(argv: list[str] | None = None) -> dict:
     timed = jobs[args.batch : args.batch + args.images]  # the same jobs whatever the batch sizes asked
     warm = jobs[: args.batch] + jobs[args.batch + args.images :]
     # With a real model's tokenizer (Qwen's BPE) the whole prompts are already ~70-110 tokens.
-    varied = (bench_jobs(args.images + largest, size, args.steps) if args.model else
-              bench_jobs(args.images + largest, size, args.steps, None if args.tiny else args.max_tokens, varied=True))
+    varied = bench_jobs(args.images + largest, size, args.steps) if args.model else varied_jobs(jobs)
     workloads = {(): (timed, warm), ("varied",): (varied[args.batch : args.batch + args.images],
                                                   varied[: args.batch] + varied[args.batch + args.images :])}
     if len(timed) < args.images:

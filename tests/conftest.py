@@ -76,6 +76,11 @@ def scene_template(tmp_path) -> Path:
                           "size: 256x256\npresets: [web]\nbackground: scene")
 
 
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference between two 8-bit images, in levels."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 def product_on_white(size: int = 256, seed: int = 0) -> np.ndarray:
     """A synthetic product shot: a dark rounded block on an off-white backdrop, float RGB in [0, 1]."""
     rng = np.random.default_rng(seed)

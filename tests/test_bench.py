@@ -106,13 +106,13 @@ def test_a_trial_is_taken_out_again_when_configuring_fails(monkeypatch):
 
 
 def test_varied_jobs_make_two_caption_buckets_and_partial_batches_at_the_gpu_defaults():
-    from bench.throughput import bench_jobs
+    from bench.throughput import bench_jobs, varied_jobs
     from zimage_batch.generate import load_engine
     from zimage_batch.shard import batches
 
     engine = load_engine("tiny-random", "cpu")  # the same byte-level tokenizer as the full-size random weights
     for batch in (4, 8):  # the GPU run's defaults: 16 timed jobs after --batch 4 warm-up ones
-        jobs = bench_jobs(16 + batch, "1024x1024", 8, 96, varied=True)[4:20]
+        jobs = varied_jobs(bench_jobs(16 + batch, "1024x1024", 8, 96))[4:20]
         tokens = [engine.caption_tokens(j) for j in jobs]
         assert 72 <= min(tokens) and max(tokens) <= 110 and len({j.max_sequence_length for j in jobs}) == 1
         sizes = [len(group) for group in batches(jobs, batch, engine.batch_key, engine.caption_tokens)]
@@ -142,7 +142,7 @@ def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
         return {type(m.processor).__name__ for m in pipe.transformer.modules() if hasattr(m, "processor")}
 
     with pytest.raises(RuntimeError, match="pass failed"):
-        with levers(pipe, ("complex-rope", "eager-vae"), "cpu"):
+        with levers(pipe, ("complex-rope", "eager-vae")):
             assert processors() == {"ZSingleStreamAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is None
             raise RuntimeError("pass failed")
     assert processors() == {"RealRopeAttnProcessor"} and pipe.vae.decoder._compiled_call_impl is compiled

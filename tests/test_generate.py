@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 
+from conftest import levels
 from zimage_batch import generate
 from zimage_batch.errors import ModelError
 from zimage_batch.generate import load_engine
 from zimage_batch.plan import Job
 from zimage_batch.postprocess import image_problem
-
-
-def levels(a: np.ndarray, b: np.ndarray) -> int:
-    """The largest difference between two 8-bit images, in levels."""
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def job(prompt="a ceramic mug", seed=1, size=256, **kw) -> Job:

@@ -7,6 +7,7 @@ numbers come from ``bench/throughput.py``; these check behaviour, not speed.
 import numpy as np
 import pytest
 
+from conftest import levels
 from zimage_batch.generate import EngineOptions, load_engine
 from zimage_batch.plan import Job
 
@@ -18,11 +19,6 @@ def job(prompt: str, seed: int) -> Job:
     return Job(job_id=f"id-{seed}", sku="S", catalog="c", row=1, template="t", template_path="t.j2", template_sha256="0",
                variant=0, prompt=prompt, negative_prompt="", seed=seed, width=256, height=256, steps=8, guidance_scale=0.0,
                max_sequence_length=512, model="tiny-random/v1", presets=("web",), background="scene")
-
-
-def levels(a: np.ndarray, b: np.ndarray) -> int:
-    """The largest difference between two 8-bit images, in levels."""
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 JOBS = [job("a red mug on a wooden table", 1), job("国风茶馆的木质招牌，带清晰“茗香”二字", 2)]
