@@ -29,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import CallTimes, bench_jobs  # noqa: E402
+from bench.measure import CallTimes  # noqa: E402
+from bench.throughput import bench_jobs  # noqa: E402
 from zimage_batch.generate import SimulatedEngine, synthetic_product  # noqa: E402
 from zimage_batch.manifest import Attempt, Manifest  # noqa: E402
 from zimage_batch.models import ModelRef  # noqa: E402

@@ -53,161 +53,42 @@ writes the rows as JSON to --out after every variant, so a run cut short keeps w
 Variants not started within --budget seconds are skipped. Needs only torch, transformers,
 diffusers, accelerate (the vram variants' streaming), numpy, Pillow, scipy, pydantic, jinja2,
 pyyaml, jsonschema (torchao for fp8 and vram12) and this repo (no Prefect, no network).
+The variants' names and sets are in bench/variants.py, the timers in bench/measure.py, the
+full-size random-weight model in bench/full_size.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zimage_batch.blocks import RealRopeAttnProcessor, unfuse_projections, use_real_rope  # noqa: E402
-from zimage_batch.generate import (CAPTION_BUCKET, Engine, EngineOptions, build_tiny_pipeline, configure,  # noqa: E402
-                                   quiet_libraries)
+from bench.full_size import build_full_size, fresh, group_offloaded  # noqa: E402
+from bench.measure import (CallTimes, GpuMonitor, StageTimes, Timing, allocated_gb, free_gpu, gpu_id,  # noqa: E402
+                           mean_seconds, peak_gb, reset_peak, sync)
+from bench.variants import (BATCHED, DEFAULT_VARIANTS, LEVERS, ORDER, TRIALS, VARIANT_SETS, WORKLOADS,  # noqa: E402
+                            configured, parse_variant)
+from zimage_batch.generate import CAPTION_BUCKET, Engine, EngineOptions, build_tiny_pipeline, quiet_libraries  # noqa: E402
 from zimage_batch.manifest import Manifest  # noqa: E402
-from zimage_batch.models import ModelRef  # noqa: E402
 from zimage_batch.plan import check_inputs, plan_jobs, Job  # noqa: E402
 from zimage_batch.postprocess import PRESETS, Source  # noqa: E402
 from zimage_batch.shard import batches, process_shard  # noqa: E402
 from zimage_batch.store import LocalStore  # noqa: E402
 
-ORDER = ["sdpa", "plain", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "vram16", "vram12",
-         "fp8", "cold-start"]
-LEVERS = ("complex-rope", "eager-vae")  # the engine without one of its levers, e.g. engine+compile+eager-vae
-UNLEVERED = ("sdpa", "plain", "cold-start")
-COMPILED = ("engine+compile", "engine+compile+mask", "generate-only", "profile", "vram16", "fp8")
-WORKLOADS = {"varied": ("engine", "engine+compile", "engine+compile+mask", "generate-only")}  # other jobs: (bases)
-TRIALS = {  # engine options tried before they become defaults, e.g. engine+compile+fused: (option changes, bases)
-    "fused": ({"fuse_projections": True}, COMPILED),
-    "tensorwise": ({"fp8_scales": "tensor"}, ("fp8",)),
-}
-BATCHED = ("sdpa", "engine", "engine+compile", "engine+compile+mask", "generate-only", "profile", "fp8")  # take @N
-# Named sets, each sized for one device call (~5-6 minutes on an H100, estimated from the runs in
-# bench/RESULTS.md, build and compile warm-ups included): "bf16-set" decides the default profile's
-# trials and batch size, "fp8-set" the fp8 trials and the re-measured 16 GB profile. Each has the
-# plain loop, the baseline every speedup is taken against in the same process.
-VARIANT_SETS = {
-    "bf16-set": "plain,engine+compile,engine+compile+fused,engine+compile@8,engine+compile+varied,profile,profile+fused",
-    "fp8-set": "plain,vram16,fp8,fp8+fused,fp8+tensorwise",
-    "memory-set": "plain,engine+compile,vram16,vram12,cold-start",
-}
-DEFAULT_VARIANTS = "bf16-set"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM datasheet
-
-
-class Variant(NamedTuple):
-    base: str
-    levers: tuple[str, ...] = ()
-    batch: int | None = None  # None: --batch
-
-
-def parse_variant(name: str) -> Variant | None:
-    """``engine+compile+complex-rope+eager-vae@8`` -> the base variant, the levers it leaves out (or
-    the trials it puts in), its batch size; None where the name is not a variant."""
-    name, at, size = name.partition("@")
-    parts = name.split("+")
-    levers: list[str] = []
-    while len(parts) > 1 and (parts[-1] in LEVERS or parts[-1] in TRIALS or parts[-1] in WORKLOADS):
-        levers.insert(0, parts.pop())
-    variant = Variant("+".join(parts), tuple(levers), int(size) if size.isascii() and size.isdigit() and int(size) > 0 else None)
-    if variant.base not in ORDER or (variant.levers and variant.base in UNLEVERED):
-        return None
-    if any(name in TRIALS and variant.base not in TRIALS[name][1] for name in levers):
-        return None
-    if any(name in WORKLOADS and variant.base not in WORKLOADS[name] for name in levers):
-        return None
-    if "fused" in levers and "complex-rope" in levers:  # diffusers' processor reads q, k and v apart
-        return None
-    if at and (variant.batch is None or variant.base not in BATCHED):
-        return None
-    return variant
-
-
-@contextmanager
-def levers(pipe, names: tuple[str, ...]):
-    """Take levers out of a configured (not yet run, so not yet compiled) pipeline, to measure each
-    against the engine with it; put them back afterwards. ``complex-rope``: diffusers' own attention
-    processor (complex rotary embedding). ``eager-vae``: the VAE decoder not compiled (CUDA only:
-    on the CPU it never is)."""
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-    compiled_vae = pipe.vae.decoder._compiled_call_impl
-    if "complex-rope" in names:
-        for module in pipe.transformer.modules():
-            if isinstance(getattr(module, "processor", None), RealRopeAttnProcessor):
-                module.set_processor(ZSingleStreamAttnProcessor())
-    if "eager-vae" in names:
-        pipe.vae.decoder._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        if "complex-rope" in names:
-            use_real_rope(pipe.transformer)
-        pipe.vae.decoder._compiled_call_impl = compiled_vae
-
-
-def with_trials(options: EngineOptions, names: tuple[str, ...]) -> EngineOptions:
-    """The engine options with these trials put in."""
-    for name in names:
-        if name in TRIALS:
-            options = dataclasses.replace(options, **TRIALS[name][0])
-    return options
-
-
-@contextmanager
-def configured(pipe, device: str, name: str, options: EngineOptions, applied: tuple[str, ...]):
-    """An engine on the shared pipeline with the variant's trials put in and levers taken out;
-    afterwards (also after a failure) its bf16 transformer as it was, so the next variant measures
-    what it names (a quantized transformer is replaced by the next variant that needs another).
-
-    Each compiled variant starts from a reset compiler: once compiled blocks meet a second shape,
-    dynamo recompiles them for dynamic sizes, so a variant would otherwise measure whatever shapes
-    the ones before it left (batch 8 after batch 4, say). A graph compiled before comes from
-    Inductor's on-disk cache in seconds."""
-    import torch
-
-    options = with_trials(options, applied)
-    if options.compiles and device.startswith("cuda"):
-        torch._dynamo.reset()
-    try:
-        engine = Engine(configure(pipe, device, options), device, ModelRef("local", "bench", "bench"), 0.0,
-                        f"bench:{name}", options)
-        with levers(pipe, applied):
-            yield engine
-    finally:
-        if options.fuse_projections and options.weights is None:
-            unfuse_projections(pipe.transformer)
-
-
-def mean_seconds(call, device: str, repeat: int = 10) -> float:
-    """Mean seconds per call over ``repeat`` calls, after three untimed ones."""
-    for _ in range(3):
-        call()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        call()
-    sync(device)
-    return (time.perf_counter() - start) / repeat
 
 
 def attention_kernels(pipe, batch: int, tokens: int, device: str) -> dict:
@@ -247,94 +128,6 @@ def attention_kernels(pipe, batch: int, tokens: int, device: str) -> dict:
     return row
 
 
-def full_size_transformer(device: str):
-    """The full-size transformer with random weights (seeded: the same weights every time)."""
-    from diffusers import ZImageTransformer2DModel
-
-    return random_module(device, 0, lambda: ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-        n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
-        t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]))
-
-
-def full_size_text_encoder(device: str):
-    """The full-size Qwen3 text encoder with random weights (seeded)."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    return random_module(device, 1, lambda: Qwen3Model(Qwen3Config(
-        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, max_position_embeddings=40960,
-        tie_word_embeddings=True)))
-
-
-def fresh(part: str, args: argparse.Namespace, device: str):
-    """A new copy of the pipeline's ``transformer`` or ``text_encoder``, with the same weights as
-    the first (for the variants that quantize or must undo the text encoder's streaming)."""
-    if args.tiny:
-        return getattr(build_tiny_pipeline(), part).to(device)
-    if args.model:  # just that component's subfolder, not the whole pipeline
-        import torch
-        from diffusers import ZImageTransformer2DModel
-        from transformers import Qwen3Model
-
-        loader = ZImageTransformer2DModel if part == "transformer" else Qwen3Model
-        return loader.from_pretrained(args.model, subfolder=part, dtype=torch.bfloat16).to(device)
-    return full_size_transformer(device) if part == "transformer" else full_size_text_encoder(device)
-
-
-def group_offloaded(module) -> bool:
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled
-
-    return _is_group_offload_enabled(module)
-
-
-def free_gpu() -> None:
-    """Release what earlier variants left: compiled code (dynamo's caches keep references to the
-    modules it compiled) and the allocator's cached blocks, so a peak measured next is honest."""
-    import torch
-
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def build_full_size(device: str):
-    """The full-size Z-Image-Turbo architecture with random weights (same FLOPs as the real model)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
-
-    tokenizer = build_tiny_pipeline().tokenizer  # byte-level: ~3x the tokens of Qwen's BPE for English text
-    transformer, text_encoder = full_size_transformer(device), full_size_text_encoder(device)
-    vae = random_module(device, 2, lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-        latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-        use_post_quant_conv=False))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def random_module(device: str, seed: int, build):
-    """``build()`` in bf16 directly on ``device`` from a fixed seed, 2-D weights re-drawn with std
-    0.02 so activations stay finite (the default init blows up at this size)."""
-    import torch
-
-    torch.manual_seed(seed)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            module = build()
-    finally:
-        torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.02)
-    return module.eval()
-
-
 def bench_jobs(count: int, size: str, steps: int, max_tokens: int | None = None) -> list[Job]:
     """`count` real jobs: the demo catalog through product_white then lifestyle_scene, one preset (png).
 
@@ -367,192 +160,6 @@ def varied_jobs(jobs: list[Job]) -> list[Job]:
 
 VARIED_TOKENS = (72, 110)  # caption tokens of the varied jobs, chat template included
 CHAT_TOKENS = 19  # what the chat template adds, byte-level tokenizer
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def allocated_gb(device: str) -> float | None:
-    """GPU memory held by live tensors now (what a variant starts with)."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.memory_allocated() / 1e9
-    return None
-
-
-def peak_gb(device: str) -> float | None:
-    """Peak GPU memory held by PyTorch's allocator (reserved, i.e. what the card must have)."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_reserved() / 1e9
-    return None
-
-
-@dataclass
-class Timing:
-    """One timed pass: total seconds, when each image was done and when the shard's prompt encoding
-    ended (seconds from the start)."""
-
-    seconds: float
-    done_at: list[float]
-    images: list[np.ndarray]
-    encoded_at: float = 0.0
-
-    def steady(self) -> float:
-        """Seconds per image from the first batch's start (after the shard's prompts are encoded,
-        once per shard in a run) to the last image done. For the variants through ``process_shard``
-        the shard's tail (the last batch's post-processing and storing, ~1.2 s on the H100 host:
-        ~0.07 s per image with 16 images) is in it; generate-only has none."""
-        return (max(self.done_at) - self.encoded_at) / len(self.done_at)
-
-
-class GpuMonitor:
-    """Samples the GPU's SM clock, temperature and power with nvidia-smi twice a second while a pass
-    runs, so clock drift over a long run shows beside each number. ``gpu`` names the card torch uses
-    (nvidia-smi counts cards in its own order); does nothing where nvidia-smi is missing."""
-
-    FIELDS = ("clocks.sm", "temperature.gpu", "power.draw")
-
-    def __init__(self, gpu: str | None, period: float = 0.5):
-        self.tool = shutil.which("nvidia-smi") if gpu else None
-        self.command = [self.tool, "-i", gpu, f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
-        self.period, self.samples = period, {field: [] for field in self.FIELDS}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True) if self.tool else None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                out = subprocess.run(self.command, capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.SubprocessError):
-                out = ""  # a sample lost is not a failed pass
-            if self._stop.is_set():
-                break  # read after the pass: the idle card's clock would drag the numbers down
-            for field, value in zip(self.FIELDS, (out.splitlines() or [""])[0].split(",")):
-                try:
-                    self.samples[field].append(float(value))
-                except ValueError:  # "[N/A]": a field this card does not report
-                    pass
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "GpuMonitor":
-        if self._thread:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
-
-    def summary(self) -> dict:
-        clocks, temps, watts = (self.samples[field] for field in self.FIELDS)
-        out = {}
-        if clocks:
-            out.update(gpu_sm_mhz_mean=sum(clocks) / len(clocks), gpu_sm_mhz_min=min(clocks))
-        if temps:
-            out["gpu_temp_c_max"] = max(temps)
-        if watts:
-            out["gpu_power_w_mean"] = sum(watts) / len(watts)
-        return out
-
-
-def gpu_id(device: str) -> str | None:
-    """The card torch uses, as nvidia-smi names it (``GPU-<uuid>``); None off CUDA."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-    if uuid is None:
-        return str(torch.cuda.current_device())
-    return str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}"
-
-
-class CallTimes:
-    """Times the engine's ``generate`` calls. Each call ends by copying its images to the host (a
-    sync), so from one call's return to the next call's start the GPU has nothing queued: the
-    between-calls time is GPU idle time that the CPU side (checks, batching, the finisher's GIL
-    share) puts between batches."""
-
-    def __init__(self, engine: Engine):
-        self.spans: list[tuple[float, float]] = []
-        self.began = time.perf_counter()  # made just before the timed pass starts
-        generate = engine.generate
-
-        def timed(jobs, seeds):
-            start = time.perf_counter()
-            try:
-                return generate(jobs, seeds)
-            finally:
-                self.spans.append((start, time.perf_counter()))
-
-        engine.generate = timed
-
-    def summary(self, images: int) -> dict:
-        inside = sum(end - start for start, end in self.spans)
-        between = sum(later[0] - earlier[1] for earlier, later in zip(self.spans, self.spans[1:]))
-        return {"generate_calls": len(self.spans), "in_generate_s_per_image": inside / images,
-                "between_calls_s_per_image": between / images,
-                "sustained_s_per_image": (self.spans[-1][1] - self.began) / images}
-
-
-class StageTimes:
-    """Device time of the transformer's forwards and the VAE's decodes during a pass (CUDA events
-    in the stream, so no syncs are added; wall clock on the CPU). What is left of the time inside
-    the generate calls is the pipeline's own work (latents, scheduler, conversion, copy out)."""
-
-    def __init__(self, pipe, device: str):
-        self.device, self.spans = device, {"transformer": [], "vae_decode": []}
-        self.wrapped = [(pipe.transformer, "forward", "transformer"), (pipe.vae, "decode", "vae_decode")]
-        for owner, attr, name in self.wrapped:
-            setattr(owner, attr, self._timed(getattr(owner, attr), self.spans[name]))
-
-    def _timed(self, call, spans: list):
-        import functools
-
-        import torch
-
-        @functools.wraps(call)
-        def timed(*args, **kwargs):
-            if self.device.startswith("cuda"):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = call(*args, **kwargs)
-                end.record()
-                spans.append(lambda: start.elapsed_time(end) / 1000)
-            else:
-                began = time.perf_counter()
-                out = call(*args, **kwargs)
-                elapsed = time.perf_counter() - began
-                spans.append(lambda: elapsed)
-            return out
-
-        return timed
-
-    def close(self) -> None:
-        """Unwrap the pipeline (also after a failed pass, so the next variant is not timed twice)."""
-        for owner, attr, _ in self.wrapped:
-            owner.__dict__.pop(attr, None)  # the instance attribute goes, the class's method is back
-
-    def summary(self, images: int) -> dict:
-        """Seconds per image in each stage."""
-        sync(self.device)
-        return {f"{name}_s_per_image": sum(span() for span in spans) / images for name, spans in self.spans.items()}
 
 
 def run_plain(pipe, jobs: list[Job], device: str) -> Timing:

@@ -46,7 +46,7 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch():
-    from bench.throughput import Variant, parse_variant
+    from bench.variants import Variant, parse_variant
     from zimage_batch.generate import EngineOptions
 
     assert parse_variant("engine+compile+fused+eager-vae@8") == Variant("engine+compile", ("fused", "eager-vae"), 8)
@@ -55,7 +55,7 @@ def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch(
     assert parse_variant("engine+compile+mask") == Variant("engine+compile+mask")  # a base, not a lever
     with pytest.raises(ValueError, match="fp8_scales"):
         EngineOptions(precision="fp8", fp8_scales="Tensor")
-    from bench.throughput import VARIANT_SETS
+    from bench.variants import VARIANT_SETS
 
     assert all(parse_variant(name) for names in VARIANT_SETS.values() for name in names.split(","))  # sets name variants
     assert all(parse_variant(name) is None for name in VARIANT_SETS)  # a set's name never hides a variant's
@@ -65,7 +65,7 @@ def test_variant_names_say_the_levers_taken_out_the_trials_put_in_and_the_batch(
 
 
 def test_a_trial_is_in_for_its_pass_only_even_when_the_pass_fails():
-    from bench.throughput import configured
+    from bench.variants import configured
     from zimage_batch.blocks import FusedFeedForward
     from zimage_batch.generate import EngineOptions, build_tiny_pipeline
 
@@ -87,19 +87,19 @@ def test_a_trial_is_in_for_its_pass_only_even_when_the_pass_fails():
 
 
 def test_a_trial_is_taken_out_again_when_configuring_fails(monkeypatch):
-    from bench import throughput
+    from bench import variants
     from zimage_batch.blocks import FusedFeedForward
     from zimage_batch.generate import EngineOptions, build_tiny_pipeline
 
     def configure_then_fail(pipe, device, options):
-        throughput.configure.__wrapped__(pipe, device, options)  # fuses, then (say) the GPU runs out of memory
+        variants.configure.__wrapped__(pipe, device, options)  # fuses, then (say) the GPU runs out of memory
         raise RuntimeError("CUDA out of memory")
 
     pipe = build_tiny_pipeline()
-    configure_then_fail.__wrapped__ = throughput.configure
-    monkeypatch.setattr(throughput, "configure", configure_then_fail)
+    configure_then_fail.__wrapped__ = variants.configure
+    monkeypatch.setattr(variants, "configure", configure_then_fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        with throughput.configured(pipe, "cpu", "engine+compile+fused", EngineOptions(compile=True), ("fused",)):
+        with variants.configured(pipe, "cpu", "engine+compile+fused", EngineOptions(compile=True), ("fused",)):
             pass
     assert not any(isinstance(m, FusedFeedForward) for m in pipe.transformer.modules())
     assert pipe.transformer.layers[0].attention.to_q is not None
@@ -129,7 +129,7 @@ def test_variants_are_set_against_their_base_of_the_same_run():
 
 
 def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
-    from bench.throughput import levers
+    from bench.variants import levers
     from zimage_batch.blocks import use_real_rope
     from zimage_batch.generate import build_tiny_pipeline
 
@@ -151,7 +151,7 @@ def test_levers_come_out_for_a_pass_and_go_back_even_when_it_fails():
 def test_gpu_monitor_samples_the_card_torch_uses_and_keeps_what_it_can_read(tmp_path, monkeypatch):
     import time
 
-    from bench.throughput import GpuMonitor
+    from bench.measure import GpuMonitor
 
     tool = tmp_path / "nvidia-smi"  # answers as `nvidia-smi -i ID --query-gpu=clocks.sm,temperature.gpu,power.draw` does
     tool.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'asked'}\ncat {tmp_path / 'reading'}\n")
