@@ -2,10 +2,10 @@
 
 Run it from the CLI (``zimage-batch run``), or directly::
 
-    from flows.catalog_images import catalog_images
+    from flows.catalog_images import run_catalog
     from zimage_batch.run import RunConfig
-    catalog_images(RunConfig(catalogs=["catalogs/demo.csv"], templates=["templates/product_white.j2"],
-                             out="out/", model="tiny-random"))
+    run_catalog(RunConfig(catalogs=["catalogs/demo.csv"], templates=["templates/product_white.j2"],
+                          out="out/", model="tiny-random"))
 
 Tasks process shards of jobs, never one task per image. The run publishes Prefect artifacts: a
 progress bar updated as shards finish, a summary table and a link to ``OUT/report.html``. It runs on Prefect's embedded
@@ -24,6 +24,7 @@ from flows.artifacts import Progress, publish_summary
 from zimage_batch import cluster, progress, run
 from zimage_batch.manifest import utc_now
 from zimage_batch.shard import ShardResult
+from zimage_batch.store import locked
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -73,7 +74,9 @@ def collect(future, tracker: Progress) -> ShardResult:
 
 
 def run_catalog(config: run.RunConfig, device: str = "cpu") -> run.RunSummary:
-    """Run the flow with the task runner the config asks for (in-process, local Dask or a cluster)."""
+    """Run the flow with the task runner the config asks for (in-process, local Dask or a cluster),
+    holding the output folder's lock: a second run into the same ``--out`` stops with an error."""
     runner = cluster.task_runner(config, device)
     flow_ = catalog_images.with_options(task_runner=runner) if runner is not None else catalog_images
-    return flow_(config)
+    with locked(config.out):
+        return flow_(config)

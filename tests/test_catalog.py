@@ -106,3 +106,150 @@ def test_a_glob_expands_to_its_files_in_name_order_and_plans_them_all(tmp_path, 
 def test_a_url_catalog_other_than_s3_is_a_clear_error():
     with pytest.raises(CatalogError, match=r"https://example.com/p.parquet: reading catalogs from a URL \(https://\) is not supported"):
         Catalog("https://example.com/p.parquet")
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_an_unclosed_quote_stops_planning_and_names_the_line_it_opened_on(tmp_path):
+    from conftest import write_template
+    from zimage_batch.plan import check_inputs, plan_jobs
+    from zimage_batch.postprocess import PRESETS
+
+    rows = [f"S{i},Mug {i},blue,mug" for i in range(1, 300)]
+    rows[1] = 'S2,"Laptop sleeve 14in,red,mug'  # data row 2, line 3: it used to swallow the 297 rows after it
+    path = _write_lines(tmp_path / "quote.csv", ["sku,title,color,kind", *rows])
+    template = write_template(tmp_path / "t.j2", "{{ title }}")
+    with pytest.raises(CatalogError) as err:
+        list(plan_jobs(check_inputs([str(path)], [str(template)], "simulated:0", PRESETS)))
+    message = str(err.value)
+    assert "quote.csv: the quoted value that opens on line 3 (data row 2) is never closed: it runs to the end of the file (line 300)" in message
+    assert 'Close the quote, or double a quote inside a quoted value ("")' in message
+
+
+def test_an_unclosed_quote_closed_by_a_later_quote_is_caught_by_the_field_count(tmp_path):
+    path = _write_lines(tmp_path / "later.csv", ["sku,title,color", "S1,Mug,red", 'S2,"Cup,red', "S3,Lamp,red", 'S4,"Vase",red'])
+    with pytest.raises(CatalogError) as err:
+        list(Catalog(path).rows())
+    message = str(err.value)
+    assert "later.csv: the quoted value that opens on line 3 (data row 2) runs on to line 5" in message
+    assert "the quote is most likely not closed" in message and "fields where the header" not in message
+
+
+def test_a_multi_line_row_with_the_wrong_field_count_stops_reading(tmp_path):
+    path = _write_lines(tmp_path / "count.csv", ["sku,title,color", "S1,Mug,red", 'S2,"Cup', 'and saucer"'])
+    with pytest.raises(CatalogError) as err:
+        list(Catalog(path).rows())
+    assert ("count.csv: the quoted value that opens on line 3 (data row 2) runs on to line 4, taking in the "
+            "lines in between, leaving it with 2 fields where the header has 3") in str(err.value)
+
+
+def test_an_unclosed_quote_that_keeps_the_field_count_is_caught_at_the_end_of_the_file(tmp_path):
+    path = _write_lines(tmp_path / "end.csv", ["sku,title", "S1,Mug", "S2,Cup", 'S3,"Lamp', "S4,Vase", "S5,Bowl"])
+    with pytest.raises(CatalogError) as err:
+        list(Catalog(path).rows())
+    assert "end.csv: the quoted value that opens on line 4 (data row 3) is never closed: it runs to the end of the file (line 6)" in str(err.value)
+
+
+def test_the_error_names_the_unclosed_quote_not_an_earlier_multi_line_value(tmp_path):
+    path = tmp_path / "two.csv"
+    path.write_text('sku,title,note\nS1,"two\nlines","open\nS2,a,b\nS3,c,d\n', encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"opens on line 3 \(data row 1\) is never closed"):
+        list(Catalog(path).rows())
+
+
+def test_legit_multi_line_quoted_values_and_doubled_quotes_still_read(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text('sku,title,color\r\nS1,"Mug\r\nwith ""handle"", 12oz",red\r\n\r\nS2,"a,b\nc\nd",blue\r\nS3,Cup,\r\n',
+                    encoding="utf-8")
+    rows = list(Catalog(path).rows())
+    assert [(r.row, r.values) for r in rows] == [
+        (1, {"sku": "S1", "title": 'Mug\r\nwith "handle", 12oz', "color": "red"}),
+        (2, {"sku": "S2", "title": "a,b\nc\nd", "color": "blue"}),
+        (3, {"sku": "S3", "title": "Cup"}),
+    ]
+
+
+def test_a_single_line_row_with_the_wrong_field_count_is_still_only_a_row_problem(tmp_path):
+    path = _write_lines(tmp_path / "c.csv", ["sku,title,color", "S1,Mug", "S2,Cup,red"])
+    items = list(Catalog(path).rows())
+    assert isinstance(items[0], RowProblem) and "line 2" in items[0].message and items[0].sku == "S1"
+    assert isinstance(items[1], Row) and items[1].sku == "S2"
+
+
+def test_the_cli_prints_an_unclosed_quote_as_a_clean_error(tmp_path, capsys):
+    from conftest import write_template
+    from zimage_batch.cli import main
+
+    path = _write_lines(tmp_path / "quote.csv", ["sku,title", "S1,Mug", 'S2,"Cup', "S3,Lamp"])
+    template = write_template(tmp_path / "t.j2", "{{ title }}")
+    code = main(["plan", str(path), "-t", str(template), "--model", "simulated:0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: Catalog ") and "opens on line 3 (data row 2) is never closed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "column, type_name",
+    [
+        (pa.array([["a", "b"]]), "list<"),
+        (pa.array([{"r": 1}]), "struct<"),
+        (pa.array([[("r", 1)]], pa.map_(pa.string(), pa.int64())), "map<"),
+        (pa.array([b"\xff\xfe"]), "binary"),
+        (pa.array([b"\xff\xfe"]).dictionary_encode(), "dictionary<values=binary"),
+    ],
+)
+def test_parquet_columns_without_text_are_refused_when_opened(tmp_path, column, type_name):
+    path = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"sku": ["S1"], "title": ["Mug"], "extra": column}), path)
+    with pytest.raises(CatalogError) as err:
+        Catalog(path)
+    message = str(err.value)
+    assert f"nested.parquet: column(s) 'extra' ({type_name}" in message
+    assert "Flatten each to a text column" in message and "'title'" not in message
+
+
+def test_parquet_nan_is_missing_and_whole_floats_read_as_integers(tmp_path):
+    path = tmp_path / "pandas.parquet"
+    nan = float("nan")
+    pq.write_table(pa.table({
+        "sku": [1002.0, 1003.0, nan],
+        "seed": [5.0, nan, 7.0],
+        "weight": [0.5, 2.0, 1.25],
+        "title": ["Mug", "Cup", "Lamp"],
+    }), path)
+    items = list(Catalog(path).rows())
+    assert items[0].values == {"sku": 1002, "seed": 5, "weight": 0.5, "title": "Mug"} and items[0].sku == "1002"
+    assert items[1].values == {"sku": 1003, "weight": 2, "title": "Cup"}
+    assert isinstance(items[2], RowProblem) and "'sku' column is empty" in items[2].message
+
+
+def test_parquet_whole_floats_give_the_prompt_and_seed_the_user_wrote(tmp_path):
+    from conftest import write_template
+    from zimage_batch.plan import check_inputs, plan_jobs
+    from zimage_batch.postprocess import PRESETS
+
+    path = tmp_path / "pandas.parquet"
+    pq.write_table(pa.table({"sku": [1002.0], "seed": [5.0], "color": [float("nan")]}), path)
+    template = write_template(tmp_path / "t.j2", "product {{ sku }}{% if color is defined %} in {{ color }}{% endif %}")
+    [job] = plan_jobs(check_inputs([str(path)], [str(template)], "simulated:0", PRESETS))
+    assert (job.sku, job.prompt, job.seed) == ("1002", "product 1002", 5)
+
+
+@pytest.mark.parametrize("separator, named", [(";", "';'"), ("\t", "tabs"), ("|", "'|'")])
+def test_a_csv_with_another_separator_gets_a_hint(tmp_path, separator, named):
+    path = tmp_path / "semi.csv"
+    path.write_text(separator.join(["sku", "title", "color"]) + "\nS1" + separator + "Mug" + separator + "red\n", encoding="utf-8")
+    with pytest.raises(CatalogError) as err:
+        Catalog(path)
+    assert "semi.csv has no 'sku' column" in str(err.value)
+    assert f"The file looks separated by {named}: save it as comma-separated CSV" in str(err.value)
+
+
+def test_a_plain_missing_sku_column_gets_no_separator_hint(tmp_path):
+    path = write_csv(tmp_path / "nosku.csv", ["title"], [["Mug; red"]])
+    with pytest.raises(CatalogError) as err:
+        Catalog(path)
+    assert "no 'sku' column" in str(err.value) and "separated by" not in str(err.value)

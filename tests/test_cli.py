@@ -138,3 +138,77 @@ def test_a_closed_pipe_is_not_a_traceback(tmp_path):
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.stdout.count("\n") == 1
+
+
+def test_an_output_path_that_cannot_be_made_is_refused_before_anything_runs(tmp_path, capsys):
+    from PIL import Image
+
+    good = write_csv(tmp_path / "good.csv", ["sku", "title", "color", "kind", "material"], [["S1", "Mug", "red", "mug", "clay"]])
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "white").save(photo)
+    (tmp_path / "afile").write_text("not a folder")
+    for args in (["run", good, "-t", WHITE, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "afile/out"],
+                 ["postprocess", photo, "-p", "web", "--out", tmp_path / "afile/out"],
+                 ["plan", good, "-t", WHITE, "--jobs", tmp_path / "afile/jobs.jsonl"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and f"cannot be created: {tmp_path / 'afile'} is a file" in err and "Traceback" not in err, err
+    code, _, err = run_cli(capsys, "plan", good, "-t", WHITE, "--jobs", tmp_path)
+    assert code == 2 and "is a folder. Pass a file path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "good.csv", "photo.png"]  # no temp file left
+
+
+def test_a_bad_cluster_address_is_named_and_leaves_no_output(tmp_path, capsys):
+    good = write_csv(tmp_path / "good.csv", ["sku", "title", "color", "kind", "material"], [["S1", "Mug", "red", "mug", "clay"]])
+    code, _, err = run_cli(capsys, "run", good, "-t", WHITE, "--model", "tiny-random", "--cluster", "not an address",
+                           "--out", tmp_path / "out", "-q")
+    assert code == 2 and "not a Dask scheduler address" in err and "tcp://HOST:PORT" in err
+    assert not (tmp_path / "out").exists()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("setting, dest, code, phrase", [
+    ("PREFECT_API_URL=http://127.0.0.1:{port}/api", None, 2, "PREFECT_API_URL=http://127.0.0.1:{port}/api cannot be used"),
+    ("AWS_ENDPOINT_URL=not-a-url", "s3://assets/catalog", 4, "S3 settings in this environment cannot be used"),
+    ("AWS_PROFILE=no-such-profile", "s3://assets/catalog", 4, "S3 settings in this environment cannot be used"),
+])
+def test_a_bad_setting_in_the_environment_is_named_before_the_model_loads(setting, dest, code, phrase, tmp_path, capsys,
+                                                                         monkeypatch):
+    port = closed_port()
+    name, value = setting.format(port=port).split("=", 1)
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    good = write_csv(tmp_path / "good.csv", ["sku", "title", "color", "kind", "material"], [["S1", "Mug", "red", "mug", "clay"]])
+    extra = ["--dest", dest] if dest else []
+    got, _, err = run_cli(capsys, "run", good, "-t", WHITE, "--model", "tiny-random", "--device", "cpu", *extra,
+                          "--out", tmp_path / "out")
+    assert got == code and phrase.format(port=port) in err and "Traceback" not in err, err
+    assert "Loading model" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_with_a_problem_in_every_row_fails_and_a_catalog_line_that_cannot_be_read_leaves_nothing(tmp_path, capsys):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title", "color", "kind", "material"],
+                    [["S1", "Mug", "", "mug", "clay"], ["S2", "Cup", "", "mug", "clay"]])
+    scene = write_template(tmp_path / "scene.j2", "{{ color }} {{ title }}", "size: 256x256")
+    code, out, err = run_cli(capsys, "run", cat, "-t", scene, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "o", "-q")
+    assert code == 2 and "No job was planned: all 2 row(s) have problems" in err and "Manifest:" not in out
+    from prefect.settings import PREFECT_API_URL
+
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"sku,title,color,kind,material\nS1,Mug,red,mug,clay\nS2,Caf\xe9,red,mug,clay\n")  # Latin-1 in row 2
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_LOGGING_LEVEL")  # the tests show Prefect's warnings; a user sees its defaults
+    done = subprocess.run([str(Path(sys.executable).parent / "zimage-batch"), "run", str(broken), "-t", str(scene),
+                           "--model", "tiny-random", "--device", "cpu", "--out", str(tmp_path / "b"), "-q"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and "broken.csv: line 3 is not UTF-8" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "b").exists()  # no plan spool, no lock, no folder

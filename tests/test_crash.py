@@ -205,3 +205,18 @@ def test_a_killed_run_leaves_no_embedded_prefect_server_behind(tmp_path, command
         _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err
     assert left == []  # the server (and anything else the run started) is gone
+
+
+def test_a_second_run_into_the_same_folder_stops_and_the_first_finishes_intact(tmp_path, command):
+    out, sim = tmp_path / "out", command("simulated:0.2")
+    first = start(sim, environment(tmp_path))
+    try:
+        while first.poll() is None and not (out / ".parts").is_dir():  # the first run is making images
+            time.sleep(0.02)
+        second = subprocess.run(sim, env=environment(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        stdout, stderr = stop(first)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is in use by another zimage-batch run (pid {first.pid}" in second.stderr
+    check_complete(out, 20, {})

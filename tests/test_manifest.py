@@ -1,6 +1,9 @@
 import pyarrow.parquet as pq
+import pytest
 
-from zimage_batch.manifest import MANIFEST, Attempt, Manifest, ManifestRecord, OutputFile, parquet_schema, read_jsonl
+from zimage_batch.errors import ManifestError
+from zimage_batch.manifest import (MANIFEST, Attempt, Manifest, ManifestPart, ManifestRecord, OutputFile, parquet_schema,
+                                   read_jsonl, read_records)
 from zimage_batch.store import LocalStore
 from test_generate import job
 
@@ -24,10 +27,39 @@ def test_append_is_durable_and_torn_last_line_is_ignored(tmp_path):
     m.append(record(job(seed=1)))
     m.append(record(job(seed=2)))
     m.close()
-    with open(tmp_path / MANIFEST, "a") as f:
-        f.write('{"job_id": "half-writ')
+    (part,) = m.part_files()
+    with open(part, "a") as f:
+        f.write('{"job_id": "half-writ')  # the process was killed mid-line
     again = Manifest(tmp_path)
     assert len(again.records) == 2 and again.ignored_lines == 1
+
+
+def test_a_retried_shard_appends_after_a_torn_line_without_losing_a_record(tmp_path):
+    part = ManifestPart(tmp_path, "shard-000000")
+    part.append(record(job(seed=1)))
+    part.close()
+    with open(part.path, "a") as f:
+        f.write('{"job_id": "half-writ')  # the worker died mid-line; the shard is retried
+    retry = ManifestPart(tmp_path, "shard-000000")
+    retry.append(record(job(seed=2)))
+    retry.append(record(job(seed=3)))
+    retry.close()
+    records, ignored = read_records(part.path)
+    assert [r.seed for r in records] == [1, 2, 3] and ignored == 1
+
+
+def test_a_damaged_manifest_stops_the_run_instead_of_dropping_its_records(tmp_path):
+    m = Manifest(tmp_path)
+    for seed in (1, 2, 3):
+        m.append(record(job(seed=seed)))
+    m.compact()
+    lines = (tmp_path / MANIFEST).read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:50] + "\n"  # an edit or a bad copy, never a crash: the file is only replaced whole
+    (tmp_path / MANIFEST).write_text("".join(lines))
+    before = (tmp_path / MANIFEST).read_bytes()
+    with pytest.raises(ManifestError, match=r"1 line\(s\) that are not manifest records \(line 2\)"):
+        Manifest(tmp_path)
+    assert (tmp_path / MANIFEST).read_bytes() == before
 
 
 def test_finalize_keeps_one_record_per_job_and_writes_parquet(tmp_path):

@@ -1,9 +1,12 @@
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from zimage_batch.errors import OutputError
-from zimage_batch.store import TEMP_PREFIX, LocalStore, safe_name
+from zimage_batch.store import LOCK, TEMP_PREFIX, LocalStore, locked, safe_name
 
 
 @pytest.mark.parametrize("sku", ["A-1", "B/2", "../../etc/passwd", "咖啡杯", "C 3", "", ".hidden", "x" * 200, "a:b*c?"])
@@ -63,3 +66,34 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+HOLD = "import sys, time; from zimage_batch.store import locked; cm = locked(sys.argv[1]); cm.__enter__(); print('held', flush=True); time.sleep(120)"
+
+
+def test_one_run_at_a_time_per_output_folder_and_a_killed_holder_frees_it(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match=rf"in use by another zimage-batch run \(pid {holder.pid} on .*another --out"):
+            with locked(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / LOCK).is_file()  # left by the killed holder
+    with locked(out):  # the system released it with the killed process
+        with locked(out):  # taken again in the process that holds it: a no-op
+            (out / "manifest.jsonl").write_text("")
+    assert [p.name for p in out.iterdir()] == ["manifest.jsonl"]  # the lock file goes with the run
+
+
+def test_a_run_that_stops_before_writing_leaves_no_folder(tmp_path):
+    with pytest.raises(RuntimeError):
+        with locked(tmp_path / "new" / "out"):
+            raise RuntimeError("the model did not load")
+    assert not (tmp_path / "new").exists()
+    with locked(tmp_path):  # a folder that was there stays
+        pass
+    assert tmp_path.is_dir()

@@ -101,3 +101,12 @@ def test_parse_size(size, ok):
 def test_size_error_suggests_multiples_of_16():
     with pytest.raises(ValueError, match="use 992 or 1008"):
         parse_size("1000x1024")
+
+
+def test_size_errors_suggest_only_sizes_that_are_accepted():
+    with pytest.raises(ValueError, match="one number: give both sides, WIDTHxHEIGHT, e.g. 384x384"):
+        parse_size("384")  # "降到384" in the FAQ means 384x384
+    with pytest.raises(ValueError, match="width 100 is outside 256..2048"):
+        parse_size("100x100")  # not "use 96 or 112", which would fail next
+    with pytest.raises(ValueError, match="use 2032 or 2048"):
+        parse_size("2040x1024")

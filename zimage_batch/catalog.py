@@ -9,12 +9,25 @@ counted; in a spreadsheet that is the row number minus one). Parquet is read wit
 batch by batch. CSV is read with the standard library's streaming reader: unlike pyarrow's
 CSV reader, it reports the exact position of a malformed row (pyarrow's
 ``InvalidRow.number`` is ``None``), which users need to fix their file.
+
+Empty values count as missing: an empty or blank CSV cell, a Parquet null and a float NaN (how
+pandas writes a missing value). A whole float from Parquet becomes an int (pandas turns an int
+column with a gap into floats: sku 1002 becomes 1002.0), so it reads as the user wrote it; other
+floats are kept. Parquet list, struct, map and binary columns are refused when the catalog is
+opened: their values have no text a prompt could use.
+
+A CSV row with the wrong number of fields is a ``RowProblem``; the other rows still run. A row
+over several lines (a quoted value with line breaks) must have the header's number of fields and
+no text after a closing quote; one that does not, or that reaches the end of the file inside a
+quote, is a ``CatalogError`` raised when it is met: an unclosed quote swallows the rows after it,
+and planning without them would take their skus for removed products.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +38,7 @@ from .errors import CatalogError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 REQUIRED_COLUMNS = ("sku",)
+OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a header that is one column may hide
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +116,25 @@ class Catalog:
             raise CatalogError(
                 f"Catalog {self.name} has no {', '.join(repr(c) for c in missing)} column "
                 f"(its columns: {', '.join(self.columns) or 'none'}). Every catalog needs a 'sku' "
-                f"column: it names the output folders and seeds the images."
+                f"column: it names the output folders and seeds the images.{self._separator_hint()}"
             )
+
+    def _separator_hint(self) -> str:
+        """A hint when the CSV header is one column holding ';', tabs or '|': the file uses another separator."""
+        if self.format != "csv" or len(self.columns) != 1:
+            return ""
+        for separator, name in OTHER_SEPARATORS.items():
+            if separator in self.columns[0]:
+                return (f" The file looks separated by {name}: save it as comma-separated CSV "
+                        f"(this reader only takes commas).")
+        return ""
 
     def _read_columns(self) -> list[str]:
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
             try:
-                names = list(pq.ParquetFile(self._open(random_access=True)).schema_arrow.names)
+                schema = pq.ParquetFile(self._open(random_access=True)).schema_arrow
             except CatalogError:
                 raise
             except Exception as exc:  # pyarrow raises several types for a bad file
@@ -118,6 +142,14 @@ class Catalog:
                     f"Catalog {self.name} is not a readable Parquet file ({exc}). "
                     f"Re-export it, or save it as CSV."
                 ) from None
+            names = list(schema.names)
+            refused = [f"{field.name!r} ({field.type})" for field in schema if _not_text(field.type)]
+            if refused:
+                raise CatalogError(
+                    f"Catalog {self.name}: column(s) {', '.join(refused)} hold lists, structs, maps or bytes, "
+                    f"which would reach prompts as Python text such as \"['a', 'b']\". Flatten each to a text "
+                    f"column (e.g. join a list with ', ') or drop it, and export the file again."
+                )
         else:
             try:
                 with self._open() as f:
@@ -176,14 +208,20 @@ class Catalog:
     def _csv_rows(self, size: int) -> Iterator[Row | RowProblem]:
         number = 0
         with self._open() as f:
-            reader = csv.reader(self._decoded_lines(f))
+            lines = _Lines(self._decoded_lines(f))
+            reader = csv.reader(lines)
             sku_at = self.columns.index("sku")
             try:
                 next(reader)  # header, already read by _read_columns
+                lines.taken = []
                 for fields in reader:
+                    text, lines.taken = lines.taken, []  # the physical lines of this record
                     if not fields or fields == [""] * len(fields):
                         continue  # blank line
                     number += 1
+                    if lines.ended or (len(text) > 1 and not self._sound(fields, text)):
+                        first = reader.line_num - len(text) + 1
+                        raise self._unclosed_quote(number, fields, first, reader.line_num, lines.ended)
                     if len(fields) != len(self.columns):
                         yield RowProblem(
                             self.name,
@@ -200,6 +238,33 @@ class Catalog:
                     f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). "
                     f"Check that quotes are balanced."
                 ) from None
+
+    def _sound(self, fields: list[str], text: list[str]) -> bool:
+        """Whether a record over several lines has the header's field count and no text after a closing quote."""
+        if len(fields) != len(self.columns):
+            return False
+        try:
+            next(csv.reader(text, strict=True))  # strict: text after a closing quote is an error
+        except csv.Error:
+            return False
+        return True
+
+    def _unclosed_quote(self, number: int, fields: list[str], first: int, last: int, at_end: bool) -> CatalogError:
+        """The error for a record that an unclosed quote ran on: it names the line where the quote opened."""
+        # the quote opened in the last field that holds a line break: count the line breaks before it
+        spanning = [i for i, field in enumerate(fields) if "\n" in field]
+        opened = first + sum(field.count("\n") for field in fields[:spanning[-1]]) if spanning else first
+        if at_end:
+            what = f"is never closed: it runs to the end of the file (line {last}), taking in every row after it"
+        else:
+            count = (f", leaving it with {len(fields)} fields where the header has {len(self.columns)}"
+                     if len(fields) != len(self.columns) else "")
+            what = (f"runs on to line {last}, taking in the lines in between{count}: the "
+                    f"quote is most likely not closed")
+        return CatalogError(
+            f"Catalog {self.name}: the quoted value that opens on line {opened} (data row {number}) {what}. Close the quote, or "
+            f"double a quote inside a quoted value (\"\"). Reading stopped here so that no row is silently lost."
+        )
 
     def _open(self, random_access: bool = False):
         """A binary file object: the local file, or the S3 object streamed in blocks (never downloaded whole)."""
@@ -243,10 +308,39 @@ class Catalog:
                     continue
             elif value is None:
                 continue
+            elif isinstance(value, float):
+                if math.isnan(value):
+                    continue  # how pandas writes a missing value
+                if value.is_integer():
+                    value = int(value)  # an int column pandas made float because of a gap: 1002.0 -> 1002
             clean[key] = value
         if "sku" not in clean:
             return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
         return Row(self.name, number, clean)
+
+
+def _not_text(type_) -> bool:
+    """Whether a Parquet column type is nested (list, struct, map) or binary: values with no text for a prompt."""
+    import pyarrow.types as types
+
+    if types.is_dictionary(type_):
+        type_ = type_.value_type
+    binary = (types.is_binary, types.is_large_binary, types.is_fixed_size_binary, types.is_binary_view)
+    return types.is_nested(type_) or any(check(type_) for check in binary)
+
+
+class _Lines:
+    """Lines for the CSV reader: ``taken`` keeps those read since it was last emptied, and ``ended``
+    tells when they ran out (a record that comes back after that was cut off by the end of the file)."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.lines, self.taken, self.ended = lines, [], False
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self.lines:
+            self.taken.append(line)
+            yield line
+        self.ended = True
 
 
 class _LineReader:

@@ -12,10 +12,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import ZImageBatchError
+from .errors import OutputError, ZImageBatchError
 from .models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .run import RunConfig
 
 EXAMPLES = """\
 examples:
@@ -38,7 +42,8 @@ VERIFY_EXAMPLES = """examples:
   zimage-batch verify s3://assets-bucket/catalog/2026-11-26  # what a run delivered with --dest
 
 exit status: 0 when every file holds; 1 when any is missing, altered, stripped of its metadata,
-badly signed, or not in the manifest (each listed with the reason); 2 for a bad manifest or path.
+badly signed, or not in the manifest (each listed with the reason); 2 for a bad manifest or path;
+4 when an s3:// prefix cannot be read (credentials, endpoint, bucket).
 """
 
 REPRODUCE_EXAMPLES = """examples:
@@ -59,7 +64,9 @@ examples:
   zimage-batch postprocess photos/*.jpg --preset amazon_main --matting birefnet:models/BiRefNet-general-epoch_244.onnx --out delivered/
 
 writes OUT/<preset>/<input stem>.<ext>, OUT/rejected/<preset>/ (with a .reasons.txt per file) and
-OUT/postprocess.jsonl (one record per input and preset). Exit status 1 when any input was rejected.
+OUT/postprocess.jsonl (one record per input and preset). Exit status 0 when every file was delivered,
+1 when any input was rejected, 2 for a bad input (image, preset, --out), 3 for matting weights that
+cannot be loaded.
 """
 
 DEST_HELP = """
@@ -116,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
                        help="a prompt template (.j2); repeat for several: every template runs over every row")
         p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"hub id, local diffusers folder, or 'tiny-random' (offline test model, noise images); default {DEFAULT_MODEL}")
-        p.add_argument("--size", help="override every template's size, e.g. 512x512 (multiples of 16)")
+                       help=f"hub id, local diffusers folder, 'tiny-random' (offline test model, noise images) or "
+                            f"'simulated:SECONDS' (no model: a stand-in that sleeps SECONDS per image, for trying the "
+                            f"machinery around the GPU); default {DEFAULT_MODEL}")
+        p.add_argument("--size", help="override every template's size, WIDTHxHEIGHT, e.g. 512x512 (multiples of 16, "
+                                     "each side 256..2048)")
         p.add_argument("--steps", type=int, help="override every template's steps (Z-Image-Turbo: 8)")
         p.add_argument("--strict", action="store_true", help="stop before generating anything if any row has a problem")
         p.add_argument("--limit", type=int, help="plan only the first N jobs (for a quick try)")
@@ -164,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a prompt template for the nightly run (repeatable)")
     serve.add_argument("--out", required=True, help="the nightly run's output folder")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the nightly run's model (default {DEFAULT_MODEL})")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the runs generate (default: cuda when available)")
     engine_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
     serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
@@ -217,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "under --out, and report whether each is byte-identical to the original or "
                                            "how far it is (PSNR, perceptual hash distance), naming version differences.",
                                epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    reproduce.add_argument("run_dir", metavar="OUT", help="the --out folder of the run (holds manifest.jsonl)")
+    reproduce.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of the run (holds manifest.jsonl)")
     reproduce.add_argument("--job", required=True, help="job id (or a unique prefix of 8+ characters, as in file names)")
-    reproduce.add_argument("--out", required=True, help="folder for the reproduced files and reproduce.json (outside OUT)")
+    reproduce.add_argument("--out", required=True, help="folder for the reproduced files and reproduce.json (outside RUN_DIR)")
     reproduce.add_argument("--model", help="model reference to load instead of the recorded one (needed for a local folder)")
     reproduce.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the recorded device when available, else cpu")
     return parser
@@ -255,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import check_inputs, plan_jobs, strict_check, summarize
     from .presets import load_presets
+    from .store import check_folder
 
     inputs = check_inputs(args.catalogs, args.templates, args.model, load_presets(args.presets_file), size=args.size, steps=args.steps)
     if args.strict:
@@ -263,8 +275,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     jobs_file = None
     if args.jobs:
         target = Path(args.jobs)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        if target.is_dir():
+            raise OutputError(f"--jobs {target} is a folder. Pass a file path, e.g. {target / 'jobs.jsonl'}.")
+        check_folder(target, "--jobs")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        except OSError as exc:
+            raise OutputError(f"--jobs {target} cannot be written ({exc.strerror}). Pass a path in a folder you can write to.") from None
         jobs_file = os.fdopen(fd, "w", encoding="utf-8")
 
     def on_job(job) -> None:
@@ -283,7 +301,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise
     if jobs_file is not None:
         jobs_file.close()
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise OutputError(f"--jobs {target} cannot be written ({exc.strerror}). Pass another file path.") from None
     for job in samples:
         print(f"{job.job_id[:12]}  {job.sku}  {job.template} v{job.variant}  seed {job.seed}  {job.width}x{job.height}  {job.steps} steps")
         print(f"    {job.prompt[:200]}")
@@ -317,7 +339,8 @@ def prefect_environment() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunConfig, check_run, engine_for
+    from .run import RunConfig, check_run
+    from .store import locked
 
     _check_numbers(args)
     config = RunConfig(
@@ -328,6 +351,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
     )
     check_run(config)  # every input problem surfaces here, before a model loads or a file is written
+    with locked(config.out):  # a second run into this --out stops here, before it loads a model
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config: RunConfig) -> int:
+    """The run itself, once its inputs are checked and its --out is locked."""
+    from .run import engine_for
+
+    if args.workers and args.cluster:
+        raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
+    if config.cluster:
+        from .cluster import cluster_workers
+
+        cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
+    prefect_environment()
+    from .cluster import check_prefect_api, prefect_api
+
+    check_prefect_api()  # a PREFECT_API_URL that does not answer fails here, before the model loads
     if not args.quiet:
         print(f"Loading model {args.model} ...", file=sys.stderr)
         if args.vram_gb is not None:
@@ -335,24 +376,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             where = "" if config.cluster or pick_device(config.device) != "cpu" else "; on the CPU it saves no memory"
             print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}{where}.", file=sys.stderr)
-    if args.workers and args.cluster:
-        raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
-    if config.cluster:
-        from .cluster import cluster_workers
-
-        cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
     if config.workers or config.cluster:
         from .generate import pick_device
 
         device = pick_device(config.device)  # workers load the pipeline themselves
     else:
         device = engine_for(config).device  # fail fast, before any output
-    prefect_environment()
     from flows.catalog_images import run_catalog
 
     from . import progress
-
-    from .cluster import prefect_api
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
@@ -372,6 +404,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_postprocess(args: argparse.Namespace) -> int:
     from .postprocess_files import postprocess_files
+    from .store import check_folder
+
+    check_folder(args.out)  # before any image is read
 
     def on_record(record) -> None:
         if not args.quiet:
@@ -503,7 +538,8 @@ def print_summary(summary) -> None:
     print(f"Images:   {out / 'images'}")
     if summary.rejected:
         print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
-    print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
+    if (out / "manifest.jsonl").is_file():
+        print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
     print(f"Summary:  {out / 'run.json'}")
     print(f"Report:   {out / 'report.html'} (open it in a browser; works offline)")
     if summary.removed:
@@ -512,6 +548,9 @@ def print_summary(summary) -> None:
     if summary.dest:
         print_delivery(summary)
     _print_problems(summary.problems, summary.row_problems)
+    if summary.planned == 0:
+        why = f"all {summary.row_problems} row(s) have problems (listed above)" if summary.row_problems else "the catalogs have no rows"
+        print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)
     if summary.failed:
         print(f"\n{summary.failed} job(s) failed; see status 'failed' in the manifest. Rerun the same command to retry them.", file=sys.stderr)
 

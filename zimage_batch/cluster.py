@@ -36,6 +36,9 @@ def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
     try:
         with Client(address, timeout=timeout) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except ValueError as exc:  # e.g. "missing port number"
+        raise ClusterError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): use tcp://HOST:PORT, "
+                           f"e.g. tcp://scheduler:8786.") from None
     except (OSError, TimeoutError) as exc:
         raise ClusterError(
             f"The Dask scheduler at {address} cannot be reached ({type(exc).__name__}: {exc}). Check that "
@@ -99,6 +102,27 @@ def gpu_annotation(use_gpu_resource: bool):
     import dask
 
     return dask.annotate(resources={"GPU": 1})
+
+
+def check_prefect_api() -> None:
+    """Fail fast, before a model loads, when ``PREFECT_API_URL`` names a server that does not answer."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if not url:
+        return  # an embedded server will be started
+    import httpx
+
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=10)
+        problem = None if answer.status_code == 200 else f"it answered HTTP {answer.status_code} to /health"
+    except httpx.HTTPError as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        raise ZImageBatchError(
+            f"PREFECT_API_URL={url} cannot be used ({problem}). Start that Prefect server (`prefect server start`), "
+            f"correct the URL (it ends in /api), or unset PREFECT_API_URL to run on an embedded server."
+        )
 
 
 @contextmanager

@@ -98,12 +98,21 @@ def connect(*, attempts: int = 3, pool: int = 16):
     """
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session()
     config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=10, read_timeout=60,
                     max_pool_connections=pool, signature_version="s3v4", request_checksum_calculation="when_supported",
                     response_checksum_validation="when_supported")
-    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+    try:
+        session = boto3.session.Session()
+        return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+    except (BotoCoreError, ValueError) as exc:  # e.g. ProfileNotFound, ConfigParseError, "Invalid endpoint"
+        raise DeliveryError(
+            f"The S3 settings in this environment cannot be used: {exc}. Check AWS_ENDPOINT_URL (a whole URL, e.g. "
+            f"https://s3.eu-central-1.amazonaws.com or http://127.0.0.1:8333), AWS_PROFILE (a profile named in "
+            f"~/.aws/config or AWS_CONFIG_FILE) and that AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE are valid "
+            f"INI files."
+        ) from None
 
 
 def check(uri: str) -> S3Destination:

@@ -32,7 +32,7 @@ from . import crashpoints
 from .errors import ManifestError
 from .plan import Job
 from .provenance import Stamp, software_name
-from .store import LocalStore, write_atomic
+from .store import LocalStore, fsync_dir, write_atomic
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -134,18 +134,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def read_records(path: Path) -> tuple[list[ManifestRecord], int]:
-    """The records of a JSONL file and how many lines were unreadable (torn by a crash)."""
-    records, ignored = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+def read_records(path: Path, strict: bool = False) -> tuple[list[ManifestRecord], int]:
+    """The records of a JSONL file and how many lines were unreadable (torn by a crash). ``strict``
+    (for ``manifest.jsonl``, which is only ever replaced whole, so never torn): a ManifestError
+    naming the unreadable lines instead, so no record is dropped without a word."""
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 records.append(ManifestRecord.model_validate_json(line))
             except ValidationError:
-                ignored += 1  # a torn line from a crash: the job is simply redone
-    return records, ignored
+                bad.append(number)  # a torn line from a crash: the job is simply redone
+    if strict and bad:
+        lines = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ManifestError(
+            f"{path} has {len(bad)} line(s) that are not manifest records (line {lines}). A run replaces this "
+            f"file whole, so this is damage, not a crash, and the run stops rather than lose those records: "
+            f"restore the file from a backup (or the copy a --dest run published), or delete those lines to "
+            f"have their jobs redone. `zimage-batch verify` shows what each line breaks."
+        )
+    return records, len(bad)
 
 
 def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False) -> bool:
@@ -182,11 +192,26 @@ class ManifestPart:
         line += "\n"
         with self._lock:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")
+                self._file = self._open()
             self._file.write(line)
             self._file.flush()
             os.fsync(self._file.fileno())
+
+    def _open(self) -> io.TextIOWrapper:
+        """The part, opened to append. An earlier attempt killed mid-line left a torn last line: it is
+        ended first, so the torn line stays one unreadable line and the next record is whole."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        file = open(self.path, "a", encoding="utf-8")
+        if file.tell() > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                file.write("\n")
+        if created:  # the new name itself must survive a power cut, like the records in it
+            fsync_dir(self.path.parent)
+        return file
 
     def close(self) -> None:
         with self._lock:
@@ -211,12 +236,12 @@ class Manifest:
         self.ignored_lines = 0
         self._local: ManifestPart | None = None
         if self.path.is_file():
-            self._add(self.path, into_parts=False)
+            self._add(self.path, into_parts=False, strict=True)
         for part in self.part_files():
             self._add(part, into_parts=part.name.startswith("shard-"))  # not uploads of earlier runs' work
 
-    def _add(self, path: Path, into_parts: bool) -> None:
-        records, ignored = read_records(path)
+    def _add(self, path: Path, into_parts: bool, strict: bool = False) -> None:
+        records, ignored = read_records(path, strict)
         self.ignored_lines += ignored
         for record in records:
             self.records[record.job_id] = record

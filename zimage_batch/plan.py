@@ -78,11 +78,15 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def compute_job_id(prompt: str, negative_prompt: str, seed: int, width: int, height: int, steps: int,
-                   guidance_scale: float, max_sequence_length: int, model: str) -> str:
-    """Content hash of everything that determines the generated image."""
+def compute_job_id(sku: str, template: str, variant: int, prompt: str, negative_prompt: str, seed: int, width: int,
+                   height: int, steps: int, guidance_scale: float, max_sequence_length: int, model: str,
+                   background: str, presets: tuple[str, ...]) -> str:
+    """Content hash of which image this is (sku, template, variant) and of everything that determines
+    it and its delivered files: two rows that render the same prompt with the same seed are still two
+    jobs, and a template whose presets or background change is new work, its old record kept."""
     canonical = json.dumps(
-        [prompt, negative_prompt, seed, width, height, steps, float(guidance_scale), max_sequence_length, model],
+        [sku, template, variant, prompt, negative_prompt, seed, width, height, steps, float(guidance_scale),
+         max_sequence_length, model, background, list(presets)],
         ensure_ascii=False,
         separators=(",", ":"),
     )
@@ -212,8 +216,9 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
                 yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.", row.sku)
                 break
             seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
-            job_id = compute_job_id(prompt, negative, seed, width, height, steps, settings.guidance_scale,
-                                    settings.max_sequence_length, inputs.model)
+            job_id = compute_job_id(row.sku, template.name, variant, prompt, negative, seed, width, height, steps,
+                                    settings.guidance_scale, settings.max_sequence_length, inputs.model,
+                                    settings.background, template.presets)
             yield Job(
                 job_id=job_id, sku=row.sku, catalog=row.catalog, row=row.row, template=template.name,
                 template_path=template.path, template_sha256=template.sha256, variant=variant, prompt=prompt,

@@ -26,7 +26,7 @@ from .manifest import Attempt, ManifestRecord, library_versions
 from .models import TINY_RANDOM, resolve_model
 from .plan import Job
 from .provenance import Sealer
-from .store import LocalStore, Written
+from .store import LocalStore, Written, check_folder
 from .verify import Location
 
 REPORT = "reproduce.json"
@@ -236,7 +236,7 @@ def check_repro_out(out: str | Path, repro_out: str | Path) -> None:
     if repro_path == out_path or out_path in repro_path.parents:
         raise ManifestError(f"--out {repro_out} is inside the run's folder {out}; reproductions there would look like "
                             "stray files to verify. Choose a folder outside it, e.g. --out repro/.")
-    LocalStore(repro_path)  # OutputError when it is a file
+    check_folder(repro_out)  # OutputError when it is (or lies under) a file, or cannot be written
 
 
 def format_report(report: ReproduceReport) -> str:

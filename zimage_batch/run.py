@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -38,7 +39,7 @@ from .presets import load_presets
 from .provenance import Sealer
 from .report import write_report
 from .shard import ShardResult, default_sealer, process_shard
-from .store import TEMP_PREFIX, LocalStore, write_atomic
+from .store import TEMP_PREFIX, LocalStore, check_folder, write_atomic
 
 if TYPE_CHECKING:
     from .deliver import Uploader
@@ -117,7 +118,7 @@ def check_run(config: RunConfig) -> PlanInputs:
     """Validate catalogs, templates, presets, the model reference and any C2PA credentials; with ``strict``, every row too."""
     presets = load_presets(config.presets_file)
     inputs = check_inputs(config.catalogs, config.templates, config.model, presets, size=config.size, steps=config.steps)
-    LocalStore(config.out)  # fails early when --out is a file
+    check_folder(config.out)  # fails early when --out is (or lies under) a file, or cannot be written
     sealer_for(config)  # a bad certificate or key stops the run here
     if config.strict:
         strict_check(inputs)
@@ -162,7 +163,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     Path(config.out).mkdir(parents=True, exist_ok=True)
     # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
     fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f, _removed_on_failure(spool):
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
                 skus.add(item.sku)
@@ -200,6 +201,16 @@ def plan_run(config: RunConfig) -> RunPlan:
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
+
+
+@contextmanager
+def _removed_on_failure(path: str) -> Iterator[None]:
+    """Delete ``path`` when the block fails (e.g. a catalog line that cannot be read stops planning)."""
+    try:
+        yield
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def removed_skus(manifest: Manifest, templates: set[str], skus: set[str]) -> list[str]:
@@ -300,6 +311,10 @@ class RunSummary(BaseModel):
 
     @property
     def exit_code(self) -> int:
+        """2 when no job could be planned (no rows, or a problem in every row: a bad input), 1 when jobs
+        failed or deliveries did not all land, else 0."""
+        if self.planned == 0:
+            return 2
         undelivered = self.dest is not None and bool(self.delivery_conflicts or self.delivery_failed or not self.manifest_uri)
         return 1 if self.failed or undelivered else 0
 

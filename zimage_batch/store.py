@@ -10,10 +10,14 @@ killed run are removed by ``remove_stale_temp_files`` at the start of the next o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -22,6 +26,7 @@ from . import crashpoints
 from .errors import OutputError
 
 TEMP_PREFIX = ".zb-tmp-"
+LOCK = ".zimage-batch.lock"  # held by the run that writes to the folder
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -78,7 +83,7 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         crashpoints.reached("store.after_rename")
         return Written(relpath, hashlib.sha256(data).hexdigest(), len(data), target.stat().st_mtime_ns)
 
@@ -123,7 +128,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     LocalStore(path.parent).write(path.name, data)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a new or renamed file in it) durable; best effort where the system cannot."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -134,3 +140,84 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_folder(folder: str | Path, option: str = "--out") -> Path:
+    """``folder``, checked without creating anything: OutputError when it is a file, lies under a
+    file, or the nearest folder of its path that exists cannot be written."""
+    folder = Path(folder)
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == folder.absolute() else f"cannot be created: {existing} is a file"
+        raise OutputError(f"{option} {folder} {where}. Pass a path under a folder (missing folders are created).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {folder} cannot be written: {existing} is not writable by this user. Pass a "
+                          f"folder you can write to, or change the permissions of {existing}.")
+    return folder
+
+
+@contextmanager
+def locked(root: str | Path) -> Iterator[None]:
+    """Hold the folder's lock (``ROOT/.zimage-batch.lock``, there while a run writes to the folder).
+
+    A second run into the same folder stops at once with an OutputError, instead of folding away the
+    first one's manifest parts and temp files. It is an ``flock``: the system releases it when the
+    holding process ends, killed or not, so a crash never leaves the folder locked (the file a killed
+    run leaves is taken over by the next). It guards runs started on this machine (a folder shared
+    over the network may not honour it). Taking it again in the process that holds it is a no-op
+    (the CLI takes it before loading the model, the flow's runner again). A folder this call created
+    and that stayed empty is removed again, so a run that failed its checks leaves nothing.
+    """
+    root = Path(LocalStore(root).root).absolute()  # a file in the way is an OutputError
+    if root in _HELD:
+        yield
+        return
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # innermost first
+    path = root / LOCK
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = _take(path)
+    except OSError as exc:  # e.g. a read-only file system, or no permission (where os.access could not tell)
+        raise OutputError(f"--out {root} cannot be written ({exc.strerror}). Pass a folder you can write to.") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        _HELD.add(root)
+        try:
+            yield
+        finally:
+            _HELD.discard(root)
+            path.unlink(missing_ok=True)  # while still held, so the next run takes a new file
+            if created and not any(root.iterdir()):
+                for folder in created:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # something else was put there meanwhile: it stays
+                        break
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_HELD: set[Path] = set()  # folders whose lock this process holds
+
+
+def _take(path: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive flock; OutputError naming the holder when
+    another process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(
+                f"--out {path.parent} is in use by another zimage-batch run ({holder}). Two runs into one folder "
+                f"would mix their manifests: wait for that run to finish, or give this run another --out."
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file as it finished, after we opened it: take a new one

@@ -91,18 +91,21 @@ class TemplateSettings(BaseModel):
 def parse_size(size: str) -> tuple[int, int]:
     """Parse ``WIDTHxHEIGHT``; both must be multiples of 16 between 256 and 2048."""
     parts = str(size).lower().replace("×", "x").split("x")
+    if len(parts) == 1 and parts[0].strip().isdigit():
+        side = parts[0].strip()
+        raise ValueError(f"size {size!r} is one number: give both sides, WIDTHxHEIGHT, e.g. {side}x{side} for a square")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
     width, height = (int(p) for p in parts)
     for name, value in (("width", width), ("height", height)):
-        if value % 16:
-            lower, upper = value // 16 * 16, value // 16 * 16 + 16
-            raise ValueError(
-                f"size {size}: {name} {value} is not a multiple of 16 (the model works on 16-pixel "
-                f"patches); use {lower or 16} or {upper}"
-            )
         if not 256 <= value <= 2048:
             raise ValueError(f"size {size}: {name} {value} is outside 256..2048")
+        if value % 16:
+            lower = value // 16 * 16
+            raise ValueError(
+                f"size {size}: {name} {value} is not a multiple of 16 (the model works on 16-pixel "
+                f"patches); use {lower} or {lower + 16}"
+            )
     return width, height
 
 
