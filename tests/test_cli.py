@@ -175,8 +175,8 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("setting, dest, code, phrase", [
     ("PREFECT_API_URL=http://127.0.0.1:{port}/api", None, 2, "PREFECT_API_URL=http://127.0.0.1:{port}/api cannot be used"),
-    ("AWS_ENDPOINT_URL=not-a-url", "s3://assets/catalog", 4, "S3 settings in this environment cannot be used"),
-    ("AWS_PROFILE=no-such-profile", "s3://assets/catalog", 4, "S3 settings in this environment cannot be used"),
+    ("AWS_ENDPOINT_URL=not-a-url", "s3://assets/catalog", 4, "AWS settings in this environment cannot be used"),
+    ("AWS_PROFILE=no-such-profile", "s3://assets/catalog", 4, "AWS settings in this environment cannot be used"),
 ])
 def test_a_bad_setting_in_the_environment_is_named_before_the_model_loads(setting, dest, code, phrase, tmp_path, capsys,
                                                                          monkeypatch):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ from PIL import Image
 from conftest import write_template
 from scenes import bottle_scene, encoded, mug_scene, noise_image
 from zimage_batch.cli import main
-from zimage_batch.postprocess_files import FileRecord, open_image
+from zimage_batch.errors import ImageInputError
+from zimage_batch.postprocess_files import FileRecord, check_images, open_image
 from zimage_batch.presets import PRESETS, presets_table
 
 RECORD_FIELDS = {"input", "preset", "status", "reasons", "explanations", "path", "width", "height", "format", "bytes",
@@ -29,6 +33,17 @@ def run_cli(capsys, *args):
 
 def report(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "postprocess.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid, tiny PNG whose header claims width x height 1-bit pixels but which holds one row of them."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    row = zlib.compress(b"\0" * (1 + (width + 7) // 8))  # filter byte + one row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +137,15 @@ def bad(tmp_path, photos) -> dict[str, tuple[list, int, list[str]]]:
     twin.write_bytes(photos["mug"].read_bytes())
     presets = tmp_path / "bad.toml"
     presets.write_text("[x]\nfit = 'pad'\n", encoding="utf-8")
+    bomb = png_claiming(tmp_path / "bomb.png", 60000, 60000)
     good = [photos["bottle"], "-p", "jd_main"]
     return {
         "missing file": ([tmp_path / "nope.png", "-p", "jd_main"], 2, ["nope.png does not exist", "nothing was written"]),
         "not an image": ([text, photos["bottle"], "-p", "jd_main"], 2, ["notes.png is not a readable image"]),
         "a folder": ([tmp_path / "other", "-p", "jd_main"], 2, ["is a folder; pass the image files in it"]),
+        "decompression bomb": ([bomb, photos["bottle"], "-p", "web"], 2, [
+            f"{bomb} is too large to decode safely: Image size (3600000000 pixels) exceeds limit of 178956970 pixels",
+            "save a smaller copy (at most 178 megapixels", "nothing was written"]),
         "same stem twice": ([photos["bottle"], twin, "-p", "jd_main"], 2, ["have the same name 'bottle'", "Rename one"]),
         "unknown preset": ([photos["bottle"], "-p", "amazon"], 2, ["unknown preset 'amazon' (did you mean 'amazon_main'?)"]),
         "bad presets file": ([*good, "--presets-file", presets], 2, ["bad.toml", "preset 'x'", "format: Field required"]),
@@ -136,7 +155,7 @@ def bad(tmp_path, photos) -> dict[str, tuple[list, int, list[str]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing file", "not an image", "a folder", "same stem twice", "unknown preset",
+@pytest.mark.parametrize("case", ["missing file", "not an image", "a folder", "decompression bomb", "same stem twice", "unknown preset",
                                   "bad presets file", "missing presets file", "missing weights", "unknown matting"])
 def test_bad_input_gives_a_clear_error_and_no_output(case, bad, tmp_path, capsys) -> None:
     args, expected, phrases = bad[case]
@@ -153,7 +172,7 @@ def test_an_output_path_that_is_a_file_is_refused(photos, tmp_path, capsys) -> N
     taken = tmp_path / "taken"
     taken.write_text("x", encoding="utf-8")
     code, _, stderr = run_cli(capsys, "postprocess", photos["bottle"], "-p", "jd_main", "--out", taken)
-    assert code == 2 and "exists and is not a folder" in stderr
+    assert code == 2 and f"--out {taken} is a file" in stderr and "Traceback" not in stderr
 
 
 def test_presets_prints_the_table_with_a_users_file(tmp_path, capsys) -> None:
@@ -194,6 +213,22 @@ def test_big_jpegs_are_decoded_at_a_reduced_scale(tmp_path) -> None:
     path.write_bytes(encoded(bottle_scene((2000, 3000)).image, "JPEG", quality=90))
     assert open_image(path, max_side=1000).size == (1500, 1000)  # DCT scaling 1/2: still >= 1000 px long
     assert open_image(path, max_side=2000).size == (3000, 2000)  # under 2x the working size: full decode
+
+
+def test_open_image_refuses_a_decompression_bomb(tmp_path) -> None:
+    bomb = png_claiming(tmp_path / "bomb.png", 60000, 60000)
+    with pytest.raises(ImageInputError, match=r"bomb.png is too large to decode safely: .*3600000000 pixels"):
+        open_image(bomb)
+
+
+def test_images_between_pillows_warning_and_hard_limit_pass_without_a_warning(tmp_path, capsys) -> None:
+    big = png_claiming(tmp_path / "big.png", 9500, 9500)  # 90 megapixels: Pillow warns; medium format is real
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert check_images([str(big)]) == [big]
+        code, _, stderr = run_cli(capsys, "postprocess", big, "-p", "web", "--out", tmp_path / "o")
+    assert code == 1 and f"{big} for web: black" in stderr and "Traceback" not in stderr  # one row of data: the rest is black
+    assert [r["status"] for r in report(tmp_path / "o")] == ["rejected"]
 
 
 def test_records_validate_as_the_documented_model(photos, tmp_path) -> None:

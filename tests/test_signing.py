@@ -126,6 +126,27 @@ def test_an_unsigned_run_fails_when_signatures_are_required(tmp_path, certificat
     assert code == 1 and stdout.count("no C2PA signature, but --c2pa-trust asks for signed files") == 4
 
 
+@pytest.mark.parametrize("case", ["empty", "csv", "key only", "damaged certificate"])
+def test_a_trust_file_without_certificates_is_refused(tmp_path, certificates, capsys, case):
+    make_run(tmp_path / "out")  # unsigned: an empty trust file used to let it pass
+    trust = tmp_path / "trust.pem"
+    ca = certificates["ca"].read_text()
+    trust.write_text({"empty": "", "csv": "sku,title\nS1,Mug\n", "key only": certificates["key"].read_text(),
+                      "damaged certificate": ca + ca.replace("M", "Q", 3)}[case])
+    code, stdout, stderr = verify_cli(capsys, tmp_path / "out", "--c2pa-trust", trust)
+    assert code == 2 and stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith(f"error: --c2pa-trust {trust} is not a file of PEM certificates"), stderr
+    assert "-----BEGIN CERTIFICATE-----" in stderr
+
+
+def test_verify_refuses_empty_trust_anchors_given_directly(tmp_path):
+    from zimage_batch.verify import LocalFolder, verify
+
+    make_run(tmp_path / "out")
+    with pytest.raises(SigningError, match="--c2pa-trust is not a file of PEM certificates"):
+        verify(LocalFolder(tmp_path / "out"), b"")
+
+
 @pytest.mark.parametrize("case, phrase", [
     ("mismatched key", "does not match the certificate"),
     ("expired", "expired on"),

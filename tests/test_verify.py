@@ -152,3 +152,60 @@ def test_provenance_and_verify_import_without_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'c2pa') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.fixture
+def aws_env(tmp_path, monkeypatch):
+    """Standard AWS settings with nothing from this machine: dummy keys, an endpoint that refuses connections."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "zb-key", "AWS_SECRET_ACCESS_KEY": "zb-secret",
+           "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("case, phrases", [
+    ("bad bucket name", ["Cannot verify s3://Bad_Bucket/run: 'Bad_Bucket' is not a valid bucket name"]),
+    ("endpoint not a URL", ["AWS_ENDPOINT_URL is not a URL botocore accepts", "http://127.0.0.1:8333"]),
+    ("unknown profile", ["AWS_PROFILE names the profile 'nosuch'", "unset AWS_PROFILE"]),
+    ("config not INI", ["broken.ini is not a valid INI file", "AWS_CONFIG_FILE"]),
+    ("credentials not INI", ["broken.ini is not a valid INI file", "AWS_SHARED_CREDENTIALS_FILE"]),
+    ("no credentials", ["no AWS credentials were found", "AWS_ACCESS_KEY_ID"]),
+    ("unreachable endpoint", ["Cannot read s3://zb-bucket/run (endpoint http://127.0.0.1:1) to verify it: could not "
+                              "reach the endpoint", "AWS_ENDPOINT_URL"]),
+])
+def test_bad_s3_settings_are_one_clear_error_about_verify(aws_env, tmp_path, capsys, case, phrases):
+    target = "s3://Bad_Bucket/run" if case == "bad bucket name" else "s3://zb-bucket/run"
+    if case == "endpoint not a URL":
+        aws_env.setenv("AWS_ENDPOINT_URL", "not-a-url")
+    elif case == "unknown profile":
+        aws_env.setenv("AWS_PROFILE", "nosuch")
+    elif case in ("config not INI", "credentials not INI"):
+        (tmp_path / "broken.ini").write_text("[default\nregion = eu-central-1\n")
+        aws_env.setenv("AWS_CONFIG_FILE" if case == "config not INI" else "AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "broken.ini"))
+    elif case == "no credentials":
+        aws_env.delenv("AWS_ACCESS_KEY_ID")
+        aws_env.delenv("AWS_SECRET_ACCESS_KEY")
+    code, stdout, stderr = verify_cli(capsys, target)
+    assert code == 4 and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
+    assert "deliver" not in stderr and "--dest" not in stderr and "Nothing was generated" not in stderr
+    assert "zb-secret" not in stderr
+    for phrase in phrases:
+        assert phrase in stderr, stderr
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("missing bucket", "bucket 'no-such-bucket-zb' does not exist there"),
+    ("wrong secret", "the server rejected the credentials"),
+])
+def test_s3_errors_while_reading_a_prefix_speak_of_verify(s3, monkeypatch, capsys, case, phrase):
+    target = "s3://no-such-bucket-zb/run" if case == "missing bucket" else f"s3://{s3.bucket}/run"
+    if case == "wrong secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "zb-wrong-secret")
+    code, stdout, stderr = verify_cli(capsys, target)
+    assert code == 4 and stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith(f"error: Cannot read {target} (endpoint {s3.server.endpoint}) to verify it: {phrase}"), stderr
+    assert "deliver" not in stderr and "Nothing was generated" not in stderr

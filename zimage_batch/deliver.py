@@ -31,8 +31,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,21 +99,41 @@ def connect(*, attempts: int = 3, pool: int = 16):
     """
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError
 
     config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=10, read_timeout=60,
                     max_pool_connections=pool, signature_version="s3v4", request_checksum_calculation="when_supported",
                     response_checksum_validation="when_supported")
-    try:
+    with aws_settings():
         session = boto3.session.Session()
         return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
-    except (BotoCoreError, ValueError) as exc:  # e.g. ProfileNotFound, ConfigParseError, "Invalid endpoint"
-        raise DeliveryError(
-            f"The S3 settings in this environment cannot be used: {exc}. Check AWS_ENDPOINT_URL (a whole URL, e.g. "
-            f"https://s3.eu-central-1.amazonaws.com or http://127.0.0.1:8333), AWS_PROFILE (a profile named in "
-            f"~/.aws/config or AWS_CONFIG_FILE) and that AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE are valid "
-            f"INI files."
-        ) from None
+
+
+@contextmanager
+def aws_settings() -> Iterator[None]:
+    """Turn botocore's errors about the environment's AWS settings into one DeliveryError naming the
+    setting and the fix (never the value of AWS_ENDPOINT_URL: a URL can hold a password)."""
+    from botocore.exceptions import BotoCoreError, ConfigParseError, InvalidRegionError, ProfileNotFound
+
+    try:
+        yield
+    except ProfileNotFound as exc:
+        why = (f"AWS_PROFILE names the profile {exc.kwargs.get('profile')!r}, which is defined in neither the AWS "
+               "config file (AWS_CONFIG_FILE, default ~/.aws/config) nor the credentials file. Name a profile "
+               "defined there, or unset AWS_PROFILE.")
+    except ConfigParseError as exc:
+        why = (f"{exc.kwargs.get('path')} is not a valid INI file. Fix it, or point AWS_CONFIG_FILE (default "
+               "~/.aws/config) or AWS_SHARED_CREDENTIALS_FILE (default ~/.aws/credentials), whichever names it, "
+               "at a valid one.")
+    except InvalidRegionError as exc:
+        why = f"{exc} Set AWS_REGION (or AWS_DEFAULT_REGION) to a region name such as eu-central-1."
+    except ValueError:  # botocore's "Invalid endpoint: <value>"
+        why = ("AWS_ENDPOINT_URL is not a URL botocore accepts. Set it to a whole URL, e.g. "
+               "https://s3.eu-central-1.amazonaws.com or http://127.0.0.1:8333, or unset it for AWS itself.")
+    except BotoCoreError as exc:
+        why = f"{exc}. Check AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION and the AWS config and credentials files."
+    else:
+        return
+    raise DeliveryError(f"The AWS settings in this environment cannot be used: {why}")
 
 
 def check(uri: str) -> S3Destination:

@@ -6,9 +6,10 @@
     OUT/postprocess.jsonl                        one record per input and preset
 
 Everything is checked before the first file is written: the presets file, the preset names,
-every input (exists, is an image, no two share a stem) and the matting backend. Files are
-written atomically and the report replaces the previous one when the command finishes; a file
-that changes from delivered to rejected (or back) leaves no stale copy in the other folder.
+every input (exists, is an image within Pillow's hard pixel limit, no two share a stem) and the
+matting backend. Files are written atomically and the report replaces the previous one when the
+command finishes; a file that changes from delivered to rejected (or back) leaves no stale copy
+in the other folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +85,13 @@ def check_images(paths: Sequence[str]) -> list[Path]:
             problems.append(f"{given} is a folder; pass the image files in it (e.g. {Path(given) / '*.png'}).")
             continue
         try:
-            with Image.open(path) as image:
+            with _open(path) as image:
                 image.verify()
         except FileNotFoundError:
             problems.append(f"{given} does not exist.")
+            continue
+        except Image.DecompressionBombError as exc:
+            problems.append(_too_big(given, exc))
             continue
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             detail = "Pillow does not recognise its format" if isinstance(exc, UnidentifiedImageError) else str(exc)
@@ -104,9 +109,27 @@ def check_images(paths: Sequence[str]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's DecompressionBombWarning (over 89 megapixels: medium-format studio
+    photos are real); its DecompressionBombError, over twice that, still stops the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _too_big(given: str, exc: Image.DecompressionBombError) -> str:
+    """Why an image over Pillow's pixel limit is refused, and what to do."""
+    return (f"{given} is too large to decode safely: {exc} If it is a real picture, save a smaller copy (at most "
+            f"{2 * Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels, e.g. 12000 x 12000) and pass that; a small file that "
+            "claims such a size is damaged or made to exhaust memory.")
+
+
 def open_image(path: Path, max_side: int = WORK_MAX_SIDE) -> Image.Image:
     """Decode an image file; a big JPEG is decoded at a reduced scale (DCT scaling) near `max_side`."""
-    image = Image.open(path)
+    try:
+        image = _open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(_too_big(str(path), exc)) from None
     if image.format == "JPEG" and max(image.size) > 2 * max_side:
         scale = max_side / max(image.size)
         image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
@@ -190,7 +213,7 @@ def _deliver(given: str, path: Path, processed: Processed, store: LocalStore) ->
 
 
 def _original_size(path: Path) -> tuple[int, int, str]:
-    with Image.open(path) as image:
+    with _open(path) as image:
         return image.width, image.height, image.format or ""
 
 

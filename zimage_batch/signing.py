@@ -8,7 +8,8 @@ source, software zimage-batch) and ``zimage-batch.generation`` (the job's stamp:
 settings, model). No thumbnail is embedded (it would add ~100-450 KB per file).
 
 ``read_c2pa`` validates a file's manifest: integrity always, the signer's certificate only
-against trust anchors when they are given (a run's own CA is not in any public trust list).
+against trust anchors when they are given (a run's own CA is not in any public trust list);
+``check_trust_anchors`` refuses a trust file without certificates, which would require nothing.
 c2pa-python is an optional dependency (``pip install 'zimage-batch[c2pa]'``); without it, asking
 for signing raises SigningError and verify reports signed files as not checkable.
 """
@@ -103,10 +104,30 @@ def load_credentials(cert_path: str | Path, key_path: str | Path, now: datetime 
 
 
 def read_pem(path: str | Path, flag: str) -> bytes:
+    """A PEM file's bytes; for ``--c2pa-trust`` also checked to hold CA certificates (see ``check_trust_anchors``)."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise SigningError(f"{flag} {path} cannot be read ({exc.strerror}). Pass the path of a PEM file.") from None
+    if flag == "--c2pa-trust":
+        check_trust_anchors(data, f"--c2pa-trust {path}")
+    return data
+
+
+def check_trust_anchors(pem: bytes, source: str = "--c2pa-trust") -> None:
+    """SigningError unless ``pem`` holds at least one certificate in PEM, all readable.
+
+    An empty or wrong trust file must stop verify: otherwise it would require signatures from no one.
+    """
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise SigningError(f"{source} is not a file of PEM certificates (it is empty, in another format, or has a "
+                           "damaged certificate). Pass a PEM file with the CA certificate(s) that signed files must "
+                           "chain to, each a block starting -----BEGIN CERTIFICATE----- (e.g. the ca.pem of the CA "
+                           "that issued the run's --c2pa-cert).") from None
 
 
 class C2paSigner:
@@ -180,7 +201,8 @@ def has_c2pa(data: bytes) -> bool:
 def read_c2pa(data: bytes, trust_anchors: bytes | None = None) -> C2paCheck | None:
     """Validate the file's C2PA manifest; None when it has none. Needs c2pa-python."""
     c2pa = _c2pa()
-    settings = {"trust": {"trust_anchors": trust_anchors.decode()}} if trust_anchors else {"verify": {"verify_trust": False}}
+    settings = ({"verify": {"verify_trust": False}} if trust_anchors is None
+                else {"trust": {"trust_anchors": trust_anchors.decode()}})
     context = c2pa.Context(c2pa.Settings.from_dict(settings))
     try:
         reader = c2pa.Reader.try_create(MIME_TYPES[sniff_format(data)], io.BytesIO(data), context=context)

@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
-from .errors import ManifestError, SigningError, ZImageBatchError
+from .errors import DeliveryError, ManifestError, SigningError
 from .manifest import MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, ManifestRecord, load_records
 from .provenance import disagreements, read_embedded
+from .signing import check_trust_anchors
+from .store import LOCK
 
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
-BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML})
+BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML, LOCK})
 
 Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
 
@@ -63,7 +66,7 @@ class S3Prefix:
     """A run delivered to ``s3://bucket/prefix`` (``--dest``), read with the standard AWS settings.
 
     Sidecars (``<file>.json``, one per delivered image) and journal parts are delivery bookkeeping,
-    not files of the run, so ``list`` leaves them out.
+    not files of the run, so ``list`` leaves them out. A request that fails raises DeliveryError.
     """
 
     def __init__(self, dest, client):
@@ -73,36 +76,79 @@ class S3Prefix:
         return str(self.dest)
 
     def read(self, relpath: str) -> bytes | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.get_object(Bucket=self.dest.bucket, Key=self.dest.key(relpath))["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
-            raise
+            raise self.error(exc) from None
+        except BotoCoreError as exc:
+            raise self.error(exc) from None
 
     def list(self) -> Iterator[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         start = len(self.dest.key(""))
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(""))
-        for page in pages:
-            for item in page.get("Contents", []):
-                relpath = item["Key"][start:]
-                if relpath.endswith(".json") and relpath != RUN_JSON or relpath.startswith("manifest.parts/"):
-                    continue
-                yield relpath
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    relpath = item["Key"][start:]
+                    if relpath.endswith(".json") and relpath != RUN_JSON or relpath.startswith("manifest.parts/"):
+                        continue
+                    yield relpath
+        except (BotoCoreError, ClientError) as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc: Exception) -> DeliveryError:
+        """One paragraph: why the prefix cannot be read, at which endpoint, and what to check. Never a secret."""
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+        endpoint = urlsplit(self.client.meta.endpoint_url)
+        endpoint = endpoint._replace(netloc=endpoint.netloc.rpartition("@")[2]).geturl()  # no user:password
+        bucket = self.dest.bucket
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            why = ("no AWS credentials were found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                   "AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE.")
+        elif isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "?")
+            if code == "NoSuchBucket":
+                why = (f"bucket {bucket!r} does not exist there. Check the bucket name, and AWS_ENDPOINT_URL if "
+                       "the bucket lives on another server.")
+            elif code in ("AccessDenied", "AllAccessDisabled", "AccountProblem", "403"):
+                why = f"access denied ({code}). Verify needs s3:ListBucket and s3:GetObject on bucket {bucket!r}."
+            elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+                why = (f"the server rejected the credentials ({code}). Check AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE, that they belong to this endpoint, "
+                       "and that they have not expired.")
+            else:
+                why = f"the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
+        else:
+            why = (f"could not reach the endpoint ({type(exc).__name__}). Check AWS_ENDPOINT_URL (unset means AWS "
+                   "itself), that the server is running, and the network.")
+        return DeliveryError(f"Cannot read {self.dest} (endpoint {endpoint}) to verify it: {why}")
 
 
 def open_location(target: str) -> Location:
     """The location ``target`` names: a local folder, or an ``s3://bucket/prefix`` a run delivered to."""
     if target.startswith("s3://"):
-        from .deliver import check, connect
-
-        return S3Prefix(check(target), connect())  # a wrong bucket, credential or endpoint fails here, clearly
+        return open_s3(target)
     path = Path(target)
     if not path.is_dir():
         raise ManifestError(f"{target} is not a folder. Pass the --out folder of a `zimage-batch run`, or s3://BUCKET/PREFIX.")
     return LocalFolder(path)
+
+
+def open_s3(uri: str) -> S3Prefix:
+    """The S3 prefix ``uri`` names, with a client from the standard AWS settings; DeliveryError naming a bad one."""
+    from .deliver import S3Destination, connect
+
+    try:
+        return S3Prefix(S3Destination.parse(uri), connect())
+    except DeliveryError as exc:  # its messages speak of --dest; say what they mean here
+        raise DeliveryError(f"Cannot verify {uri}: {str(exc).removeprefix(f'--dest {uri!r}: ')}") from None
 
 
 def read_manifest(location: Location) -> dict[str, ManifestRecord]:
@@ -144,6 +190,8 @@ class Report:
 
 def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     """Check every output of every record in the location's manifest, then look for unlisted files."""
+    if trust_anchors is not None:
+        check_trust_anchors(trust_anchors)  # an empty trust file would otherwise require no signature at all
     records = read_manifest(location)
     unfinished = [path for path in location.list() if path.startswith(PARTS)]
     if unfinished:
@@ -206,7 +254,8 @@ def _check_signature(record: ManifestRecord, path: str, data: bytes, trust_ancho
         return Finding(path, "signature", "carries a C2PA signature, but c2pa-python is not installed here to check it "
                                           "(pip install 'zimage-batch[c2pa]')")
     if check is None:
-        return Finding(path, "signature", "no C2PA signature, but --c2pa-trust asks for signed files") if trust_anchors else None
+        required = trust_anchors is not None
+        return Finding(path, "signature", "no C2PA signature, but --c2pa-trust asks for signed files") if required else None
     report.signed += 1
     problems = c2pa_problems(check, record.stamp(), trusted_only=trust_anchors is not None)
     return Finding(path, "signature", "; ".join(problems)) if problems else None
