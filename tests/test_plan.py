@@ -50,6 +50,20 @@ def test_job_id_tracks_what_determines_the_image(tmp_path, scene_template):
     assert plan([base], [scene_template], size="512x512")[0].job_id != ids[0]
 
 
+
+def test_job_ids_name_the_image_so_equal_prompts_never_share_one(tmp_path):
+    """Two rows (or templates) that render the same prompt with the same seed are two images, each
+    with its own record; a template whose presets or background change is new work."""
+    cat = write_csv(tmp_path / "c.csv", ["sku", "kind", "seed"], [["A-1", "mug", "42"], ["B-2", "mug", "42"]])
+    web = write_template(tmp_path / "web.j2", "A {{ kind }} on a kitchen table", "size: 256x256\npresets: [web]")
+    png = write_template(tmp_path / "png.j2", "A {{ kind }} on a kitchen table", "size: 256x256\npresets: [png]")
+    jobs = plan([cat], [web, png])
+    assert len({(j.prompt, j.seed) for j in jobs}) == 1 and len({j.job_id for j in jobs}) == 4
+    white = write_template(tmp_path / "web.j2", "A {{ kind }} on a kitchen table", "size: 256x256\npresets: [web]\nbackground: white")
+    assert plan([cat], [white])[0].job_id != jobs[0].job_id
+    more = write_template(tmp_path / "web.j2", "A {{ kind }} on a kitchen table", "size: 256x256\npresets: [web, png]")
+    assert plan([cat], [more])[0].job_id != jobs[0].job_id
+
 def test_seed_column_overrides_derived_seed(tmp_path, scene_template):
     cat = write_csv(tmp_path / "s.csv", ["sku", "title", "color", "kind", "seed"],
                     [["S1", "Mug", "red", "mug", "42"], ["S2", "Cup", "red", "mug", ""], ["S3", "Cup", "red", "mug", "x"]])
@@ -94,3 +108,14 @@ def test_bad_overrides_and_bad_model_folder(tmp_path, small_catalog, scene_templ
         plan([small_catalog], [scene_template], model=str(tmp_path / "no-model"), size="100x100", steps=0)
     text = str(err.value)
     assert "--size" in text and "--steps 0" in text and "no-model does not exist" in text
+
+
+def test_the_articles_prompts_run_as_written_through_the_free_form_template():
+    import csv
+
+    with open(CATALOGS / "article_prompts.csv", encoding="utf-8", newline="") as f:
+        written = [row["prompt"] for row in csv.DictReader(f)]
+    jobs = plan([CATALOGS / "article_prompts.csv"], [TEMPLATES / "prompt.j2"])
+    assert all(isinstance(j, Job) for j in jobs) and len(jobs) == 14
+    assert [j.prompt for j in jobs] == written  # Chinese text and its quotes intact: "茗香", "Morning Coffee"
+    assert '"茗香"' in jobs[0].prompt and '"Morning Coffee"' in jobs[13].prompt
