@@ -118,3 +118,19 @@ def test_the_nightly_deployment_carries_the_engine_options(tmp_path):
     config = RunConfig(catalogs=["c.csv"], templates=["t.j2"], out=str(tmp_path), vram_gb=16, precision="fp8", compile=False)
     nightly = deployments(config)[0].parameters["config"]
     assert nightly["vram_gb"] == 16 and nightly["precision"] == "fp8" and nightly["compile"] is False
+
+
+def test_the_nightly_run_takes_the_run_options_with_absolute_paths(tmp_path, monkeypatch):
+    from zimage_batch.cli import build_parser, serve_config
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        ["serve", "--catalog", "c.csv", "--catalog", "s3://bucket/c.csv", "-t", "t.j2", "--out", "nightly",
+         "--dest", "s3://assets/nightly", "--presets-file", "my_presets.toml", "--size", "768x768", "--steps", "9",
+         "--batch-size", "8", "--c2pa-cert", "certs/chain.pem", "--c2pa-key", "certs/key.pem", "--concurrency", "2"])
+    config = serve_config(args)
+    assert config.catalogs == [str(tmp_path / "c.csv"), "s3://bucket/c.csv"] and config.out == str(tmp_path / "nightly")
+    assert (config.dest, config.size, config.steps, config.batch_size) == ("s3://assets/nightly", "768x768", 9, 8)
+    assert config.presets_file == str(tmp_path / "my_presets.toml") and config.c2pa_cert == str(tmp_path / "certs/chain.pem")
+    assert args.concurrency == 2 and build_parser().parse_args(["serve", "--catalog", "c.csv", "-t", "t.j2", "--out", "o",
+                                                                "--limit", "3"]).concurrency == 3  # the old name still works

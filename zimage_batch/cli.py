@@ -116,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "needs torchao): 0.625 s per 1024px image on an H100 vs 0.817 in bf16; it changes pixels, so it is off by default "
                             "(the CPU always computes in fp32)")
 
+    def run_options(p: argparse.ArgumentParser) -> None:  # how a run goes: the same for run and serve's nightly run
+        p.add_argument("--dest", metavar="S3_URI", help="also deliver to s3://BUCKET/PREFIX (see 'delivering to S3' in run --help)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+        p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+        p.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
+        p.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
+        engine_options(p)
+        p.add_argument("--workers", type=int, metavar="N",
+                       help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
+        p.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
+        p.add_argument("--c2pa-cert", metavar="PEM", help="sign every file with C2PA: certificate chain, signing certificate "
+                       "first (issued by a CA, emailProtection or documentSigning usage); needs --c2pa-key and c2pa-python")
+        p.add_argument("--c2pa-key", metavar="PEM", help="the signing certificate's unencrypted private key")
+        p.add_argument("--verify-files", action="store_true",
+                       help="re-hash every finished file (SHA-256) to decide it is done; by default a file whose size "
+                            "and modification time match the manifest is trusted without reading it")
+        p.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file of extra presets templates may name (see `zimage-batch presets`)")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("catalogs", nargs="+", metavar="CATALOG",
                        help="CSV (UTF-8) or Parquet catalog file(s), a quoted glob pattern such as 'catalogs/*.csv' "
@@ -131,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="override every template's steps (Z-Image-Turbo: 8)")
         p.add_argument("--strict", action="store_true", help="stop before generating anything if any row has a problem")
         p.add_argument("--limit", type=int, help="plan only the first N jobs (for a quick try)")
-        p.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file of extra presets templates may name (see `zimage-batch presets`)")
 
     run = sub.add_parser("run", help="generate, post-process and store images, with a manifest",
                          description="Generate images for every catalog row x template, post-process them to the "
@@ -144,21 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=RUN_EXAMPLES + DEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(run)
     run.add_argument("--out", required=True, help="output folder (created if missing)")
-    run.add_argument("--dest", metavar="S3_URI", help="also deliver to s3://BUCKET/PREFIX (see 'delivering to S3' below)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
-    run.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
-    run.add_argument("--shard-size", type=int, default=64, help="jobs per Prefect task (default 64)")
-    run.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
-    engine_options(run)
-    run.add_argument("--workers", type=int, metavar="N",
-                     help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
-    run.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
-    run.add_argument("--c2pa-cert", metavar="PEM", help="sign every file with C2PA: certificate chain, signing certificate "
-                     "first (issued by a CA, emailProtection or documentSigning usage); needs --c2pa-key and c2pa-python")
-    run.add_argument("--c2pa-key", metavar="PEM", help="the signing certificate's unencrypted private key")
-    run.add_argument("--verify-files", action="store_true",
-                     help="re-hash every finished file (SHA-256) to decide it is done; by default a file whose size "
-                          "and modification time match the manifest is trusted without reading it")
+    run_options(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     serve = sub.add_parser("serve", help="serve the nightly-catalog (scheduled) and campaign (on demand) deployments",
@@ -174,18 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a prompt template for the nightly run (repeatable)")
     serve.add_argument("--out", required=True, help="the nightly run's output folder")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the nightly run's model (default {DEFAULT_MODEL})")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="where the runs generate (default: cuda when available)")
-    engine_options(serve)
+    serve.add_argument("--size", help="override every template's size, WIDTHxHEIGHT (multiples of 16, each side 256..2048)")
+    serve.add_argument("--steps", type=int, help="override every template's steps (Z-Image-Turbo: 8)")
+    run_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
     serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
-    serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU)")
+    serve.add_argument("--concurrency", "--limit", dest="concurrency", type=int, default=1,
+                       help="flow runs at once, nightly and campaigns together (default 1: one GPU)")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
                           description="Expand catalog rows x templates into jobs and check everything, without "
                                       "loading a model. Prints a summary and sample prompts; --jobs writes every job as JSONL.",
                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(plan)
+    plan.add_argument("--presets-file", metavar="FILE", help="a TOML/YAML file of extra presets templates may name (see `zimage-batch presets`)")
     plan.add_argument("--jobs", metavar="FILE", help="write every job as one JSON line to FILE")
     plan.add_argument("--show", type=int, default=5, help="how many sample jobs to print (default 5)")
 
@@ -468,8 +473,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from .generate import VRAM_RANGE
-    from .run import RunConfig, check_run
+    from .run import check_run
 
     problems = []
     try:
@@ -482,17 +486,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Cron(args.cron, timezone="UTC")
     except ValueError:
         problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
-    if args.limit < 1:
-        problems.append(f"--limit {args.limit} is out of range: use 1 or more.")
-    vram = _out_of_range("--vram", args.vram_gb, *VRAM_RANGE)
-    if vram:
-        problems.append(vram)
+    if args.concurrency < 1:
+        problems.append(f"--concurrency {args.concurrency} is out of range: use 1 or more.")
     if problems:
         raise ZImageBatchError(" ".join(problems))
-    catalogs = [c if c.startswith("s3://") else os.path.abspath(c) for c in args.catalogs]  # runs start elsewhere
-    config = RunConfig(catalogs=catalogs, templates=[os.path.abspath(t) for t in args.templates],
-                       out=os.path.abspath(args.out), model=args.model, device=args.device, compile=args.compile,
-                       vram_gb=args.vram_gb, precision=args.precision)
+    config = serve_config(args)
     check_run(config)  # the nightly inputs must be good before anything is served
     prefect_environment()
     import prefect
@@ -505,15 +503,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Serving catalog-run/{NIGHTLY} ({args.cron}, {args.timezone}) and catalog-run/{CAMPAIGN} on {url}.\n"
               f"Trigger a campaign: PREFECT_API_URL={url} prefect deployment run catalog-run/{CAMPAIGN} --param config='{{...}}'. "
               f"Ctrl+C stops.", flush=True)
-        prefect.serve(*deployments(config, args.cron, args.timezone), print_starting_message=False, limit=args.limit)
+        prefect.serve(*deployments(config, args.cron, args.timezone), print_starting_message=False, limit=args.concurrency)
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> RunConfig:
+    """The nightly run's config from serve's options, its paths made absolute (runs start in another folder)."""
+    from .run import RunConfig
+
+    _check_numbers(args)
+    if args.workers and args.cluster:
+        raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or path.startswith("s3://") else os.path.abspath(path)
+
+    return RunConfig(
+        catalogs=[absolute(c) for c in args.catalogs], templates=[absolute(t) for t in args.templates],
+        out=absolute(args.out), model=absolute(args.model) if os.path.isdir(args.model) else args.model,
+        device=args.device, batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts,
+        size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb, precision=args.precision,
+        workers=args.workers, cluster=args.cluster, presets_file=absolute(args.presets_file),
+        c2pa_cert=absolute(args.c2pa_cert), c2pa_key=absolute(args.c2pa_key), dest=args.dest,
+        verify_files=args.verify_files,
+    )
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
     from .generate import VRAM_RANGE
 
     for flag, value, low, high in (("--batch-size", args.batch_size, 1, 64), ("--shard-size", args.shard_size, 1, 100_000),
-                                   ("--max-attempts", args.max_attempts, 1, 10), ("--limit", args.limit, 1, None),
+                                   ("--max-attempts", args.max_attempts, 1, 10), ("--limit", getattr(args, "limit", None), 1, None),
                                    ("--vram", args.vram_gb, *VRAM_RANGE), ("--workers", args.workers, 1, 256)):
         problem = _out_of_range(flag, value, low, high)
         if problem:
@@ -561,7 +581,7 @@ def print_delivery(summary) -> None:
     if summary.manifest_uri:
         print(f"Published: {summary.manifest_uri} (and run.json)")
     if summary.delivery_problems:
-        print(f"\nDelivery problems (local outputs are kept; rerun the same command to deliver what is missing):", file=sys.stderr)
+        print("\nDelivery problems (local outputs are kept; rerun the same command to deliver what is missing):", file=sys.stderr)
         for problem in summary.delivery_problems[:20]:
             print(f"  - {problem}", file=sys.stderr)
         if len(summary.delivery_problems) > 20:
