@@ -212,3 +212,12 @@ def test_a_run_with_a_problem_in_every_row_fails_and_a_catalog_line_that_cannot_
     assert done.returncode == 2 and "broken.csv: line 3 is not UTF-8" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "b").exists()  # no plan spool, no lock, no folder
+
+
+def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsys):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
+    odd = write_template(tmp_path / "odd.j2", "{{ title }}", "steps: 2")
+    code, out, err = run_cli(capsys, "plan", cat, "-t", odd, "--model", "Tongyi-MAI/Z-Image-Turbo")
+    assert code == 0 and "1 jobs from 1 rows" in out and "note: " in err and "Z-Image-Turbo is distilled for 8" in err
+    code, _, err = run_cli(capsys, "plan", cat, "-t", odd, "--limit", "0")
+    assert code == 2 and "--limit 0 is out of range" in err

@@ -119,3 +119,22 @@ def test_the_articles_prompts_run_as_written_through_the_free_form_template():
     assert all(isinstance(j, Job) for j in jobs) and len(jobs) == 14
     assert [j.prompt for j in jobs] == written  # Chinese text and its quotes intact: "茗香", "Morning Coffee"
     assert '"茗香"' in jobs[0].prompt and '"Morning Coffee"' in jobs[13].prompt
+
+
+def test_a_missing_attribute_is_named_as_such_not_as_a_column_called_dict_object(tmp_path):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
+    template = write_template(tmp_path / "t.j2", "{{ row.nosuch }} {{ title }}")
+    (problem,) = plan([cat], [template])
+    assert isinstance(problem, RowProblem) and "asks for .nosuch" in problem.message and "dict object' is empty" not in problem.message
+
+
+def test_turbo_settings_it_was_not_made_for_get_a_note(tmp_path):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
+    odd = write_template(tmp_path / "odd.j2", "{{ title }}", "steps: 2\nguidance_scale: 7.5")
+    usual = write_template(tmp_path / "usual.j2", "{{ title }}")
+    turbo = check_inputs([str(cat)], [str(odd), str(usual)], "Tongyi-MAI/Z-Image-Turbo", PRESETS)
+    notes = turbo.notes()
+    assert len(notes) == 2 and "2 step(s)" in notes[0] and "guidance_scale 7.5" in notes[1]
+    assert all("odd.j2" in note for note in notes)
+    assert check_inputs([str(cat)], [str(odd)], "Tongyi-MAI/Z-Image-Turbo", PRESETS, steps=8).notes() == notes[1:]
+    assert check_inputs([str(cat)], [str(odd)], "tiny-random", PRESETS).notes() == []  # other models have other needs

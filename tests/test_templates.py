@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conftest import TEMPLATES, write_template
@@ -110,3 +112,21 @@ def test_size_errors_suggest_only_sizes_that_are_accepted():
         parse_size("100x100")  # not "use 96 or 112", which would fail next
     with pytest.raises(ValueError, match="use 2032 or 2048"):
         parse_size("2040x1024")
+
+
+@pytest.mark.parametrize("front, phrase", [
+    ("size: 1024", "YAML read it as the number 1024; write both sides, e.g. size: 1024x1024"),
+    ("size: 0x0", "YAML read it as the number 0"),
+    ("steps: true", "steps: Input should be a valid integer"),
+])
+def test_front_matter_that_yaml_reads_as_another_type_is_named(tmp_path, front, phrase):
+    path = write_template(tmp_path / "t.j2", "{{ title }}", front)
+    with pytest.raises(TemplateError, match=re.escape(phrase)):
+        load_template(path)
+
+
+def test_a_jinja_error_message_ends_in_one_full_stop(tmp_path):
+    path = write_template(tmp_path / "t.j2", "{{ title | nosuchfilter }}")
+    with pytest.raises(TemplateError) as caught:
+        load_template(path)
+    assert "No filter named 'nosuchfilter'. Check" in str(caught.value) and ".." not in str(caught.value)

@@ -273,9 +273,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .presets import load_presets
     from .store import check_folder
 
+    problem = _out_of_range("--limit", args.limit, 1, None)
+    if problem:
+        raise ZImageBatchError(problem)
     inputs = check_inputs(args.catalogs, args.templates, args.model, load_presets(args.presets_file), size=args.size, steps=args.steps)
     if args.strict:
         strict_check(inputs)
+    print_notes(inputs.notes())
     samples = []
     jobs_file = None
     if args.jobs:
@@ -355,7 +359,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         precision=args.precision, workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
         c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
     )
-    check_run(config)  # every input problem surfaces here, before a model loads or a file is written
+    inputs = check_run(config)  # every input problem surfaces here, before a model loads or a file is written
+    print_notes(inputs.notes())
     with locked(config.out):  # a second run into this --out stops here, before it loads a model
         return _run(args, config)
 
@@ -544,6 +549,12 @@ def _out_of_range(flag: str, value: int | None, low: int, high: int | None) -> s
     if value is not None and (value < low or (high is not None and value > high)):
         return f"{flag} {value} is out of range: use {low}..{high if high else 'any'}."
     return None
+
+
+def print_notes(notes: list[str]) -> None:
+    """Settings that work but are unusual for the model, one line each on stderr."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def print_summary(summary) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -102,6 +103,22 @@ class PlanInputs:
     model: str  # the model identity that goes into job ids
     size: tuple[int, int] | None = None  # --size: overrides every template's size
     steps: int | None = None  # --steps: overrides every template's steps
+
+    def notes(self) -> list[str]:
+        """Settings that work but that Z-Image-Turbo was not made for (the article's FAQ: black or poor
+        images "大概率是参数设置不当"); empty for other models."""
+        if "turbo" not in self.model.lower():
+            return []
+        found = []
+        for template in self.templates:
+            steps, guidance = self.steps or template.settings.steps, template.settings.guidance_scale
+            if steps < 6:
+                found.append(f"{template.path}: {steps} step(s); Z-Image-Turbo is distilled for 8 (8-9 are fine): "
+                             f"fewer give soft, unfinished or dark images.")
+            if guidance > 1.0:
+                found.append(f"{template.path}: guidance_scale {guidance}; Z-Image-Turbo is made for 0.0: more costs a "
+                             f"second forward per step and tends to burn colours and text.")
+        return found
 
 
 def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, known_presets: Iterable[str],
@@ -229,7 +246,13 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
 
 
 def _undefined_message(exc: jinja2.UndefinedError, template: Template) -> str:
-    name = str(exc.message or exc).split("'")[1] if "'" in str(exc.message or exc) else str(exc)
+    message = str(exc.message or exc)
+    attribute = re.search(r"has no attribute '([^']*)'", message)
+    if attribute:  # {{ row.nosuch }}: jinja says "'dict object' has no attribute 'nosuch'"
+        return (f"template {template.path} asks for .{attribute[1]} of a value that has no such attribute or key in "
+                f"this row ({message}). If it is a column, check its name against the catalog's columns; else fix the "
+                f"template's expression.")
+    name = message.split("'")[1] if "'" in message else message
     return (
         f"column {name!r} is empty in this row, but template {template.path} uses it. Fill it in, or guard "
         f"it in the template with {{% if {name} is defined %}}...{{% endif %}}."

@@ -53,13 +53,20 @@ class TemplateSettings(BaseModel):
 
     description: str = ""
     size: str = "1024x1024"
-    steps: int = Field(8, ge=1, le=100)
+    steps: int = Field(8, ge=1, le=100, strict=True)  # strict: YAML's `true` is not 1 step
     guidance_scale: float = Field(0.0, ge=0.0, le=30.0)
     negative_prompt: str = ""
     variants: int | list[dict[str, Any]] = 1
     presets: list[str] = Field(default_factory=lambda: ["web"])
     background: Literal["white", "scene"] = "scene"
     max_sequence_length: int = Field(512, ge=16, le=1024)
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size_is_text(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)):  # YAML reads 1024 as a number, and 0x400 as hexadecimal
+            raise ValueError(f"YAML read it as the number {value!r}; write both sides, e.g. size: 1024x1024")
+        return value
 
     @field_validator("variants")
     @classmethod
@@ -207,7 +214,8 @@ def load_template(path: str | Path) -> Template:
         variables |= jinja2.meta.find_undeclared_variables(_ENV.parse(settings.negative_prompt))
     except jinja2.TemplateSyntaxError as exc:
         line = (exc.lineno or 1) + body_line - 1
-        raise TemplateError(f"Template {where}, line {line}: Jinja syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} tags near that line.") from None
+        raise TemplateError(f"Template {where}, line {line}: Jinja syntax error: {(exc.message or '').rstrip('.')}. "
+                            f"Check the {{{{ }}}} and {{% %}} tags near that line.") from None
     return Template(
         name=path.stem,
         path=where,
