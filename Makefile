@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_TEMPLATES := -t templates/product_white.j2 -t templates/lifestyle_scene.j2 -t templates/poster_text.j2
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench photos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.stages
+
+photos: $(STAMP)
+	$(BIN)/python tests/scenes.py photos
 
 clean:
 	rm -rf out $(VENV)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -189,3 +190,24 @@ def encoded(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
 def noise_image(size: tuple[int, int] = (256, 256), seed: int = 1) -> Image.Image:
     """Uniform RGB noise: no backdrop at all (what the tiny random model draws)."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def write_photos(folder: str | Path) -> list[Path]:
+    """Four 1024x1024 studio-like shots for the README's `postprocess` example: a bottle, a lamp on
+    a soft contact shadow, a mug whose handle shows the backdrop, and a "poster" of noise with no
+    plain backdrop (which the white-background presets must reject)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (1024, 1024)
+    shots = {"bottle.png": bottle_scene(size).image, "lamp.png": shadow_scene(size).image,
+             "mug.jpg": mug_scene(size).image, "poster.png": noise_image(size)}
+    for name, image in shots.items():
+        image.save(folder / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    return [folder / name for name in shots]
+
+
+if __name__ == "__main__":  # make photos
+    import sys
+
+    for path in write_photos(sys.argv[1] if len(sys.argv) > 1 else "photos"):
+        print(path)

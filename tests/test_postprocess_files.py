@@ -240,3 +240,17 @@ def test_records_validate_as_the_documented_model(photos, tmp_path) -> None:
     assert [FileRecord(**r) for r in report(tmp_path / "o")] == seen
     assert seen[0].format == "AVIF" and seen[0].quality == 70 and seen[1].quality is None
     assert np.asarray(Image.open(tmp_path / "o" / seen[1].path)).shape == (1024, 1024, 3)
+
+
+def test_make_photos_gives_the_readmes_postprocess_example(tmp_path, capsys) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "scenes.py"), str(tmp_path / "photos")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shots = sorted((tmp_path / "photos").iterdir())
+    assert [p.name for p in shots] == ["bottle.png", "lamp.png", "mug.jpg", "poster.png"]
+    code, out, err = run_cli(capsys, "postprocess", *shots, "-p", "amazon_main", "-p", "taobao_main", "--out", tmp_path / "delivered")
+    assert code == 1 and "6 ok, 2 rejected, of 8" in out
+    assert "photos/poster.png for amazon_main: backdrop_not_uniform" in err
