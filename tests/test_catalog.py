@@ -138,12 +138,12 @@ def test_an_unclosed_quote_closed_by_a_later_quote_is_caught_by_the_field_count(
     assert "the quote is most likely not closed" in message and "fields where the header" not in message
 
 
-def test_a_multi_line_row_with_the_wrong_field_count_stops_reading(tmp_path):
-    path = _write_lines(tmp_path / "count.csv", ["sku,title,color", "S1,Mug,red", 'S2,"Cup', 'and saucer"'])
-    with pytest.raises(CatalogError) as err:
-        list(Catalog(path).rows())
-    assert ("count.csv: the quoted value that opens on line 3 (data row 2) runs on to line 4, taking in the "
-            "lines in between, leaving it with 2 fields where the header has 3") in str(err.value)
+def test_a_multi_line_row_with_the_wrong_field_count_is_a_row_problem_as_on_one_line(tmp_path):
+    path = _write_lines(tmp_path / "count.csv", ["sku,title,color", "S1,Mug,red", 'S2,"Cup', 'and saucer"', "S3,Lamp,blue"])
+    items = list(Catalog(path).rows())
+    assert [i.sku for i in items if not isinstance(i, RowProblem)] == ["S1", "S3"]
+    (problem,) = [i for i in items if isinstance(i, RowProblem)]
+    assert problem.row == 2 and "2 fields" in problem.message
 
 
 def test_an_unclosed_quote_that_keeps_the_field_count_is_caught_at_the_end_of_the_file(tmp_path):
@@ -201,14 +201,27 @@ def test_the_cli_prints_an_unclosed_quote_as_a_clean_error(tmp_path, capsys):
         (pa.array([b"\xff\xfe"]).dictionary_encode(), "dictionary<values=binary"),
     ],
 )
-def test_parquet_columns_without_text_are_refused_when_opened(tmp_path, column, type_name):
+def test_parquet_columns_without_text_are_refused_where_a_template_uses_them(tmp_path, column, type_name):
+    from conftest import write_template
+    from zimage_batch.errors import PlanError
+    from zimage_batch.plan import check_inputs, plan_jobs
+    from zimage_batch.postprocess import PRESETS
+
     path = tmp_path / "nested.parquet"
     pq.write_table(pa.table({"sku": ["S1"], "title": ["Mug"], "extra": column}), path)
-    with pytest.raises(CatalogError) as err:
-        Catalog(path)
+    assert list(Catalog(path).not_text) == ["extra"]
+    unused = write_template(tmp_path / "unused.j2", "A {{ title }}")
+    [job] = plan_jobs(check_inputs([str(path)], [str(unused)], "tiny-random", PRESETS))  # tags, thumbnails: fine unused
+    assert job.prompt == "A Mug"
+    used = write_template(tmp_path / "used.j2", "A {{ title }} with {{ extra }}")
+    with pytest.raises(PlanError) as err:
+        check_inputs([str(path)], [str(used)], "tiny-random", PRESETS)
     message = str(err.value)
-    assert f"nested.parquet: column(s) 'extra' ({type_name}" in message
+    assert f"used.j2 uses extra. Catalog {path}: column(s) 'extra' ({type_name}" in message
     assert "Flatten each to a text column" in message and "'title'" not in message
+    pq.write_table(pa.table({"sku": column, "title": ["Mug"]}), path)
+    with pytest.raises(CatalogError, match=r"column\(s\) 'sku'"):
+        Catalog(path)
 
 
 def test_parquet_nan_is_missing_and_whole_floats_read_as_integers(tmp_path):
@@ -222,7 +235,8 @@ def test_parquet_nan_is_missing_and_whole_floats_read_as_integers(tmp_path):
     }), path)
     items = list(Catalog(path).rows())
     assert items[0].values == {"sku": 1002, "seed": 5, "weight": 0.5, "title": "Mug"} and items[0].sku == "1002"
-    assert items[1].values == {"sku": 1003, "weight": 2, "title": "Cup"}
+    assert items[1].values == {"sku": 1003, "weight": 2.0, "title": "Cup"}  # only sku and seed name things
+    assert isinstance(items[1].values["weight"], float)
     assert isinstance(items[2], RowProblem) and "'sku' column is empty" in items[2].message
 
 
@@ -253,3 +267,11 @@ def test_a_plain_missing_sku_column_gets_no_separator_hint(tmp_path):
     with pytest.raises(CatalogError) as err:
         Catalog(path)
     assert "no 'sku' column" in str(err.value) and "separated by" not in str(err.value)
+
+
+def test_a_csv_with_old_mac_line_endings_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"sku,title\rS1,Mug\rS2,Cup\r")
+    with pytest.raises(CatalogError) as err:
+        Catalog(path)
+    assert "mac.csv: malformed CSV header" in str(err.value) and "carriage return alone" in str(err.value)

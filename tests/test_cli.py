@@ -151,9 +151,13 @@ def test_an_output_path_that_cannot_be_made_is_refused_before_anything_runs(tmp_
                  ["postprocess", photo, "-p", "web", "--out", tmp_path / "afile/out"],
                  ["plan", good, "-t", WHITE, "--jobs", tmp_path / "afile/jobs.jsonl"]):
         code, _, err = run_cli(capsys, *args)
-        assert code == 2 and f"cannot be created: {tmp_path / 'afile'} is a file" in err and "Traceback" not in err, err
+        assert code == 2 and f"{tmp_path / 'afile'} is a file" in err and "Traceback" not in err, err
     code, _, err = run_cli(capsys, "plan", good, "-t", WHITE, "--jobs", tmp_path)
     assert code == 2 and "is a folder. Pass a file path" in err
+    for _ in range(2):  # an existing jobs file is replaced
+        code, _, err = run_cli(capsys, "plan", good, "-t", WHITE, "--jobs", tmp_path / "jobs.jsonl")
+        assert code == 0, err
+    (tmp_path / "jobs.jsonl").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "good.csv", "photo.png"]  # no temp file left
 
 

@@ -60,6 +60,21 @@ def test_a_damaged_manifest_stops_the_run_instead_of_dropping_its_records(tmp_pa
     with pytest.raises(ManifestError, match=r"1 line\(s\) that are not manifest records \(line 2\)"):
         Manifest(tmp_path)
     assert (tmp_path / MANIFEST).read_bytes() == before
+    lines[1] = lines[1][:20] + "\xff\n"  # not UTF-8 either: refused, never carried into a prompt as U+FFFD
+    (tmp_path / MANIFEST).write_bytes("".join(lines).encode("utf-8").replace("\xff".encode("utf-8"), b"\xff"))
+    with pytest.raises(ManifestError, match=r"\(line 2\)"):
+        Manifest(tmp_path)
+
+
+def test_a_manifest_whose_last_line_was_torn_by_an_old_version_still_resumes(tmp_path):
+    m = Manifest(tmp_path)
+    for seed in (1, 2):
+        m.append(record(job(seed=seed)))
+    m.compact()
+    with open(tmp_path / MANIFEST, "a") as f:
+        f.write('{"job_id": "half-writ')  # versions before 0.1 appended here, and could be killed mid-line
+    again = Manifest(tmp_path)
+    assert len(again.records) == 2 and again.ignored_lines == 1
 
 
 def test_finalize_keeps_one_record_per_job_and_writes_parquet(tmp_path):

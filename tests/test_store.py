@@ -97,3 +97,17 @@ def test_a_run_that_stops_before_writing_leaves_no_folder(tmp_path):
     with locked(tmp_path):  # a folder that was there stays
         pass
     assert tmp_path.is_dir()
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):  # what Lustre mounted noflock, or some FUSE and CIFS mounts, answer
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with locked(tmp_path / "out"):
+        (tmp_path / "out" / "manifest.jsonl").write_text("")
+    assert "does not support file locks" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.jsonl"]

@@ -11,16 +11,17 @@ CSV reader, it reports the exact position of a malformed row (pyarrow's
 ``InvalidRow.number`` is ``None``), which users need to fix their file.
 
 Empty values count as missing: an empty or blank CSV cell, a Parquet null and a float NaN (how
-pandas writes a missing value). A whole float from Parquet becomes an int (pandas turns an int
-column with a gap into floats: sku 1002 becomes 1002.0), so it reads as the user wrote it; other
-floats are kept. Parquet list, struct, map and binary columns are refused when the catalog is
-opened: their values have no text a prompt could use.
+pandas writes a missing value). A whole float in the ``sku`` or ``seed`` column of a Parquet file
+becomes an int (pandas turns an int column with a gap into floats: sku 1002 becomes 1002.0), so it
+names the product as the user wrote it; other columns keep their values. Parquet list, struct, map
+and binary columns have no text a prompt could use: ``not_text`` names them, and planning refuses
+a template that uses one (a ``sku`` of that kind is refused when the catalog is opened).
 
 A CSV row with the wrong number of fields is a ``RowProblem``; the other rows still run. A row
-over several lines (a quoted value with line breaks) must have the header's number of fields and
-no text after a closing quote; one that does not, or that reaches the end of the file inside a
-quote, is a ``CatalogError`` raised when it is met: an unclosed quote swallows the rows after it,
-and planning without them would take their skus for removed products.
+over several lines (a quoted value with line breaks) that ends inside a quote at the end of the
+file, or has text after a closing quote, is a ``CatalogError`` raised when it is met: an unclosed
+quote swallows the rows after it, and planning without them would take their skus for removed
+products.
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ class Catalog:
                 f"(it is relative to {Path.cwd()})."
             )
         self.format = FORMATS[suffix]
+        self.not_text: dict[str, str] = {}  # Parquet columns of lists, structs, maps or bytes: name -> type
         self.columns = self._read_columns()
+        if "sku" in self.not_text:
+            raise CatalogError(self.not_text_problem({"sku"}))
         missing = [c for c in REQUIRED_COLUMNS if c not in self.columns]
         if missing:
             raise CatalogError(
@@ -118,6 +122,13 @@ class Catalog:
                 f"(its columns: {', '.join(self.columns) or 'none'}). Every catalog needs a 'sku' "
                 f"column: it names the output folders and seeds the images.{self._separator_hint()}"
             )
+
+    def not_text_problem(self, used: set[str]) -> str:
+        """Why these columns (lists, structs, maps or bytes) cannot go into a prompt, and the fix."""
+        named = ", ".join(f"{name!r} ({self.not_text[name]})" for name in sorted(used))
+        return (f"Catalog {self.name}: column(s) {named} hold lists, structs, maps or bytes, which would reach "
+                f"prompts as Python text such as \"['a', 'b']\". Flatten each to a text column (e.g. join a list "
+                f"with ', ') and export the file again, or do not use it in the template.")
 
     def _separator_hint(self) -> str:
         """A hint when the CSV header is one column holding ';', tabs or '|': the file uses another separator."""
@@ -143,19 +154,15 @@ class Catalog:
                     f"Re-export it, or save it as CSV."
                 ) from None
             names = list(schema.names)
-            refused = [f"{field.name!r} ({field.type})" for field in schema if _not_text(field.type)]
-            if refused:
-                raise CatalogError(
-                    f"Catalog {self.name}: column(s) {', '.join(refused)} hold lists, structs, maps or bytes, "
-                    f"which would reach prompts as Python text such as \"['a', 'b']\". Flatten each to a text "
-                    f"column (e.g. join a list with ', ') or drop it, and export the file again."
-                )
+            self.not_text = {field.name: str(field.type) for field in schema if _not_text(field.type)}
         else:
             try:
                 with self._open() as f:
                     names = next(csv.reader(self._decoded_lines(f)), [])
             except OSError as exc:
                 raise CatalogError(f"Catalog {self.name} cannot be read: {exc.strerror}.") from None
+            except csv.Error as exc:
+                raise CatalogError(f"Catalog {self.name}: malformed CSV header ({exc}). {_csv_hint(exc)}") from None
         names = [n.strip() for n in names]
         if not names or all(not n for n in names):
             raise CatalogError(f"Catalog {self.name} is empty: it needs a header row with column names.")
@@ -219,7 +226,7 @@ class Catalog:
                     if not fields or fields == [""] * len(fields):
                         continue  # blank line
                     number += 1
-                    if lines.ended or (len(text) > 1 and not self._sound(fields, text)):
+                    if lines.ended or (len(text) > 1 and not self._sound(text)):
                         first = reader.line_num - len(text) + 1
                         raise self._unclosed_quote(number, fields, first, reader.line_num, lines.ended)
                     if len(fields) != len(self.columns):
@@ -235,14 +242,13 @@ class Catalog:
                     yield self._make_row(number, dict(zip(self.columns, fields)))
             except csv.Error as exc:
                 raise CatalogError(
-                    f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). "
-                    f"Check that quotes are balanced."
+                    f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). {_csv_hint(exc)}"
                 ) from None
 
-    def _sound(self, fields: list[str], text: list[str]) -> bool:
-        """Whether a record over several lines has the header's field count and no text after a closing quote."""
-        if len(fields) != len(self.columns):
-            return False
+    @staticmethod
+    def _sound(text: list[str]) -> bool:
+        """Whether a record over several lines has no text after a closing quote (a quote that closed
+        another, unclosed one, rows later); a wrong field count alone is a row problem, as on one line."""
         try:
             next(csv.reader(text, strict=True))  # strict: text after a closing quote is an error
         except csv.Error:
@@ -311,12 +317,20 @@ class Catalog:
             elif isinstance(value, float):
                 if math.isnan(value):
                     continue  # how pandas writes a missing value
-                if value.is_integer():
+                if key in ("sku", "seed") and value.is_integer():
                     value = int(value)  # an int column pandas made float because of a gap: 1002.0 -> 1002
             clean[key] = value
         if "sku" not in clean:
             return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
         return Row(self.name, number, clean)
+
+
+def _csv_hint(exc: csv.Error) -> str:
+    """What to do about an error of the csv module."""
+    if "new-line character seen in unquoted field" in str(exc):  # lines end in a bare CR: Excel for Mac's old "CSV"
+        return ("Its lines end in a carriage return alone (old Mac line endings): save it as 'CSV UTF-8' "
+                "(Excel) or convert the line endings, e.g. `tr '\\r' '\\n'`.")
+    return "Check that quotes are balanced."
 
 
 def _not_text(type_) -> bool:

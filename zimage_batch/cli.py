@@ -286,7 +286,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         target = Path(args.jobs)
         if target.is_dir():
             raise OutputError(f"--jobs {target} is a folder. Pass a file path, e.g. {target / 'jobs.jsonl'}.")
-        check_folder(target, "--jobs")
+        check_folder(target.parent, "--jobs")  # the file itself may exist: it is replaced
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)

@@ -105,23 +105,21 @@ def gpu_annotation(use_gpu_resource: bool):
 
 
 def check_prefect_api() -> None:
-    """Fail fast, before a model loads, when ``PREFECT_API_URL`` names a server that does not answer."""
-    from prefect.settings import PREFECT_API_URL
+    """Fail fast, before a model loads, when ``PREFECT_API_URL`` names a server that does not answer
+    (asked with Prefect's own client, so its TLS and API-key settings apply)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if not url:
         return  # an embedded server will be started
-    import httpx
-
-    try:
-        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=10)
-        problem = None if answer.status_code == 200 else f"it answered HTTP {answer.status_code} to /health"
-    except httpx.HTTPError as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    if problem:
+    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
         raise ZImageBatchError(
-            f"PREFECT_API_URL={url} cannot be used ({problem}). Start that Prefect server (`prefect server start`), "
-            f"correct the URL (it ends in /api), or unset PREFECT_API_URL to run on an embedded server."
+            f"PREFECT_API_URL={url} cannot be used ({type(problem).__name__}: {problem}). Start that Prefect server "
+            f"(`prefect server start`), correct the URL (it ends in /api), or unset PREFECT_API_URL to run on an "
+            f"embedded server."
         )
 
 

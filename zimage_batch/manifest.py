@@ -136,18 +136,23 @@ def library_versions() -> dict[str, str]:
 
 def read_records(path: Path, strict: bool = False) -> tuple[list[ManifestRecord], int]:
     """The records of a JSONL file and how many lines were unreadable (torn by a crash). ``strict``
-    (for ``manifest.jsonl``, which is only ever replaced whole, so never torn): a ManifestError
-    naming the unreadable lines instead, so no record is dropped without a word."""
-    records, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    (for ``manifest.jsonl``, which is only ever replaced whole): a ManifestError naming the unreadable
+    lines instead, so no record is dropped without a word; only a last line without its line break
+    (torn while versions before 0.1 appended to this file) is still taken for a crash's."""
+    records, bad, ignored = [], [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                records.append(ManifestRecord.model_validate_json(line))
-            except ValidationError:
-                bad.append(number)  # a torn line from a crash: the job is simply redone
-    if strict and bad:
+                records.append(ManifestRecord.model_validate_json(raw.decode("utf-8")))
+            except (UnicodeDecodeError, ValidationError):
+                torn = not raw.endswith(b"\n") and not f.peek(1)  # the last line, cut short
+                if strict and not torn:
+                    bad.append(number)
+                else:
+                    ignored += 1  # a torn line from a crash: the job is simply redone
+    if bad:
         lines = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise ManifestError(
             f"{path} has {len(bad)} line(s) that are not manifest records (line {lines}). A run replaces this "
@@ -155,7 +160,7 @@ def read_records(path: Path, strict: bool = False) -> tuple[list[ManifestRecord]
             f"restore the file from a backup (or the copy a --dest run published), or delete those lines to "
             f"have their jobs redone. `zimage-batch verify` shows what each line breaks."
         )
-    return records, len(bad)
+    return records, ignored
 
 
 def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False) -> bool:

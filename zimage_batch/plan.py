@@ -171,6 +171,9 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
                     + f". Known presets: {', '.join(known)}."
                 )
         for catalog in opened:
+            not_text = template.required_columns() & set(catalog.not_text)
+            if not_text:
+                problems.append(f"Template {template.path} uses {', '.join(sorted(not_text))}. " + catalog.not_text_problem(not_text))
             for column in sorted(template.required_columns() - set(catalog.columns)):
                 hint = difflib.get_close_matches(column, catalog.columns, n=1)
                 problems.append(

@@ -10,11 +10,13 @@ killed run are removed by ``remove_stale_temp_files`` at the start of the next o
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
 import re
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,10 +180,24 @@ def locked(root: str | Path) -> Iterator[None]:
         root.mkdir(parents=True, exist_ok=True)
         fd = _take(path)
     except OSError as exc:  # e.g. a read-only file system, or no permission (where os.access could not tell)
-        raise OutputError(f"--out {root} cannot be written ({exc.strerror}). Pass a folder you can write to.") from None
+        raise OutputError(f"--out {root} cannot be written ({exc.strerror}: {exc.filename or root}). Pass a folder "
+                          f"you can write to.") from None
+    if fd is None:  # a file system without flock (some network and FUSE mounts): run as before there was a lock
+        print(f"warning: {root} does not support file locks, so nothing stops a second run into it; run one at a time.",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        _HELD.add(root)
+        try:
+            yield
+        finally:
+            _HELD.discard(root)
+        return
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:  # who holds it, for the message a second run prints (a lock file of another user's may be read-only)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass
         _HELD.add(root)
         try:
             yield
@@ -201,20 +217,29 @@ def locked(root: str | Path) -> Iterator[None]:
 _HELD: set[Path] = set()  # folders whose lock this process holds
 
 
-def _take(path: Path) -> int:
+def _take(path: Path) -> int | None:
     """An open descriptor of ``path`` holding its exclusive flock; OutputError naming the holder when
-    another process has it."""
+    another process has it; None where the file system has no flock."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # left by another user's run: flock works on a read-only descriptor too
+            fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise OutputError(
-                f"--out {path.parent} is in use by another zimage-batch run ({holder}). Two runs into one folder "
-                f"would mix their manifests: wait for that run to finish, or give this run another --out."
+                f"--out {path.parent} is in use by another zimage-batch run ({holder}; it holds {path.name}). Two "
+                f"runs into one folder would mix their manifests: wait for that run to finish, or give this run "
+                f"another --out."
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                return None
+            raise
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd
