@@ -225,3 +225,14 @@ def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsy
     assert code == 0 and "1 jobs from 1 rows" in out and "note: " in err and "Z-Image-Turbo is distilled for 8" in err
     code, _, err = run_cli(capsys, "plan", cat, "-t", odd, "--limit", "0")
     assert code == 2 and "--limit 0 is out of range" in err
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_says_how_many_prompts_were_too_long_for_the_text_encoder(tmp_path, capsys):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"], ["S2", "A very long story about a mug " * 6]])
+    template = write_template(tmp_path / "t.j2", "{{ title }}", "size: 256x256\nmax_sequence_length: 64")
+    code, out, err = run_cli(capsys, "run", cat, "-t", template, "--model", "tiny-random", "--device", "cpu",
+                             "--out", tmp_path / "o", "-q")
+    assert code == 0 and "2 generated" in out
+    assert "note: 1 job(s) had a prompt longer than its template's max_sequence_length tokens" in err
+    assert json.loads((tmp_path / "o/run.json").read_text())["prompts_cut"] == 1

@@ -224,3 +224,13 @@ def test_missing_torchao_and_fp8_without_a_gpu_are_clear_errors(monkeypatch):
     with pytest.raises(ModelError, match=r"--vram 12 quantizes the transformer with torchao.*zimage-batch\[quant\]"):
         check_options(EngineOptions(vram_gb=12), "cpu")
     check_options(EngineOptions(vram_gb=16), "cpu")  # 16 GB needs no torchao
+
+
+def test_the_engine_counts_prompts_longer_than_their_token_limit(engine):
+    short, long = job("a mug", max_sequence_length=64), job("a ceramic mug " * 20, seed=2, max_sequence_length=64)
+    engine.prepare([short, long])
+    try:
+        assert engine.prompts_cut([short, long]) == 1 and engine.prompts_cut([short]) == 0
+    finally:
+        engine.release([short, long])
+    assert engine.prompts_cut([long]) == 0  # forgotten with the shard's prompts

@@ -579,6 +579,10 @@ def print_summary(summary) -> None:
     if summary.dest:
         print_delivery(summary)
     _print_problems(summary.problems, summary.row_problems)
+    if summary.prompts_cut:
+        print(f"\nnote: {summary.prompts_cut} job(s) had a prompt longer than its template's max_sequence_length "
+              f"tokens; the text encoder read only its start. Shorten those prompts, or raise max_sequence_length "
+              f"in the template's front matter (up to 1024).", file=sys.stderr)
     if summary.planned == 0:
         why = f"all {summary.row_problems} row(s) have problems (listed above)" if summary.row_problems else "the catalogs have no rows"
         print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)

@@ -175,12 +175,18 @@ class Engine:
     load_id: str = ""
     options: EngineOptions = EngineOptions()
     _embeds: dict = field(default_factory=dict, repr=False)
+    _cut: set = field(default_factory=set, repr=False)  # (prompt, max length) whose tokens did not all fit
     _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         """Encode every prompt of these jobs that is not encoded yet (the shard's prompts, up front)."""
         with self._gpu:
             self._encode_missing(jobs)
+
+    def prompts_cut(self, jobs: Sequence[Job]) -> int:
+        """How many of these (prepared) jobs have a prompt longer than their ``max_sequence_length``
+        tokens, chat template included: the text encoder read only its start, as diffusers does."""
+        return sum((job.prompt, job.max_sequence_length) in self._cut for job in jobs)
 
     def _encode_missing(self, jobs: Sequence[Job]) -> None:
         wanted: dict[int, dict[str, None]] = {}  # max length -> prompts not encoded yet, in order
@@ -212,6 +218,8 @@ class Engine:
         prompts = [pipe.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True, enable_thinking=True) for text in texts]
         inputs = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        whole = pipe.tokenizer(prompts, truncation=False).input_ids
+        self._cut.update((text, length) for text, ids in zip(texts, whole) if len(ids) > length)
         ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device).bool()
         captured = []  # the last layer's input: hidden_states[-2], what the pipeline uses
 
@@ -231,9 +239,11 @@ class Engine:
         with self._gpu:
             if jobs is None:
                 self._embeds.clear()
+                self._cut.clear()
             for job in jobs or ():
                 self._embeds.pop((job.prompt, job.max_sequence_length), None)
                 self._embeds.pop((job.negative_prompt, job.max_sequence_length), None)
+                self._cut.discard((job.prompt, job.max_sequence_length))
 
     def caption_tokens(self, job: Job) -> int:
         """How many tokens the job's prompt encodes to."""
@@ -420,6 +430,9 @@ class SimulatedEngine:
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         pass
+
+    def prompts_cut(self, jobs: Sequence[Job]) -> int:
+        return 0
 
     def release(self, jobs: Sequence[Job] | None = None) -> None:
         pass

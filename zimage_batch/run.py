@@ -307,6 +307,7 @@ class RunSummary(BaseModel):
     uploaded_bytes: int = 0
     delivery_problems: list[str] = []
     removed: list[str] = []  # skus in earlier runs' manifest (same templates) that the catalogs no longer name
+    prompts_cut: int = 0  # generated jobs whose prompt was longer than max_sequence_length tokens (only its start was read)
     report: str = ""  # the path of report.html
 
     @property
@@ -342,6 +343,7 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT_HTML),
+        prompts_cut=total.prompts_cut,
     )
     report = write_report(config.out, this_run, summary)
     if config.dest:

@@ -43,6 +43,7 @@ class ShardResult:
     engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
     process: int = field(default_factory=os.getpid)  # where the shard ran
     delivery: DeliveryReport = field(default_factory=DeliveryReport)  # with --dest: what reached S3
+    prompts_cut: int = 0  # jobs whose prompt was longer than max_sequence_length tokens
 
     @property
     def images(self) -> int:
@@ -54,6 +55,7 @@ class ShardResult:
         self.generated += other.generated
         self.rejected += other.rejected
         self.failed += other.failed
+        self.prompts_cut += other.prompts_cut
         for stage, value in other.seconds.items():
             self.seconds[stage] += value
 
@@ -261,6 +263,7 @@ def process_shard(
     start = time.perf_counter()
     engine.prepare(jobs)  # every prompt of the shard, encoded once, before any image
     result.seconds["encode"] += time.perf_counter() - start
+    result.prompts_cut = engine.prompts_cut(jobs)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
             for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
