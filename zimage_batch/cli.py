@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
     serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
-    serve.add_argument("--concurrency", "--limit", dest="concurrency", type=int, default=1,
+    serve.add_argument("--concurrency", "--limit", dest="concurrency", type=int, default=1, metavar="N",
                        help="flow runs at once, nightly and campaigns together (default 1: one GPU)")
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
