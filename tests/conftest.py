@@ -115,6 +115,9 @@ class RecordingEngine:
     def prepare(self, jobs):
         self.prepared.extend(j.job_id for j in jobs)
 
+    def prompts_cut(self, jobs):
+        return 0
+
     def release(self, jobs=None):
         pass
 

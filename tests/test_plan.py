@@ -138,3 +138,11 @@ def test_turbo_settings_it_was_not_made_for_get_a_note(tmp_path):
     assert all("odd.j2" in note for note in notes)
     assert check_inputs([str(cat)], [str(odd)], "Tongyi-MAI/Z-Image-Turbo", PRESETS, steps=8).notes() == notes[1:]
     assert check_inputs([str(cat)], [str(odd)], "tiny-random", PRESETS).notes() == []  # other models have other needs
+
+
+def test_a_control_character_in_a_row_is_a_row_problem_not_a_silent_change(tmp_path):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug\x07"], ["S2", "Cup"]])
+    template = write_template(tmp_path / "t.j2", "A {{ title }}")
+    problem, ok = plan([cat], [template])
+    assert isinstance(problem, RowProblem) and problem.row == 1 and "control character U+0007" in problem.message
+    assert isinstance(ok, Job) and ok.prompt == "A Cup"

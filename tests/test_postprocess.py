@@ -455,3 +455,11 @@ def test_embedded_srgb_profile_is_the_same_bytes_in_every_process():
     blanked = bytearray(SRGB_ICC)
     blanked[44:48], blanked[64:68], blanked[84:100] = bytes(4), bytes(4), bytes(16)
     assert SRGB_ICC[84:100] in (bytes(16), hashlib.md5(blanked).digest())  # no profile ID, or a valid one
+
+
+@pytest.mark.parametrize("size", [(1, 1), (8192, 1), (2, 3), (24, 3), (100, 5)])
+def test_the_border_of_a_frame_only_pixels_thin_is_measured(size):
+    from zimage_batch.postprocess import border_white_fraction
+
+    assert border_white_fraction(Image.new("RGB", size, "white")) == 1.0
+    assert border_white_fraction(Image.new("RGB", size, "black")) == 0.0

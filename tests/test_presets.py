@@ -15,6 +15,7 @@ from zimage_batch.presets import (
     load_presets,
     presets_table,
     select_presets,
+    unsupported,
 )
 
 MB = 1_000_000
@@ -173,3 +174,26 @@ def test_the_readme_presets_file_example_loads(tmp_path) -> None:
     presets = load_presets(path)
     assert presets["amazon_tight"].shadow == "keep" and presets["amazon_tight"].width == 2000
     assert (presets["lazada"].format, presets["lazada"].max_bytes) == ("WEBP", 2 * MB)
+
+
+def test_a_format_this_pillow_cannot_encode_stops_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    """Pillow before 11.3 has no AVIF encoder (pyproject allows 11.0): the shipped web_avif preset
+    must stop the run or the postprocess command up front, not fail every job after generation."""
+    from PIL import Image, features
+
+    from conftest import write_csv, write_template
+    from zimage_batch.cli import main
+
+    real = features.check
+    monkeypatch.setattr(features, "check", lambda name: False if name == "avif" else real(name))  # an AVIF-less Pillow
+    assert unsupported([PRESETS["web"], PRESETS["web_webp"]]) == []
+    (problem,) = unsupported([PRESETS["web_avif"]])
+    assert "preset 'web_avif' writes AVIF, which this Pillow" in problem and "Pillow>=11.3" in problem
+    catalog = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
+    template = write_template(tmp_path / "t.j2", "{{ title }}", "presets: [web, web_avif]")
+    assert main(["plan", str(catalog), "-t", str(template), "--model", "tiny-random"]) == 2
+    assert "t.j2: preset 'web_avif' writes AVIF" in capsys.readouterr().err
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "shot.png")
+    code = main(["postprocess", str(tmp_path / "shot.png"), "-p", "web", "-p", "web_avif", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "web_avif" in err and "Traceback" not in err and not (tmp_path / "out").exists()

@@ -122,3 +122,9 @@ def test_report_opens_in_chromium_with_every_image_and_a_working_filter(tmp_path
     assert set(seen["filtered"]["kitchen a-1"]) == {j for j, r in records.items() if r["sku"] == "A-1" and r["template"] == "scene"}
     assert seen["filtered"]["no-such-thing"] == [] and seen["groups"]["no-such-thing"] == 0
     assert seen["shown"]["no-such-thing"] == "0" and len(seen["filtered"][""]) == len(records)
+
+
+def test_right_to_left_text_in_a_sku_does_not_turn_the_heading_around():
+    html = render_html([record(job(sku="RTL-\u202eabc"))], summary(), {})
+    assert "<h2><bdi>RTL-\u202eabc</bdi> <small><bdi>t</bdi></small></h2>" in html
+    assert "overflow-wrap: anywhere" in html  # long unbroken words stay in their card

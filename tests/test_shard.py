@@ -145,3 +145,34 @@ def test_a_failed_batch_and_out_of_memory_splits_in_one_shard(tmp_path):
     assert (result.generated, result.failed) == (4, 1)
     assert {manifest.records[j.job_id].batch_size for j in jobs[:4]} == {1}  # split down to single images
     assert "device-side assert" in manifest.records[jobs[4].job_id].reasons[0]
+
+
+def test_the_size_cap_holds_for_the_sealed_file_with_its_provenance(tmp_path):
+    """The metadata (prompt, parameters; a signature with C2PA) is added after encoding: a file the
+    encoder fitted under the cap is encoded again with room for it, not delivered over the cap."""
+    from zimage_batch.postprocess import Source, process
+
+    from zimage_batch.provenance import Stamp
+    from zimage_batch.shard import default_sealer
+
+    j = job("a ceramic mug on a kitchen table, " * 90, presets=("capped",), size=256)  # ~3 KB of prompt, embedded twice
+    plain = process(Source(product_on_white(256)), load_presets(None)["web"]).rendered.data
+    sealer = default_sealer()
+    overhead = len(sealer.seal(plain, Stamp.of(j.to_dict(), j.seed, sealer.software), "x.jpg")) - len(plain)
+    cap = len(plain) + overhead - 1500  # room for the encoder's output at full quality, not for the metadata too
+    assert len(plain) <= cap < len(plain) + overhead
+    mine = tmp_path / "capped.toml"
+    mine.write_text(f'[capped]\nextends = "web"\nmax_bytes = {cap}\nmin_quality = 20\n', encoding="utf-8")
+    result, manifest = run(tmp_path / "out", [j], RecordingEngine(lambda *a: product_on_white(256)), presets=load_presets(mine))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "ok", rec.reasons
+    (output,) = rec.outputs
+    assert output.bytes <= cap and (tmp_path / "out" / output.path).stat().st_size == output.bytes
+
+
+def test_a_seal_that_fails_leaves_no_file_behind(tmp_path):
+    j = job("a mug " * 12000, presets=("png", "web"), size=256)  # ~72 KB of prompt: no JPEG segment holds it
+    result, manifest = run(tmp_path, [j], RecordingEngine(lambda *a: product_on_white(256)))
+    rec = manifest.records[j.job_id]
+    assert rec.status == "failed" and "post-processing failed" in rec.reasons[0] and result.failed == 1
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")]

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import jinja2
@@ -21,9 +21,11 @@ from pydantic import TypeAdapter
 from .catalog import Catalog, Row, RowProblem, expand_sources
 from .errors import CatalogError, PlanError, TemplateError
 from .models import resolve_model
+from .presets import unsupported
 from .templates import Template, load_template, parse_size
 
 SEED_COLUMN = "seed"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters whitespace folding leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,9 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
         except ValueError as exc:
             if size_override is None:
                 problems.append(f"Template {template.path}: {exc}.")
+        if isinstance(known_presets, Mapping):
+            usable = [known_presets[name] for name in template.settings.presets if name in known_presets]
+            problems.extend(f"Template {template.path}: {problem}." for problem in unsupported(usable))
         for preset in template.settings.presets:
             if preset not in known:
                 hint = difflib.get_close_matches(preset, known, n=1)
@@ -234,6 +239,12 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
                 break
             if not prompt:
                 yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.", row.sku)
+                break
+            control = _CONTROL.search(prompt + negative)
+            if control:
+                yield RowProblem(row.catalog, row.row, f"the prompt from template {template.path} holds the invisible control "
+                                 f"character U+{ord(control[0]):04X}, which the images' embedded metadata cannot carry. "
+                                 f"Remove it from this row's values.", row.sku)
                 break
             seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
             job_id = compute_job_id(row.sku, template.name, variant, prompt, negative, seed, width, height, steps,

@@ -244,8 +244,10 @@ class Source:
         return cut.mask if cut.problem in (None, "product_touches_edge") else None
 
 
-def process(source: Source, preset: Preset, *, white: bool = False) -> Processed:
-    """Frame, encode and check `source` for `preset`; `white` cuts out onto white whatever the preset says."""
+def process(source: Source, preset: Preset, *, white: bool = False, reserve: int = 0) -> Processed:
+    """Frame, encode and check `source` for `preset`; `white` cuts out onto white whatever the preset says.
+    `reserve`: bytes the caller adds to the file afterwards (embedded provenance, a signature), kept
+    free under the preset's size cap."""
     if source.problem is not None:
         return Processed(preset, (source.problem,), None)
     white = white or preset.white
@@ -266,8 +268,8 @@ def process(source: Source, preset: Preset, *, white: bool = False) -> Processed
     bounds = preset.fill_bounds()
     if bounds and framed.fill is not None and not bounds[0] - _FILL_SLACK <= framed.fill <= bounds[1] + _FILL_SLACK:
         reasons.append("fill_out_of_bounds")
-    data, quality = encode(framed.image, preset)
-    if preset.max_bytes is not None and len(data) > preset.max_bytes:
+    data, quality = encode(framed.image, preset, reserve)
+    if preset.max_bytes is not None and len(data) + reserve > preset.max_bytes:
         reasons.append("over_size_cap")
     border = border_white_fraction(framed.image if preset.format == "PNG" else _decode(data))
     if white and border < 1.0:
@@ -286,7 +288,9 @@ def render(image: Image.Image, preset: Preset, mask: np.ndarray | None = None) -
 def border_white_fraction(image: Image.Image) -> float:
     """Share of the pixels in the outer ring (0.5% of the short side, >= 2 px) that are exactly RGB 255."""
     width, height = image.size
-    k = max(2, round(min(width, height) / 200))
+    k = min(max(2, round(min(width, height) / 200)), min(width, height) // 2)  # a frame 3 px thin: 1 px
+    if k == 0:  # 1 px thin: every pixel is border
+        return float((np.asarray(image.convert("RGB")).reshape(-1, 3) == _WHITE).all(axis=1).mean())
     strips = [(0, 0, width, k), (0, height - k, width, height), (0, k, k, height - k), (width - k, k, width, height - k)]
     ring = np.concatenate([np.asarray(image.crop(strip).convert("RGB")).reshape(-1, 3) for strip in strips])
     return float((ring == _WHITE).all(axis=1).mean())
@@ -581,8 +585,9 @@ def _resize_long_side(image: Image.Image, long_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
 
 
-def encode(image: Image.Image, preset: Preset) -> tuple[bytes, int | None]:
-    """Encode for the preset; over its size cap, lower the quality in steps of 5 down to `min_quality`.
+def encode(image: Image.Image, preset: Preset, reserve: int = 0) -> tuple[bytes, int | None]:
+    """Encode for the preset; over its size cap (less `reserve` bytes, for metadata added later),
+    lower the quality in steps of 5 down to `min_quality`.
 
     Returns the bytes and the quality used (None for PNG). The caller checks the cap: the last try
     is returned even when it is still too big.
@@ -592,7 +597,7 @@ def encode(image: Image.Image, preset: Preset) -> tuple[bytes, int | None]:
     quality = preset.quality
     while True:
         data = _save(image, preset.format, quality)
-        if preset.max_bytes is None or len(data) <= preset.max_bytes or quality <= preset.min_quality:
+        if preset.max_bytes is None or len(data) + reserve <= preset.max_bytes or quality <= preset.min_quality:
             return data, quality
         quality = max(preset.min_quality, quality - _QUALITY_STEP)
 

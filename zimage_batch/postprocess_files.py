@@ -27,10 +27,10 @@ from typing import Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from .errors import ImageInputError
+from .errors import ImageInputError, PresetError
 from .matting import load_matting
 from .postprocess import Matting, Processed, Source, process
-from .presets import Preset, load_presets, select_presets
+from .presets import Preset, load_presets, select_presets, unsupported
 from .store import TEMP_PREFIX, LocalStore
 
 REPORT = "postprocess.jsonl"
@@ -149,6 +149,9 @@ def postprocess_files(
     """Process every input for every named preset into `out`; see the module docstring for the layout."""
     start = time.perf_counter()
     presets = select_presets(list(preset_names), load_presets(presets_file))
+    problems = unsupported(presets)
+    if problems:
+        raise PresetError("; ".join(problems) + ".")
     paths = check_images(inputs)
     backend = load_matting(matting)
     store = LocalStore(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -242,6 +242,28 @@ def get_preset(name: str, presets: Mapping[str, Preset] | None = None) -> Preset
     if name not in presets:
         raise _unknown([name], sorted(presets))
     return presets[name]
+
+
+def unsupported(presets: Iterable[Preset]) -> list[str]:
+    """Presets whose format this Pillow cannot encode (AVIF is built in from Pillow 11.3, WebP needs
+    libwebp), each as a problem with its fix; checked before any model loads or image is read."""
+    import warnings
+
+    import PIL
+    from PIL import features
+
+    problems = []
+    for preset in presets:
+        if preset.format not in ("AVIF", "WEBP"):
+            continue
+        with warnings.catch_warnings():  # an older Pillow does not know the feature "avif": it warns, says False
+            warnings.simplefilter("ignore")
+            available = features.check(preset.format.lower())
+        if not available:
+            problems.append(f"preset {preset.name!r} writes {preset.format}, which this Pillow ({PIL.__version__}) cannot "
+                            f"encode: install one that can (pip install -U 'Pillow>=11.3'), or use another preset "
+                            f"(e.g. web or web_webp)")
+    return problems
 
 
 def select_presets(names: list[str], presets: Mapping[str, Preset]) -> list[Preset]:

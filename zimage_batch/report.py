@@ -139,7 +139,7 @@ def _groups(records: Sequence[ManifestRecord], thumbnails: dict[str, str]) -> st
             if current is not None:
                 html.append("</div></section>")
             current = key
-            html.append(f"<section class=group><h2>{escape(record.sku)} <small>{escape(record.template)}</small></h2>"
+            html.append(f"<section class=group><h2><bdi>{escape(record.sku)}</bdi> <small><bdi>{escape(record.template)}</bdi></small></h2>"
                         f"<div class=items>")
         html.append(_item(record, thumbnails.get(record.job_id)))
     if current is not None:
@@ -179,7 +179,7 @@ th, td {{ border: 1px solid #ddd; padding: 2px 8px; text-align: left; }}
 #filter {{ width: 28em; padding: 4px; }}
 .group h2 {{ font-size: 16px; margin: 1em 0 .3em; }}
 .items {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-.item {{ width: 264px; border: 2px solid #cde; border-radius: 6px; padding: 4px; }}
+.item {{ width: 264px; border: 2px solid #cde; border-radius: 6px; padding: 4px; overflow-wrap: anywhere; }}
 .item.rejected {{ border-color: #f0a030; }} .item.failed {{ border-color: #d33; }}
 .item img, .noimg {{ width: 256px; height: 256px; object-fit: contain; background: #eee; display: block; }}
 .noimg {{ display: flex; align-items: center; justify-content: center; color: #999; }}

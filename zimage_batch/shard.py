@@ -11,6 +11,7 @@ the manifest's SHA-256 is of the final bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -26,7 +27,7 @@ from .deliver import DeliveryReport
 from .generate import Engine
 from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile, library_versions
 from .plan import Job, derive_seed
-from .postprocess import Rendered, Source, image_problem, process, render
+from .postprocess import Processed, Rendered, Source, image_problem, process, render
 from .presets import PRESETS, Preset, get_preset
 from .provenance import Sealer, Stamp, software_name
 from .store import LocalStore, safe_name
@@ -193,26 +194,41 @@ def finish(item: Generated, store: LocalStore, device: str, presets: Mapping[str
     folder = f"{safe_name(job.sku)}/{safe_name(job.template)}"
     start = time.perf_counter()
     source = Source(item.image)
-    results = [process(source, get_preset(name, presets), white=job.background == "white") for name in job.presets]
+    white = job.background == "white"
+    results = [process(source, get_preset(name, presets), white=white) for name in job.presets]
+    # Every file is sealed (provenance embedded, maybe signed) in memory before any is written, so a
+    # seal that fails leaves no file behind. The size cap holds for the sealed bytes: a file the
+    # metadata pushed over it is encoded again with that much room kept free.
+    def seal(result: Processed) -> bytes | None:
+        if result.rendered is None:
+            return None
+        return sealer.seal(result.rendered.data, stamp, f"{output_name(job, result.preset.name)}.{result.rendered.extension}")
+
+    sealed = [seal(r) for r in results]
+    for i, (result, data) in enumerate(zip(results, sealed)):
+        cap = result.preset.max_bytes
+        if data is not None and cap is not None and len(data) > cap and "over_size_cap" not in result.reasons:
+            results[i] = process(source, result.preset, white=white, reserve=len(data) - len(result.rendered.data))
+            sealed[i] = seal(results[i])
+            if len(sealed[i]) > cap and "over_size_cap" not in results[i].reasons:  # the metadata varied
+                results[i] = dataclasses.replace(results[i], reasons=(*results[i].reasons, "over_size_cap"))
     seconds["postprocess"] += time.perf_counter() - start
     reasons = list(dict.fromkeys(reason for result in results for reason in result.reasons))
     top = "rejected" if reasons else "images"
-    outputs = [_store(store, f"{top}/{folder}/{output_name(job, r.preset.name)}.{r.rendered.extension}", r.rendered,
-                      r.preset.name, seconds, sealer, stamp) for r in results if r.rendered is not None]
-    if len(outputs) < len(results):  # some preset could not even be framed: keep the raw image for review
+    files = [(f"{top}/{folder}/{output_name(job, r.preset.name)}.{r.rendered.extension}", r.rendered, r.preset.name, data)
+             for r, data in zip(results, sealed) if r.rendered is not None]
+    if len(files) < len(results):  # some preset could not even be framed: keep the raw image for review
         raw = render(source.image, get_preset("png"))
-        outputs.append(_store(store, f"rejected/{folder}/{output_name(job, 'raw')}.png", raw, "rejected", seconds,
-                              sealer, stamp))
+        files.append((f"rejected/{folder}/{output_name(job, 'raw')}.png", raw, "rejected",
+                      sealer.seal(raw.data, stamp, f"{output_name(job, 'raw')}.png")))
+    outputs = [_store(store, path, rendered, preset, data, seconds) for path, rendered, preset, data in files]
     record = ManifestRecord.for_job(job, status="rejected" if reasons else "ok", reasons=reasons, image_seed=image_seed,
                                     outputs=outputs, **common)
     return record, seconds
 
 
-def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, seconds: dict[str, float], sealer: Sealer,
-           stamp: Stamp) -> OutputFile:
-    start = time.perf_counter()
-    data = sealer.seal(rendered.data, stamp, path.rsplit("/", 1)[-1])  # embed (and sign) first, then hash
-    seconds["postprocess"] += time.perf_counter() - start
+def _store(store: LocalStore, path: str, rendered: Rendered, preset: str, data: bytes, seconds: dict[str, float]) -> OutputFile:
+    """Write one sealed file; its record entry."""
     start = time.perf_counter()
     written = store.write(path, data)
     seconds["store"] += time.perf_counter() - start
