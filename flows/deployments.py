@@ -20,6 +20,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.catalog_images import run_catalog
+from zimage_batch.generate import pick_device
 from zimage_batch.run import RunConfig, RunSummary
 
 NIGHTLY = "nightly-catalog"
@@ -29,7 +30,7 @@ CAMPAIGN = "campaign"
 @flow(name="catalog-run", log_prints=False)
 def catalog_run(config: RunConfig) -> RunSummary:
     """One catalog-images run, on the task runner its config asks for (in-process or Dask)."""
-    summary = run_catalog(config)
+    summary = run_catalog(config, pick_device(config.device))  # --workers on a GPU host: one CUDA worker per GPU
     if summary.failed:
         raise RuntimeError(f"{summary.failed} job(s) failed; see {summary.out}/manifest.jsonl. Run again to retry them.")
     return summary

@@ -154,3 +154,38 @@ def test_the_command_with_workers_shares_one_prefect_server(tmp_path, catalog, t
     assert "8 generated" in done.stdout and "Timed out" not in done.stderr
     run = json.loads((tmp_path / "out/run.json").read_text())
     assert 1 <= run["pipeline_loads"] <= 2 and run["generated"] == 8
+
+
+def test_a_cluster_run_needs_a_prefect_server_the_workers_share_and_gives_them_absolute_paths(tmp_path, catalog, templates):
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    from zimage_batch.cli import absolute_paths
+
+    config = absolute_paths(RunConfig(catalogs=["cat.csv", "s3://bucket/c.csv"], templates=["scene.j2"], out="o",
+                                      cluster="tcp://scheduler:8786", model="tiny-random"))
+    assert (config.catalogs, config.templates, config.out) == ([str(tmp_path / "cat.csv"), "s3://bucket/c.csv"],
+                                                               [str(tmp_path / "scene.j2")], str(tmp_path / "o"))
+    assert config.model == "tiny-random"  # not a folder here: a name
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+        done = subprocess.run([str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", templates[0],
+                               "--model", "simulated:0", "--cluster", cluster.scheduler_address, "--out", "o", "-q"],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and "--cluster needs PREFECT_API_URL" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish(tmp_path, catalog, templates):
+    """Workers on other machines with an unshared --out: their records never reach this folder."""
+    from zimage_batch.errors import OutputError
+    from zimage_batch.run import finish_run, plan_run
+    from zimage_batch.shard import ShardResult
+
+    config = RunConfig(catalogs=[str(catalog)], templates=templates[:1], out=str(tmp_path / "o"), model="simulated:0")
+    plan = plan_run(config)
+    with pytest.raises(OutputError, match=r"The workers recorded 8 image\(s\), but only 0 record\(s\) are in .*Nothing was deleted"):
+        finish_run(config, plan, [ShardResult(generated=8)], "2026-11-26T00:00:00Z", time.perf_counter())

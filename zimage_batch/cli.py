@@ -359,6 +359,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         precision=args.precision, workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
         c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
     )
+    if config.cluster:  # the cluster's workers run in their own folders: every path they open must be absolute
+        config = absolute_paths(config)
     inputs = check_run(config)  # every input problem surfaces here, before a model loads or a file is written
     print_notes(inputs.notes())
     with locked(config.out):  # a second run into this --out stops here, before it loads a model
@@ -376,7 +378,14 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
         cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
     prefect_environment()
-    from .cluster import check_prefect_api, prefect_api
+    from .cluster import check_prefect_api, configured_api, prefect_api
+
+    if config.cluster and not configured_api():
+        raise ZImageBatchError(
+            "--cluster needs PREFECT_API_URL set to a Prefect server that every Dask worker can reach: the workers "
+            "keep talking to the server of the run that first used them, and an embedded one ends with its run. Start "
+            "one (`prefect server start`) and export PREFECT_API_URL=http://HOST:4200/api here and on the workers "
+            "(infra/README.md).")
 
     check_prefect_api()  # a PREFECT_API_URL that does not answer fails here, before the model loads
     if not args.quiet:
@@ -519,19 +528,27 @@ def serve_config(args: argparse.Namespace) -> RunConfig:
     _check_numbers(args)
     if args.workers and args.cluster:
         raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
+    return absolute_paths(RunConfig(
+        catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
+        batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, size=args.size,
+        steps=args.steps, compile=args.compile, vram_gb=args.vram_gb, precision=args.precision, workers=args.workers,
+        cluster=args.cluster, presets_file=args.presets_file, c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key,
+        dest=args.dest, verify_files=args.verify_files,
+    ))
 
-    def absolute(path: str | None) -> str | None:
-        return path if path is None or path.startswith("s3://") else os.path.abspath(path)
 
-    return RunConfig(
-        catalogs=[absolute(c) for c in args.catalogs], templates=[absolute(t) for t in args.templates],
-        out=absolute(args.out), model=absolute(args.model) if os.path.isdir(args.model) else args.model,
-        device=args.device, batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts,
-        size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb, precision=args.precision,
-        workers=args.workers, cluster=args.cluster, presets_file=absolute(args.presets_file),
-        c2pa_cert=absolute(args.c2pa_cert), c2pa_key=absolute(args.c2pa_key), dest=args.dest,
-        verify_files=args.verify_files,
-    )
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with every local path absolute (catalogs, templates, --out, presets and C2PA files, a
+    model folder), for runs that start in another folder or on other machines."""
+    return config.model_copy(update=dict(
+        catalogs=[_absolute(c) for c in config.catalogs], templates=[_absolute(t) for t in config.templates],
+        out=_absolute(config.out), presets_file=_absolute(config.presets_file), c2pa_cert=_absolute(config.c2pa_cert),
+        c2pa_key=_absolute(config.c2pa_key), model=_absolute(config.model) if os.path.isdir(config.model) else config.model))
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (runs that start in another folder, or on other machines, must find it)."""
+    return path if path is None or path.startswith("s3://") else os.path.abspath(path)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

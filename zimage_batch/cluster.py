@@ -104,13 +104,20 @@ def gpu_annotation(use_gpu_resource: bool):
     return dask.annotate(resources={"GPU": 1})
 
 
+def configured_api() -> str | None:
+    """The Prefect API this process is pointed at (``PREFECT_API_URL`` or Prefect's settings); None: none."""
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+
+
 def check_prefect_api() -> None:
     """Fail fast, before a model loads, when ``PREFECT_API_URL`` names a server that does not answer
     (asked with Prefect's own client, so its TLS and API-key settings apply)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    url = configured_api()
     if not url:
         return  # an embedded server will be started
     with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
@@ -135,7 +142,7 @@ def prefect_api() -> Iterator[str]:
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    configured = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    configured = configured_api()
     if configured:
         with _environment("PREFECT_API_URL", configured):
             yield configured

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
-from .errors import DeliveryError, SigningError
+from .errors import DeliveryError, OutputError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
 from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
@@ -328,6 +328,13 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     total.delivery.add(plan.delivery)
     manifest = Manifest(config.out)
     this_run = list(manifest.part_records.values())  # this run's work, from every worker
+    if total.images > len(this_run):
+        raise OutputError(
+            f"The workers recorded {total.images} image(s), but only {len(this_run)} record(s) are in "
+            f"{Path(config.out).absolute() / '.parts'}: they wrote to a --out this machine does not see (another "
+            f"machine's disk, or a relative path resolved in their own folder). Nothing was deleted. Put --out on "
+            f"storage that every worker and this machine share, under the same absolute path, and run again."
+        )
     statuses = Counter(r.status for r in this_run)
     manifest.finalize()
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
