@@ -134,3 +134,35 @@ def test_the_nightly_run_takes_the_run_options_with_absolute_paths(tmp_path, mon
     assert config.presets_file == str(tmp_path / "my_presets.toml") and config.c2pa_cert == str(tmp_path / "certs/chain.pem")
     assert args.concurrency == 2 and build_parser().parse_args(["serve", "--catalog", "c.csv", "-t", "t.j2", "--out", "o",
                                                                 "--limit", "3"]).concurrency == 3  # the old name still works
+
+
+def test_serve_on_its_own_local_server_runs_the_nightly_on_its_cron(tmp_path):
+    """Without PREFECT_API_URL, serve starts a local Prefect server with its scheduler on (Prefect's
+    embedded server has it off, so the cron never fired), and the nightly run happens by itself."""
+    catalog = write_csv(tmp_path / "nightly.csv", ["sku", "title"], [["N-1", "Mug"]])
+    template = write_template(tmp_path / "shot.j2", "A {{ title }} on a table", "size: 256x256\npresets: [web]")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env.pop("PREFECT_LOGGING_LEVEL", None)
+    cmd = [CLI, "serve", "--catalog", str(catalog), "-t", str(template), "--out", str(tmp_path / "nightly"),
+           "--model", "simulated:0", "--device", "cpu", "--cron", "* * * * *"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200  # the next minute, the scheduler's loop, the run
+        while not (tmp_path / "nightly/manifest.jsonl").is_file():
+            assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no scheduled run made the nightly images"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert [r["sku"] for r in read_jsonl(tmp_path / "nightly/manifest.jsonl")] == ["N-1"]

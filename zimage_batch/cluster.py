@@ -134,8 +134,11 @@ def check_prefect_api() -> None:
 def prefect_api() -> Iterator[str]:
     """The Prefect API for a run and the worker processes it starts. Yields its URL.
 
-    ``PREFECT_API_URL`` (or the current Prefect settings) when set; else an embedded server started
-    here and stopped at the end, with a reaper that stops it if this process is killed outright.
+    ``PREFECT_API_URL`` (or the current Prefect settings) when set; else a local Prefect server
+    (`prefect server start` on a free loopback port) started here and stopped at the end. It is a
+    whole server, scheduler included, so `serve`'s cron runs fire (Prefect's own embedded server
+    leaves its scheduler off), and it runs in its own session, so a terminal's Ctrl-C stops the run,
+    not the server the run reports its end to. A reaper stops it if this process is killed outright.
     The URL goes into the environment so Dask workers on this host use the same server: without one
     shared server each worker process started its own (seen: four workers on two cores timed out).
     Workers on other hosts need ``PREFECT_API_URL`` set to a server they can reach (infra/README.md).
@@ -147,19 +150,57 @@ def prefect_api() -> Iterator[str]:
         with _environment("PREFECT_API_URL", configured):
             yield configured
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    with _local_server() as url, _environment("PREFECT_API_URL", url), temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
 
-    server = SubprocessASGIServer()
-    server.start()
-    reaper = subprocess.Popen([sys.executable, "-m", "zimage_batch.reaper", str(os.getpid()), str(server.server_process.pid)],
+
+@contextmanager
+def _local_server(timeout: float = 120.0) -> Iterator[str]:
+    """`prefect server start` on a free loopback port, in its own session; yields its API URL once healthy."""
+    import socket
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    log = tempfile.TemporaryFile()  # the server's own output, shown only if it fails to start
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    reaper = subprocess.Popen([sys.executable, "-m", "zimage_batch.reaper", str(os.getpid()), str(server.pid)],
                               start_new_session=True)
     try:
-        with _environment("PREFECT_API_URL", server.api_url), temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read().decode("utf-8", "replace").strip()[-600:]
+                why = "it exited" if server.poll() is not None else f"no answer in {timeout:.0f} s"
+                raise ZImageBatchError(
+                    f"The local Prefect server did not start ({why}; its output ends: {tail}). Check that PREFECT_HOME "
+                    f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a "
+                    f"running Prefect server.")
+            time.sleep(0.2)
+        yield url
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         reaper.kill()
         reaper.wait()
+        log.close()
 
 
 @contextmanager
