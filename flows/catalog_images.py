@@ -8,8 +8,8 @@ Run it from the CLI (``zimage-batch run``), or directly::
                           out="out/", model="tiny-random"))
 
 Tasks process shards of jobs, never one task per image. The run publishes Prefect artifacts: a
-progress bar updated as shards finish, a summary table and a link to ``OUT/report.html``. It runs on Prefect's embedded
-server unless ``PREFECT_API_URL`` points at one.
+progress bar updated as shards finish, a summary table and a link to ``OUT/report.html``. The CLI runs it on a
+local Prefect server it starts unless ``PREFECT_API_URL`` points at one.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve two Prefect deployments of the catalog-run flow from this process: "
                                        "nightly-catalog (on a cron schedule in a time zone, over --catalog/--template "
                                        "into --out) and campaign (run on demand, with its config as parameters). Uses "
-                                       "PREFECT_API_URL when set, else an embedded Prefect server (its address is "
+                                       "PREFECT_API_URL when set, else a local Prefect server it starts (its address is "
                                        "printed). Runs until stopped (Ctrl+C).",
                            epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--catalog", dest="catalogs", action="append", required=True, metavar="CATALOG",
@@ -413,7 +413,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     except RuntimeError as exc:
         if "Prefect API server" in str(exc):
             raise ZImageBatchError(
-                f"Prefect's embedded server did not start ({exc}). Check that PREFECT_HOME "
+                f"The Prefect server did not start ({exc}). Check that PREFECT_HOME "
                 f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a running Prefect server."
             ) from None
         raise
