@@ -152,6 +152,7 @@ def test_the_command_with_workers_shares_one_prefect_server(tmp_path, catalog, t
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 generated" in done.stdout and "Timed out" not in done.stderr
+    assert "distributed.scheduler" not in done.stderr and "Start Nanny" not in done.stderr  # Dask's INFO lines stay quiet
     run = json.loads((tmp_path / "out/run.json").read_text())
     assert 1 <= run["pipeline_loads"] <= 2 and run["generated"] == 8
 

@@ -336,7 +336,9 @@ def _limit(items, limit: int | None):
 
 
 def prefect_environment() -> None:
-    """Quiet, local-first Prefect defaults; a user's own settings win."""
+    """Quiet, local-first Prefect (and Dask) defaults; a user's own settings win. Call it before
+    Prefect or Dask is imported: they read these when they load."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # no scheduler and worker INFO lines in the terminal
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
@@ -371,13 +373,14 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     """The run itself, once its inputs are checked and its --out is locked."""
     from .run import engine_for
 
+    prefect_environment()
+
     if args.workers and args.cluster:
         raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
     if config.cluster:
         from .cluster import cluster_workers
 
         cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
-    prefect_environment()
     from .cluster import check_prefect_api, configured_api, prefect_api
 
     if config.cluster and not configured_api():
