@@ -17,6 +17,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 CLI = str(Path(sys.executable).parent / "zimage-batch")
 
 
+def stop_serving(proc: subprocess.Popen) -> None:
+    """Stop `serve` (SIGTERM, then SIGKILL) and the flow-run processes it started: its whole group."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def wait_for_deployments(client, proc, names: list[str]) -> dict:
     """The deployments once `serve` has registered them (fails if serve exits first)."""
     from prefect.exceptions import ObjectNotFound
@@ -62,16 +76,7 @@ def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
                              as_subflow=False)
         assert run.state.is_completed(), run.state
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the flow-run processes it started too
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_serving(proc)
     assert sorted(r["sku"] for r in read_jsonl(tmp_path / "nightly/manifest.jsonl")) == ["N-1", "N-2"]
     assert [r["sku"] for r in read_jsonl(tmp_path / "spring/manifest.jsonl")] == ["S-1"]
     assert json.loads((tmp_path / "spring/run.json").read_text())["generated"] == 1
@@ -155,14 +160,5 @@ def test_serve_on_its_own_local_server_runs_the_nightly_on_its_cron(tmp_path):
             assert time.monotonic() < deadline, "no scheduled run made the nightly images"
             time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_serving(proc)
     assert [r["sku"] for r in read_jsonl(tmp_path / "nightly/manifest.jsonl")] == ["N-1"]

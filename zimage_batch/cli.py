@@ -350,17 +350,10 @@ def prefect_environment() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run import RunConfig, check_run
+    from .run import check_run
     from .store import locked
 
-    _check_numbers(args)
-    config = RunConfig(
-        catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
-        batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, strict=args.strict,
-        limit=args.limit, size=args.size, steps=args.steps, compile=args.compile, vram_gb=args.vram_gb,
-        precision=args.precision, workers=args.workers, cluster=args.cluster, presets_file=args.presets_file,
-        c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key, dest=args.dest, verify_files=args.verify_files,
-    )
+    config = run_config(args, strict=args.strict, limit=args.limit)
     if config.cluster:  # the cluster's workers run in their own folders: every path they open must be absolute
         config = absolute_paths(config)
     inputs = check_run(config)  # every input problem surfaces here, before a model loads or a file is written
@@ -374,9 +367,6 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     from .run import engine_for
 
     prefect_environment()
-
-    if args.workers and args.cluster:
-        raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
     if config.cluster:
         from .cluster import cluster_workers
 
@@ -386,7 +376,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if config.cluster and not configured_api():
         raise ZImageBatchError(
             "--cluster needs PREFECT_API_URL set to a Prefect server that every Dask worker can reach: the workers "
-            "keep talking to the server of the run that first used them, and an embedded one ends with its run. Start "
+            "keep talking to the server of the run that first used them, and the local one a run starts ends with it. Start "
             "one (`prefect server start`) and export PREFECT_API_URL=http://HOST:4200/api here and on the workers "
             "(infra/README.md).")
 
@@ -410,16 +400,8 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    try:
-        with prefect_api(), progress.listening(bar.on_event), bar:
-            summary = run_catalog(config, device)
-    except RuntimeError as exc:
-        if "Prefect API server" in str(exc):
-            raise ZImageBatchError(
-                f"The Prefect server did not start ({exc}). Check that PREFECT_HOME "
-                f"({os.environ.get('PREFECT_HOME', '~/.prefect')}) is writable, or point PREFECT_API_URL at a running Prefect server."
-            ) from None
-        raise
+    with prefect_api(), progress.listening(bar.on_event), bar:
+        summary = run_catalog(config, device)
     print_summary(summary)
     return summary.exit_code
 
@@ -526,18 +508,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serve_config(args: argparse.Namespace) -> RunConfig:
     """The nightly run's config from serve's options, its paths made absolute (runs start in another folder)."""
+    return absolute_paths(run_config(args))
+
+
+def run_config(args: argparse.Namespace, **more) -> RunConfig:
+    """The RunConfig of the options run and serve share (``run_options``), plus ``more``; their numbers
+    checked first."""
     from .run import RunConfig
 
     _check_numbers(args)
     if args.workers and args.cluster:
         raise ZImageBatchError("--workers starts a local Dask cluster and --cluster uses a running one: pass one of them.")
-    return absolute_paths(RunConfig(
+    return RunConfig(
         catalogs=args.catalogs, templates=args.templates, out=args.out, model=args.model, device=args.device,
         batch_size=args.batch_size, shard_size=args.shard_size, max_attempts=args.max_attempts, size=args.size,
         steps=args.steps, compile=args.compile, vram_gb=args.vram_gb, precision=args.precision, workers=args.workers,
         cluster=args.cluster, presets_file=args.presets_file, c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key,
-        dest=args.dest, verify_files=args.verify_files,
-    ))
+        dest=args.dest, verify_files=args.verify_files, **more,
+    )
 
 
 def absolute_paths(config: RunConfig) -> RunConfig:

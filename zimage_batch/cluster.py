@@ -119,14 +119,14 @@ def check_prefect_api() -> None:
 
     url = configured_api()
     if not url:
-        return  # an embedded server will be started
+        return  # a local server will be started
     with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
     if problem is not None:
         raise ZImageBatchError(
             f"PREFECT_API_URL={url} cannot be used ({type(problem).__name__}: {problem}). Start that Prefect server "
-            f"(`prefect server start`), correct the URL (it ends in /api), or unset PREFECT_API_URL to run on an "
-            f"embedded server."
+            f"(`prefect server start`), correct the URL (it ends in /api), or unset PREFECT_API_URL to run on a "
+            f"local server this run starts."
         )
 
 

@@ -235,33 +235,12 @@ class Uploader:
     @property
     def endpoint(self) -> str:
         """The endpoint URL, without any user:password part."""
-        parts = urlsplit(self.client.meta.endpoint_url)
-        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-        return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+        return endpoint_of(self.client)
 
     def explain(self, exc: BaseException) -> str:
         """One paragraph: what failed, at which bucket and endpoint, and what to check. Never a secret."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-
-        where = f"{self.dest} (endpoint {self.endpoint})"
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return (f"Cannot deliver to {where}: no AWS credentials were found. Set AWS_ACCESS_KEY_ID and "
-                    f"AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE.")
-        if isinstance(exc, ClientError):
-            code = _code(exc)
-            if code in ("NoSuchBucket", "404"):
-                return (f"Cannot deliver to {where}: bucket {self.dest.bucket!r} does not exist there. Create it, or fix "
-                        f"the bucket name in --dest; check AWS_ENDPOINT_URL if the bucket lives on another server.")
-            if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
-                return (f"Cannot deliver to {where}: access denied ({code}). The credentials need s3:ListBucket, "
-                        f"s3:GetObject and s3:PutObject on bucket {self.dest.bucket!r}.")
-            if code in _FATAL:
-                return (f"Cannot deliver to {where}: the server rejected the credentials ({code}). Check "
-                        f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE, that they "
-                        f"belong to this endpoint, and that they have not expired.")
-            return f"Cannot deliver to {where}: the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
-        return (f"Cannot deliver to {where}: could not reach the endpoint ({type(exc).__name__}). Check "
-                f"AWS_ENDPOINT_URL (unset means AWS itself), that the server is running, and the network.")
+        return f"Cannot deliver to {self.dest} (endpoint {self.endpoint}): " + s3_problem(
+            exc, self.dest.bucket, "s3:ListBucket, s3:GetObject and s3:PutObject")
 
     def check(self) -> None:
         """Fail fast, before any generation, when the bucket, credentials or endpoint are wrong (one LIST)."""
@@ -521,6 +500,36 @@ def presign(uri: str, expires: int = 7 * 24 * 3600) -> str:
     never the secret)."""
     bucket, _, key = uri[len("s3://"):].partition("/")
     return connect().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
+
+
+def endpoint_of(client) -> str:
+    """An S3 client's endpoint URL, without any user:password part."""
+    parts = urlsplit(client.meta.endpoint_url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+
+
+def s3_problem(exc: BaseException, bucket: str, needs: str) -> str:
+    """Why an S3 request failed and what to check, in words; ``needs`` names the permissions the
+    work takes. Never a secret."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ("no AWS credentials were found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                "AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE.")
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        if code in ("NoSuchBucket", "404"):
+            return (f"bucket {bucket!r} does not exist there. Create it, or fix the bucket name; check "
+                    f"AWS_ENDPOINT_URL if the bucket lives on another server.")
+        if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+            return f"access denied ({code}). The credentials need {needs} on bucket {bucket!r}."
+        if code in _FATAL:
+            return (f"the server rejected the credentials ({code}). Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                    f"AWS_SESSION_TOKEN or AWS_PROFILE, that they belong to this endpoint, and that they have not expired.")
+        return f"the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
+    return (f"could not reach the endpoint ({type(exc).__name__}). Check AWS_ENDPOINT_URL (unset means AWS itself), "
+            f"that the server is running, and the network.")
 
 
 def _code(exc) -> str:

@@ -170,7 +170,7 @@ def locked(root: str | Path) -> Iterator[None]:
     (the CLI takes it before loading the model, the flow's runner again). A folder this call created
     and that stayed empty is removed again, so a run that failed its checks leaves nothing.
     """
-    root = Path(LocalStore(root).root).absolute()  # a file in the way is an OutputError
+    root = check_folder(root).absolute()
     if root in _HELD:
         yield
         return
@@ -185,33 +185,26 @@ def locked(root: str | Path) -> Iterator[None]:
     if fd is None:  # a file system without flock (some network and FUSE mounts): run as before there was a lock
         print(f"warning: {root} does not support file locks, so nothing stops a second run into it; run one at a time.",
               file=sys.stderr)
-        path.unlink(missing_ok=True)
-        _HELD.add(root)
-        try:
-            yield
-        finally:
-            _HELD.discard(root)
-        return
-    try:
+    else:
         try:  # who holds it, for the message a second run prints (a lock file of another user's may be read-only)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         except OSError:
             pass
-        _HELD.add(root)
-        try:
-            yield
-        finally:
-            _HELD.discard(root)
-            path.unlink(missing_ok=True)  # while still held, so the next run takes a new file
-            if created and not any(root.iterdir()):
-                for folder in created:
-                    try:
-                        folder.rmdir()
-                    except OSError:  # something else was put there meanwhile: it stays
-                        break
+    _HELD.add(root)
+    try:
+        yield
     finally:
-        os.close(fd)  # releases the lock
+        _HELD.discard(root)
+        path.unlink(missing_ok=True)  # while still held, so the next run takes a new file
+        if created and not any(root.iterdir()):
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:  # something else was put there meanwhile: it stays
+                    break
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 _HELD: set[Path] = set()  # folders whose lock this process holds

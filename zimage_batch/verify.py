@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
-from urllib.parse import urlsplit
 
 from .errors import DeliveryError, ManifestError, SigningError
 from .manifest import MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, ManifestRecord, load_records
@@ -104,31 +103,10 @@ class S3Prefix:
 
     def error(self, exc: Exception) -> DeliveryError:
         """One paragraph: why the prefix cannot be read, at which endpoint, and what to check. Never a secret."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        from .deliver import endpoint_of, s3_problem
 
-        endpoint = urlsplit(self.client.meta.endpoint_url)
-        endpoint = endpoint._replace(netloc=endpoint.netloc.rpartition("@")[2]).geturl()  # no user:password
-        bucket = self.dest.bucket
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            why = ("no AWS credentials were found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
-                   "AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE.")
-        elif isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "?")
-            if code == "NoSuchBucket":
-                why = (f"bucket {bucket!r} does not exist there. Check the bucket name, and AWS_ENDPOINT_URL if "
-                       "the bucket lives on another server.")
-            elif code in ("AccessDenied", "AllAccessDisabled", "AccountProblem", "403"):
-                why = f"access denied ({code}). Verify needs s3:ListBucket and s3:GetObject on bucket {bucket!r}."
-            elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
-                why = (f"the server rejected the credentials ({code}). Check AWS_ACCESS_KEY_ID / "
-                       "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE, that they belong to this endpoint, "
-                       "and that they have not expired.")
-            else:
-                why = f"the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
-        else:
-            why = (f"could not reach the endpoint ({type(exc).__name__}). Check AWS_ENDPOINT_URL (unset means AWS "
-                   "itself), that the server is running, and the network.")
-        return DeliveryError(f"Cannot read {self.dest} (endpoint {endpoint}) to verify it: {why}")
+        return DeliveryError(f"Cannot read {self.dest} (endpoint {endpoint_of(self.client)}) to verify it: "
+                             + s3_problem(exc, self.dest.bucket, "s3:ListBucket and s3:GetObject"))
 
 
 def open_location(target: str) -> Location:
