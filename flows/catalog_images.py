@@ -75,8 +75,15 @@ def collect(future, tracker: Progress) -> ShardResult:
 
 def run_catalog(config: run.RunConfig, device: str = "cpu") -> run.RunSummary:
     """Run the flow with the task runner the config asks for (in-process, local Dask or a cluster),
-    holding the output folder's lock: a second run into the same ``--out`` stops with an error."""
+    holding the output folder's lock: a second run into the same ``--out`` stops with an error. A
+    scheduler lost mid-run is a ``ClusterError`` that says how to resume."""
     runner = cluster.task_runner(config, device)
     flow_ = catalog_images.with_options(task_runner=runner) if runner is not None else catalog_images
     with locked(config.out):
-        return flow_(config)
+        try:
+            return flow_(config)
+        except Exception as exc:
+            lost = cluster.lost_scheduler(exc, config)
+            if lost is None:
+                raise
+            raise lost from None

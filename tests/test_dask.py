@@ -190,3 +190,96 @@ def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish
     plan = plan_run(config)
     with pytest.raises(OutputError, match=r"The workers recorded 8 image\(s\), but only 0 record\(s\) are in .*Nothing was deleted"):
         finish_run(config, plan, [ShardResult(generated=8)], "2026-11-26T00:00:00Z", time.perf_counter())
+
+
+@pytest.mark.parametrize("preload, said", [
+    ("import sys\nsys.modules['zimage_batch'] = None\nsys.modules['flows'] = None\n", "ModuleNotFoundError"),
+    ("import zimage_batch\nzimage_batch.__version__ = '0.0.1'\n", "has zimage-batch 0.0.1"),
+])
+def test_workers_that_cannot_run_this_version_are_named_before_any_shard(tmp_path, preload, said):
+    """A worker without the package dropped its connection on the first shard and the run waited forever."""
+    from distributed import LocalCluster
+
+    from zimage_batch.cluster import ClusterError, cluster_workers
+
+    script = tmp_path / "preload.py"
+    script.write_text(preload)
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+                      preload=[str(script)]) as cluster:
+        with pytest.raises(ClusterError, match=r"1 of the 1 Dask worker\(s\) at .* cannot run zimage-batch") as caught:
+            cluster_workers(cluster.scheduler_address)
+    assert said in str(caught.value) and "pip install zimage-batch==" in str(caught.value)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_scheduler_lost_mid_run_is_a_clear_error_and_the_same_command_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from conftest import write_csv, write_template
+
+    catalog = write_csv(tmp_path / "cat.csv", ["sku", "title"], [[f"L-{i:02d}", "mug"] for i in range(24)])
+    template = write_template(tmp_path / "s.j2", "A {{ title }}", "size: 256x256\npresets: [png]")
+    # as a user runs it: without the test session's Prefect level, or the Dask one an in-process CLI call set
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_LOGGING_LEVEL", "DASK_LOGGING__DISTRIBUTED")}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    bin_ = Path(sys.executable).parent
+    out = tmp_path / "out"
+
+    def start_cluster(port: int) -> list[subprocess.Popen]:
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        return [subprocess.Popen([str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", ":0"], **quiet),
+                subprocess.Popen([str(bin_ / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "2",
+                                  "--no-dashboard"], **quiet)]
+
+    def run(port: int, **kwargs) -> subprocess.Popen:
+        cmd = [str(bin_ / "zimage-batch"), "run", str(catalog), "-t", str(template), "--model", "simulated:0.3",
+               "--cluster", f"tcp://127.0.0.1:{port}", "--out", str(out), "--shard-size", "4", "-q"]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+    def wait_for_workers(port: int) -> None:
+        from distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+
+    port = free_port()
+    processes = start_cluster(port)
+    try:
+        wait_for_workers(port)
+        first = run(port)
+        deadline = time.monotonic() + 120
+        while sum(len(p.read_text().splitlines()) for p in out.glob(".parts/*.jsonl")) < 4:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        processes[0].kill()  # the scheduler
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 2, err
+        assert "went away during the run (scheduler-connection-lost)" in err and "run the same command again" in err
+        assert "Traceback" not in err and "ERROR" not in err, err[:800]
+        for process in processes:
+            process.kill()
+            process.wait()
+
+        port = free_port()
+        processes = start_cluster(port)
+        wait_for_workers(port)
+        second = run(port)
+        _, err = second.communicate(timeout=180)
+        assert second.returncode == 0, err
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    records = read_jsonl(out / "manifest.jsonl")
+    assert sorted(r["sku"] for r in records) == [f"L-{i:02d}" for i in range(24)]  # each once
+    assert len(list((out / "images").rglob("*.png"))) == 24 and not (out / ".parts").exists()

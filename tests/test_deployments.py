@@ -46,6 +46,20 @@ def wait_for_deployments(client, proc, names: list[str]) -> dict:
             time.sleep(0.5)
 
 
+def flow_run_logs(flow_run_id) -> list[str]:
+    """The messages a flow run sent to the Prefect server (they arrive in batches: wait for some)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if logs or time.monotonic() > deadline:
+                return [log.message for log in logs]
+            time.sleep(0.5)
+
+
 def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -55,6 +69,7 @@ def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
     campaign = write_csv(tmp_path / "spring.csv", ["sku", "title"], [["S-1", "Kite"]])
     template = write_template(tmp_path / "shot.j2", "A {{ title }} on a table", "size: 256x256\npresets: [web]")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_LOGGING_LEVEL", None)  # as a user runs it
     cmd = [CLI, "serve", "--catalog", str(catalog), "-t", str(template), "--out", str(tmp_path / "nightly"),
            "--model", "simulated:0", "--device", "cpu", "--cron", "30 1 * * *", "--timezone", "Europe/Berlin"]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -70,6 +85,7 @@ def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
 
         run = run_deployment("catalog-run/nightly-catalog", timeout=300, poll_interval=1, as_subflow=False)
         assert run.state.is_completed(), run.state
+        assert "Finished in state Completed" in " ".join(flow_run_logs(run.id))  # its logs reach the Prefect UI
         spring = {"catalogs": [str(campaign)], "templates": [str(template)], "out": str(tmp_path / "spring"),
                   "model": "simulated:0", "device": "cpu"}
         run = run_deployment("catalog-run/campaign", parameters={"config": spring}, timeout=300, poll_interval=1,

@@ -103,6 +103,32 @@ def test_row_problems_do_not_stop_other_rows(tmp_path, scene_template):
     assert (summary.jobs, summary.rows, len(summary.problems)) == (2, 2, 2)
 
 
+def test_the_same_problem_on_many_rows_is_listed_once_with_its_rows(tmp_path, capsys):
+    from zimage_batch.cli import main
+    from zimage_batch.plan import RowProblems
+
+    rows = [[f"S{i}", "red" if i % 100 == 50 else ""] for i in range(300)]  # data row 52 has a color
+    cat = write_csv(tmp_path / "cat.csv", ["sku", "color"], rows)
+    broken = write_template(tmp_path / "broken.j2", "A mug, {{ 1 / 0 }}")
+    summary = summarize(plan_jobs(check_inputs([str(cat)], [str(broken)], "tiny-random", PRESETS)))
+    assert summary.problem_count == 300 and summary.problems == [
+        f"{cat}, rows 1-300 (300 rows): template {broken} failed to render: ZeroDivisionError: division by zero."]
+
+    colored = write_template(tmp_path / "colored.j2", "A {{ color }} mug")
+    assert main(["plan", str(cat), "-t", str(colored)]) == 0
+    err = capsys.readouterr().err
+    assert "297 row problem(s)" in err and f"{cat}, rows 1-50, 52-150, 152-250, 252-300 (297 rows): column 'color'" in err
+    assert err.count("column 'color' is empty") == 1
+
+    problems = RowProblems()
+    for row in [*range(1, 40, 2), 41]:
+        problems.add(RowProblem("c.csv", row, "same"))
+    problems.add(RowProblem("c.csv", 7, "other"))
+    assert problems.listed() == ["c.csv, rows 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, ... (21 rows): same",
+                                 "c.csv, row 7: other"]
+    assert problems.count == 22
+
+
 def test_bad_overrides_and_bad_model_folder(tmp_path, small_catalog, scene_template):
     with pytest.raises(PlanError) as err:
         plan([small_catalog], [scene_template], model=str(tmp_path / "no-model"), size="100x100", steps=0)

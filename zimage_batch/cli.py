@@ -321,7 +321,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\n{summary.jobs} jobs from {summary.rows} rows x {len(inputs.templates)} template(s); model {inputs.model}.")
     if args.jobs:
         print(f"Jobs written to {args.jobs}.")
-    _print_problems(summary.problems, len(summary.problems))
+    _print_problems(summary.problems, summary.problem_count)
     return 0
 
 
@@ -338,9 +338,17 @@ def _limit(items, limit: int | None):
 def prefect_environment() -> None:
     """Quiet, local-first Prefect (and Dask) defaults; a user's own settings win. Call it before
     Prefect or Dask is imported: they read these when they load."""
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # no scheduler and worker INFO lines in the terminal
+    if "DASK_LOGGING__DISTRIBUTED" not in os.environ:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"  # no scheduler and worker INFO lines in the terminal
+        import dask
+
+        # a lost scheduler is reported once, by the run, not also as the client's reconnect traceback
+        dask.config.set({"logging": {"distributed": "warning", "distributed.client": "critical"}})
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+    if "PREFECT_LOGGING_LEVEL" not in os.environ:
+        # Prefect's lines stay out of the terminal (the CLI prints its own) but still reach the Prefect
+        # server, so runs that `serve` starts have their logs in the UI
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
     try:
@@ -586,7 +594,7 @@ def print_summary(summary) -> None:
         print(f"Removed:  {len(summary.removed)} product(s) no longer in the catalog: {shown} (their images are kept; see run.json)")
     if summary.dest:
         print_delivery(summary)
-    _print_problems(summary.problems, summary.row_problems)
+    _print_problems(summary.problems, summary.row_problems, listed_in="run.json")
     if summary.prompts_cut:
         print(f"\nnote: {summary.prompts_cut} job(s) had a prompt longer than its template's max_sequence_length "
               f"tokens; the text encoder read only its start. Shorten those prompts, or raise max_sequence_length "
@@ -611,14 +619,15 @@ def print_delivery(summary) -> None:
             print(f"  ... and {len(summary.delivery_problems) - 20} more (listed in run.json).", file=sys.stderr)
 
 
-def _print_problems(problems: list[str], count: int) -> None:
+def _print_problems(problems: list[str], count: int, listed_in: str | None = None) -> None:
+    """``count`` row problems, listed as ``problems`` (the same problem on many rows is one line)."""
     if not count:
         return
     print(f"\n{count} row problem(s); those rows were skipped (use --strict to stop instead):", file=sys.stderr)
     for problem in problems[:20]:
         print(f"  - {problem}", file=sys.stderr)
-    if count > 20:
-        print(f"  ... and {count - 20} more (all listed in run.json).", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"  ... and {len(problems) - 20} more" + (f" (listed in {listed_in})." if listed_in else "."), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ class ClusterError(ZImageBatchError):
 
 
 def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
-    """(workers, every worker has a GPU resource) of a running scheduler; raises ClusterError."""
+    """(workers, every worker has a GPU resource) of a running scheduler whose workers can run
+    this version's shards; raises ClusterError."""
     from distributed import Client
 
     try:
-        with Client(address, timeout=timeout) as client:
-            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        client = Client(address, timeout=timeout)
     except ValueError as exc:  # e.g. "missing port number"
         raise ClusterError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): use tcp://HOST:PORT, "
                            f"e.g. tcp://scheduler:8786.") from None
@@ -45,10 +45,71 @@ def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
             f"`dask scheduler` runs there, that the address and port (default 8786) are right and that "
             f"this machine can reach it."
         ) from None
-    workers = list(workers)
-    if not workers:
-        raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} --nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
+    with client:
+        workers = list(client.scheduler_info(n_workers=-1)["workers"].values())
+        if not workers:
+            raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} "
+                               f"--nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
+        check_workers(client, address)
     return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
+
+
+def check_workers(client, address: str) -> None:
+    """Raise ClusterError naming the workers that cannot run this version of the shard task.
+
+    A worker without the package (or with another version) cannot unpickle a shard; Dask then
+    drops its connection and the shard waits forever. So each worker is asked first, with a
+    function sent by value that needs nothing but the standard library."""
+    from . import __version__
+
+    def probe() -> str:
+        import importlib
+
+        try:
+            importlib.import_module("flows.catalog_images")
+            return "ok " + importlib.import_module("zimage_batch").__version__
+        except Exception as exc:  # any import failure is the answer, not an error here
+            return f"{type(exc).__name__}: {exc}"
+
+    try:
+        answers = client.run(probe, on_error="return")
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"The Dask workers at {address} did not answer ({type(exc).__name__}: {exc}).") from None
+    wrong = {worker: answer for worker, answer in answers.items() if answer != f"ok {__version__}"}
+    if wrong:
+        listed = "; ".join(f"{worker}: {_said(answer)}" for worker, answer in sorted(wrong.items()))
+        raise ClusterError(
+            f"{len(wrong)} of the {len(answers)} Dask worker(s) at {address} cannot run zimage-batch {__version__} "
+            f"shards ({listed}). Install this version of zimage-batch on them (`pip install zimage-batch=={__version__}` "
+            f"in the workers' environment, with the same torch and diffusers) and restart them.")
+
+
+def _said(answer) -> str:
+    """A worker's probe answer in words."""
+    if isinstance(answer, BaseException):
+        return f"{type(answer).__name__}: {answer}"
+    if isinstance(answer, str) and answer.startswith("ok "):
+        return f"has zimage-batch {answer[3:]}"
+    return str(answer)
+
+
+def lost_scheduler(exc: BaseException, config: RunConfig) -> ClusterError | None:
+    """The error to show when a run stopped because its Dask scheduler went away; None for other errors.
+
+    Dask cancels every waiting shard then (``FutureCancelledError``). Shards that finished have
+    their records in ``OUT/.parts``, which the next run adopts, so the same command resumes."""
+    if not (config.cluster or config.workers):
+        return None
+    from distributed.client import FutureCancelledError
+    from distributed.comm import CommClosedError
+
+    if not isinstance(exc, (FutureCancelledError, CommClosedError)):
+        return None
+    where = f"The Dask scheduler at {config.cluster}" if config.cluster else "This run's local Dask scheduler"
+    return ClusterError(
+        f"{where} went away during the run ({getattr(exc, 'reason', None) or exc}). The images "
+        f"finished so far are kept, with their records in {config.out}/.parts; once the scheduler and its workers "
+        f"are back, run the same command again to make the rest.")
 
 
 def task_runner(config: RunConfig, device: str):

@@ -273,6 +273,50 @@ def _undefined_message(exc: jinja2.UndefinedError, template: Template) -> str:
     )
 
 
+class RowProblems:
+    """The row problems of a planning pass, for people: one line per (catalog, message), with its rows.
+
+    A template that fails on every row (``{{ 1/0 }}``, a sandbox violation) or a column empty in
+    thousands of rows is one line naming the rows ("rows 2-301 (300 rows)"), not 300 near-copies.
+    Memory stays bounded: at most ``limit`` distinct lines and ``MAX_RANGES`` row ranges per line
+    are kept; ``count`` counts every problem."""
+
+    MAX_RANGES = 12
+
+    def __init__(self, limit: int = 1000):
+        self.limit = limit
+        self.count = 0
+        self._rows: dict[tuple[str, str], list] = {}  # (catalog, message) -> [problems, [first, last], ...]
+
+    def add(self, problem: RowProblem) -> None:
+        self.count += 1
+        key = (problem.catalog, problem.message)
+        entry = self._rows.get(key)
+        if entry is None:
+            if len(self._rows) >= self.limit:
+                return
+            entry = self._rows[key] = [0]
+        entry[0] += 1
+        ranges = entry[1:]
+        if ranges and problem.row in (ranges[-1][1], ranges[-1][1] + 1):
+            ranges[-1][1] = problem.row
+        elif len(ranges) < self.MAX_RANGES:
+            entry.append([problem.row, problem.row])
+
+    def listed(self) -> list[str]:
+        """One line per distinct problem, in the order first seen."""
+        lines = []
+        for (catalog, message), (problems, *ranges) in self._rows.items():
+            if problems == 1:
+                lines.append(str(RowProblem(catalog, ranges[0][0], message)))
+                continue
+            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+            if sum(b - a + 1 for a, b in ranges) < problems:
+                shown += ", ..."
+            lines.append(f"{catalog}, rows {shown} ({problems} rows): {message}")
+        return lines
+
+
 @dataclass
 class PlanSummary:
     """Counts of a planning pass."""
@@ -280,15 +324,17 @@ class PlanSummary:
     rows: int = 0
     jobs: int = 0
     problems: list[str] | None = None
+    problem_count: int = 0
 
 
 def summarize(items: Iterable[Job | RowProblem], on_job=None) -> PlanSummary:
     """Consume a plan, counting jobs and rows and collecting problems; ``on_job`` sees each job."""
-    summary = PlanSummary(problems=[])
+    summary = PlanSummary()
+    problems = RowProblems()
     last_row = None
     for item in items:
         if isinstance(item, RowProblem):
-            summary.problems.append(str(item))
+            problems.add(item)
             continue
         summary.jobs += 1
         if (item.catalog, item.row) != last_row:  # a row's jobs come out together
@@ -296,6 +342,7 @@ def summarize(items: Iterable[Job | RowProblem], on_job=None) -> PlanSummary:
             last_row = (item.catalog, item.row)
         if on_job is not None:
             on_job(item)
+    summary.problems, summary.problem_count = problems.listed(), problems.count
     return summary
 
 
@@ -303,5 +350,5 @@ def strict_check(inputs: PlanInputs) -> PlanSummary:
     """A full planning pass that raises PlanError if any row has a problem (``--strict``)."""
     summary = summarize(plan_jobs(inputs))
     if summary.problems:
-        raise PlanError(summary.problems, header=f"--strict: {len(summary.problems)} row(s) have problems; nothing was generated:")
+        raise PlanError(summary.problems, header=f"--strict: {summary.problem_count} row problem(s); nothing was generated:")
     return summary

@@ -34,7 +34,7 @@ from .errors import DeliveryError, OutputError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
 from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
 from .models import DEFAULT_MODEL
-from .plan import Job, PlanInputs, check_inputs, plan_jobs, strict_check
+from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
 from .provenance import Sealer
 from .report import write_report
@@ -156,8 +156,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     uploader = open_uploader(config, manifest)
     remote = uploader.read_records() if uploader is not None else {}
     planned = skipped = pending = rows = to_deliver = 0
-    problems: list[str] = []
-    problem_count = 0
+    problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
     skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
     Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -167,9 +166,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
                 skus.add(item.sku)
-                problem_count += 1
-                if len(problems) < MAX_LISTED_PROBLEMS:
-                    problems.append(str(item))
+                problems.add(item)
                 continue
             if config.limit is not None and planned >= config.limit:
                 break
@@ -196,7 +193,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         delivery = uploader.drain()
         uploader.close()
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
-    plan = RunPlan(planned, pending, skipped, rows, problems, problem_count, spool, inputs.model,
+    plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
                    time.perf_counter() - start, to_deliver, delivery, removed)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
