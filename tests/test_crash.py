@@ -220,3 +220,25 @@ def test_a_second_run_into_the_same_folder_stops_and_the_first_finishes_intact(t
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"is in use by another zimage-batch run (pid {first.pid}" in second.stderr
     check_complete(out, 20, {})
+
+
+def test_killed_after_delivering_a_rerun_from_a_fresh_out_adopts_what_landed(tmp_path, command, s3):
+    """A run delivering to S3 is killed after some jobs' images and sidecars landed, before their records
+    were journaled there. A rerun from an empty --out (a new container) adopts those jobs from their
+    sidecars instead of generating them again (on other hardware the new bytes would be a conflict)."""
+    dest = f"s3://{s3.bucket}/nightly"
+    sim = [*command("simulated:0.05", command.scene), "--dest", dest]
+    crash(sim, environment(tmp_path, "deliver.sidecars:3"), tmp_path / "out")
+    landed = {k for k in s3.keys("nightly/images/") if k.endswith(".json")}
+    assert len(landed) >= 3 and not s3.keys("nightly/manifest.jsonl")
+
+    fresh = [*sim[: sim.index("--out") + 1], str(tmp_path / "fresh"), *sim[sim.index("--out") + 2 :]]
+    proc = start(fresh, environment(tmp_path))
+    stdout, stderr = stop(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    run = json.loads((tmp_path / "fresh/run.json").read_text())
+    assert run["recovered"] == len(landed) and f"Recovered: {len(landed)} job(s)" in stdout
+    assert (run["generated"], run["delivered"], run["delivery_conflicts"]) == (10 - len(landed), 10 - len(landed), 0)
+    remote = [json.loads(line) for line in s3.read("nightly/manifest.jsonl").decode().splitlines()]
+    assert len(remote) == len({r["job_id"] for r in remote}) == 10 and {r["delivery"] for r in remote} == {"delivered"}
+    assert not s3.keys("nightly/manifest.parts/")  # markers and journal parts all absorbed

@@ -138,6 +138,40 @@ def test_a_dead_run_is_resumable_from_the_journal_parts(s3, tmp_path):
     other.close()
 
 
+def test_what_a_dead_shard_delivered_but_never_journaled_is_adopted_from_its_sidecars(s3, tmp_path):
+    from zimage_batch.shard import image_prefix
+
+    records = [make_record(tmp_path, seed) for seed in range(3)]
+    never_made = job(seed=9, sku="SKU-9", presets=("web",))
+    dest = S3Destination(s3.bucket, PREFIX)
+    dying = Uploader(dest, connect(), tmp_path)  # journals every 64 records: none before it "dies"
+    dying.begin({**{r.job_id: image_prefix(job(seed=r.seed, sku=r.sku, presets=("web", "png"))) for r in records},
+                 never_made.job_id: image_prefix(never_made)})
+    for record in records:
+        dying.submit(record)
+    dying.close()  # the uploads under way finish; no drain: no journal part, the marker stays
+    assert [k.rsplit("/", 1)[1].endswith(".open") for k in s3.keys(f"{PREFIX}/manifest.parts/")] == [True]
+
+    fresh = Uploader(dest, connect(), tmp_path / "fresh-out")
+    assert fresh.read_records() == {}
+    assert fresh.recover() == 3
+    assert {r.job_id: r.delivery for r in fresh.remote.values()} == {r.job_id: "delivered" for r in records}
+    parts = s3.keys(f"{PREFIX}/manifest.parts/")
+    assert len(parts) == 1 and parts[0].endswith(".jsonl")  # the adopted records, journaled; the marker is gone
+    later = Uploader(dest, connect(), tmp_path / "later")
+    assert set(later.read_records()) == {r.job_id for r in records} and later.recover() == 0
+    for uploader in (fresh, later):
+        uploader.close()
+
+
+def test_a_shard_that_finishes_removes_its_marker(s3, tmp_path):
+    record = make_record(tmp_path)
+    uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path)
+    uploader.begin({record.job_id: "images/SKU-1/t/SKU-1_v0_"})
+    deliver_all(uploader, [record])
+    assert [k for k in s3.keys(f"{PREFIX}/manifest.parts/") if k.endswith(".open")] == []
+
+
 def read_jsonl_bytes(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
@@ -349,7 +383,8 @@ def test_a_run_delivers_every_image_and_publishes_its_manifest(dest_config, s3, 
             assert s3.read(key) == (out / o["path"]).read_bytes()
             assert json.loads(s3.read(key + ".json"))["job_id"] == record["job_id"]
     assert not s3.keys(f"{PREFIX}/manifest.parts/")
-    assert len(puts) == 3 + 3 + 2 + 3  # 3 images, 3 sidecars, a journal part per shard (2), manifest.jsonl, run.json, report.html
+    # 3 images, 3 sidecars, an in-flight marker and a journal part per shard (2), manifest.jsonl, run.json, report.html
+    assert len(puts) == 3 + 3 + 2 + 2 + 3
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -609,6 +609,9 @@ def print_summary(summary) -> None:
 def print_delivery(summary) -> None:
     print(f"Delivered: {summary.delivered} job(s), {summary.uploaded_files} image(s), {summary.uploaded_bytes / 1e6:.1f} MB "
           f"to {summary.dest}; {summary.delivery_conflicts} conflict(s), {summary.delivery_failed} failed.")
+    if summary.recovered:
+        print(f"Recovered: {summary.recovered} job(s) an interrupted run had delivered without recording them "
+              f"there; their sidecars are now in the manifest, and they were not made again.")
     if summary.manifest_uri:
         print(f"Published: {summary.manifest_uri} (and run.json)")
     if summary.delivery_problems:

@@ -6,7 +6,8 @@ point of a run, so a test can crash it exactly between two steps.
 ``planned`` (the pending jobs are spooled, no image made yet), ``store.before_rename`` (a file's
 bytes are in its temp file, not yet under its name), ``store.after_rename`` (a file is delivered,
 its manifest record not yet written), ``manifest.compacted`` (manifest.jsonl written, the parts
-not yet deleted).
+not yet deleted), ``deliver.sidecars`` (a job's images and sidecars are at the destination, its
+record not yet journaled there).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ under ``--out``) with ``<file>.json`` beside it holding the image's manifest rec
 ``manifest.jsonl`` and ``run.json`` when the run ends. While the run goes, delivered records are
 also written in small parts under ``manifest.parts/`` (the S3 counterpart of the local append-only
 manifest); ``manifest.jsonl`` absorbs them at the end, and a run that died is resumed from them.
+A shard first writes an in-flight marker there naming its jobs, and removes it once their records
+are journaled: a shard killed in between leaves it, and the next run adopts those jobs' sidecars
+(``recover``) instead of generating them again, even from a fresh ``--out``.
 
 - Create-only: images and sidecars are PUT with ``If-None-Match: *``. A 412 means the key exists;
   it counts as delivered only when it holds our bytes (same size, CRC32 and ``sha256`` metadata),
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import random
 import re
 import threading
@@ -40,11 +44,13 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from . import crashpoints
 from .errors import DeliveryError
 from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, ManifestRecord, OutputFile, utc_now
 from .plan import Job
 
 PARTS = "manifest.parts/"
+MARKER = ".open"  # manifest.parts/<uploader>.open: the jobs a shard may deliver before it journals them
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_CACHE = "no-cache"
 METADATA_LIMIT = 2048  # bytes of user metadata (keys + values) AWS allows per object
@@ -225,6 +231,9 @@ class Uploader:
         self._journal: list[ManifestRecord] = []
         self._parts_read: list[str] = []
         self._parts_written: list[str] = []
+        self._markers_read: list[str] = []  # in-flight markers of other uploaders (see ``recover``)
+        self._marker: str | None = None  # this uploader's (see ``begin``)
+        self._journal_failed = False
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
         self._fatal: str | None = None
         self._failures_in_a_row = 0
@@ -256,6 +265,10 @@ class Uploader:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(PARTS)):
                 for item in page.get("Contents", []):
+                    if item["Key"].endswith(MARKER):
+                        if item["Key"] != self._marker:
+                            self._markers_read.append(item["Key"])
+                        continue
                     self._parts_read.append(item["Key"])
                     texts.append(self._get_text(item["Key"]))
         except Exception as exc:
@@ -268,6 +281,74 @@ class Uploader:
                     continue  # a line we cannot read is work to redo, not a reason to stop
                 self.remote[record.job_id] = newest(self.remote.get(record.job_id), record)
         return self.remote
+
+    def begin(self, prefixes: dict[str, str]) -> None:
+        """Before the first upload, write this uploader's in-flight marker: the jobs it may deliver (job
+        id -> the key prefix of its images under the destination). ``drain`` removes it once their
+        records are journaled; a marker left behind tells the next run where to look (``recover``)."""
+        key = self.dest.key(f"{PARTS}{self._run_id}{MARKER}")
+        body = "".join(json.dumps({"job_id": job_id, "prefix": prefix}) + "\n" for job_id, prefix in prefixes.items())
+        try:
+            self._put(key, body.encode("utf-8"), "application/x-ndjson", {}, cache_control=NO_CACHE)
+        except _NotDelivered:
+            return  # the uploads will meet the same trouble and report it; without a marker only recovery is lost
+        self._marker = key
+
+    def recover(self) -> int:
+        """Adopt what shards that died delivered but never journaled; returns how many jobs.
+
+        For every job an in-flight marker of another uploader names and no record shows delivered, a
+        sidecar under the marker's prefix is the job's record: sidecars are written only once all of a
+        job's images are acknowledged. Found records are journaled (and kept in ``remote``), then the
+        markers read are removed. Call after ``read_records``."""
+        found = 0
+        try:
+            for marker in self._markers_read:
+                for line in (self._get_text(marker) or "").splitlines():
+                    try:
+                        entry = json.loads(line)
+                        job_id, prefix = entry["job_id"], entry["prefix"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn marker: its jobs are generated again, as before markers existed
+                    known = self.remote.get(job_id)
+                    if known is not None and known.delivery == "delivered":
+                        continue
+                    record = self._sidecar(job_id, prefix)
+                    if record is not None:
+                        self.remote[job_id] = record
+                        self._journal.append(record)
+                        found += 1
+        except Exception as exc:
+            raise DeliveryError(self.explain(exc)) from None
+        self._flush_journal(force=True)
+        if not self._journal_failed:
+            self._delete(self._markers_read)
+            self._markers_read = []
+        return found
+
+    def _sidecar(self, job_id: str, prefix: str) -> ManifestRecord | None:
+        """The delivered record of ``job_id`` from a sidecar under ``prefix``, if one is there."""
+        listing = self.client.list_objects_v2(Bucket=self.dest.bucket, Prefix=self.dest.key(prefix))
+        for item in listing.get("Contents", []):
+            if not item["Key"].endswith(".json"):
+                continue
+            try:
+                record = ManifestRecord.model_validate_json(self._get_text(item["Key"]) or "")
+            except ValidationError:
+                continue
+            if (record.job_id == job_id and record.delivery == "delivered"
+                    and all(o.uri == self.dest.uri(o.path) for o in record.outputs)):
+                return record
+        return None
+
+    def _delete(self, keys: list[str]) -> None:
+        """Best effort: a part or marker left behind is read again next time, nothing worse."""
+        for start in range(0, len(keys), 1000):
+            try:
+                self.client.delete_objects(Bucket=self.dest.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True})
+            except Exception:
+                return
 
     def _get_text(self, key: str) -> str | None:
         from botocore.exceptions import ClientError
@@ -288,11 +369,14 @@ class Uploader:
         self._pool.submit(self._deliver_one, record)
 
     def drain(self) -> DeliveryReport:
-        """Wait for every queued record, then write the last journal part."""
+        """Wait for every queued record, then write the last journal part and remove the in-flight marker."""
         with self._cond:
             while self._running:
                 self._cond.wait()
         self._flush_journal(force=True)
+        if self._marker is not None and not self._journal_failed:
+            self._delete([self._marker])
+            self._marker = None
         return self.report
 
     def close(self) -> None:
@@ -341,6 +425,7 @@ class Uploader:
             for output in outputs:
                 self._put(self.dest.key(output.path + ".json"), sidecar, "application/json", {"job-id": record.job_id},
                           accept_existing=True)
+            crashpoints.reached("deliver.sidecars")
         except _NotDelivered as exc:
             if exc.kind == "failed" and exc.cause is not None:  # the connection or the server, not this job
                 with self._cond:
@@ -466,6 +551,7 @@ class Uploader:
             self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
         except _NotDelivered as exc:  # the records are in the local manifest; publish() still sends them
             with self._cond:
+                self._journal_failed = True
                 self.report.problems.append(f"journal part not written: {exc}")
 
     def publish(self, local: Iterable[ManifestRecord], run_json: bytes, report: bytes | None = None) -> str:
@@ -485,13 +571,7 @@ class Uploader:
                 self._put(self.dest.key(REPORT_HTML), report, "text/html; charset=utf-8", {}, cache_control=NO_CACHE)
         except _NotDelivered as exc:
             raise DeliveryError(str(exc)) from None
-        done = self._parts_read + self._parts_written
-        for start in range(0, len(done), 1000):  # best effort: a part left behind is merged again next time
-            try:
-                self.client.delete_objects(Bucket=self.dest.bucket, Delete={
-                    "Objects": [{"Key": k} for k in done[start : start + 1000]], "Quiet": True})
-            except Exception:
-                break
+        self._delete(self._parts_read + self._parts_written)
         return self.dest.uri(MANIFEST)
 
 

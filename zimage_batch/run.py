@@ -38,7 +38,7 @@ from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_
 from .presets import load_presets
 from .provenance import Sealer
 from .report import write_report
-from .shard import ShardResult, default_sealer, process_shard
+from .shard import ShardResult, default_sealer, image_prefix, process_shard
 from .store import TEMP_PREFIX, LocalStore, check_folder, write_atomic
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ class RunPlan:
     to_deliver: int = 0  # jobs done here earlier, never delivered: uploaded during planning, not regenerated
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
     removed: list[str] = field(default_factory=list)
+    recovered: int = 0  # jobs an interrupted run delivered but never journaled: adopted from their sidecars
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -155,6 +156,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     store.remove_stale_temp_files()
     uploader = open_uploader(config, manifest)
     remote = uploader.read_records() if uploader is not None else {}
+    recovered = uploader.recover() if uploader is not None else 0  # before planning: those jobs count as done
     planned = skipped = pending = rows = to_deliver = 0
     problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
@@ -194,7 +196,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         uploader.close()
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
-                   time.perf_counter() - start, to_deliver, delivery, removed)
+                   time.perf_counter() - start, to_deliver, delivery, removed, recovered)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
@@ -255,6 +257,8 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
         return ShardResult()
     engine = engine_for(config)
     uploader = open_uploader(config, part)
+    if uploader is not None:  # says at the destination which jobs may land there before they are journaled
+        uploader.begin({job.job_id: image_prefix(job) for job in todo})
 
     def on_record(record) -> None:
         progress.emit("record", record)
@@ -298,6 +302,7 @@ class RunSummary(BaseModel):
     dest: str | None = None
     manifest_uri: str | None = None  # the destination's manifest.jsonl, once published
     delivered: int = 0  # jobs whose images reached the destination in this run
+    recovered: int = 0  # jobs an interrupted run had delivered without journaling them: adopted, not made again
     delivery_conflicts: int = 0
     delivery_failed: int = 0
     uploaded_files: int = 0
@@ -347,7 +352,7 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT_HTML),
-        prompts_cut=total.prompts_cut,
+        prompts_cut=total.prompts_cut, recovered=plan.recovered,
     )
     report = write_report(config.out, this_run, summary)
     if config.dest:

@@ -168,6 +168,11 @@ def output_name(job: Job, suffix: str) -> str:
     return f"{safe_name(job.sku)}_v{job.variant}_{job.job_id[:12]}_{suffix}"
 
 
+def image_prefix(job: Job) -> str:
+    """The start of the path of every image the job delivers: ``images/<sku>/<template>/<name>_``."""
+    return f"images/{safe_name(job.sku)}/{safe_name(job.template)}/{output_name(job, '')}"
+
+
 def default_sealer() -> Sealer:
     """Embeds provenance naming this version of zimage-batch; no signature."""
     return Sealer(software_name(library_versions()["zimage-batch"]))
