@@ -552,3 +552,23 @@ def test_the_report_is_delivered_and_the_prefect_note_links_it_presigned(dest_co
     assert S3_SECRET_KEY not in note
     with urllib.request.urlopen(links["report.html"], timeout=10) as response:
         assert response.read() == local
+
+
+def test_two_runs_publishing_at_once_lose_no_line(s3, tmp_path):
+    """Both read the destination's manifest, then both write it: the second write finds it changed
+    (If-Match), reads the first one's records, merges them and writes again."""
+    dest = S3Destination(s3.bucket, PREFIX)
+    first, second = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
+    a_records = [make_record(tmp_path / "a", seed) for seed in (1, 2)]
+    b_records = [make_record(tmp_path / "b", seed) for seed in (3, 4)]
+    deliver_all(first, a_records[:1])  # a journal part, read by both
+    for uploader in (first, second):
+        uploader.read_records()
+    first.publish(a_records, b"{}")
+    second.publish(b_records, b"{}")
+    published = {r["job_id"] for r in read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))}
+    assert published == {r.job_id for r in a_records + b_records}
+    assert not s3.keys(f"{PREFIX}/manifest.parts/")
+    third = Uploader(dest, connect(), tmp_path / "c")
+    third.publish([make_record(tmp_path / "c", 5)], b"{}")  # never read: If-None-Match fails, it reads and merges
+    assert len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 5

@@ -253,6 +253,7 @@ def _local_server(timeout: float = 120.0) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
+        _drain_prefect()  # logs and events Prefect still holds go to the server before it stops
         server.terminate()
         try:
             server.wait(timeout=5)
@@ -262,6 +263,15 @@ def _local_server(timeout: float = 120.0) -> Iterator[str]:
         reaper.kill()
         reaper.wait()
         log.close()
+
+
+def _drain_prefect(timeout: float = 10.0) -> None:
+    """Send what Prefect's background workers still hold (flow-run logs, events) while the server is up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 @contextmanager

@@ -63,6 +63,7 @@ _FATAL = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNo
 _RETRYABLE = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "BadDigest", "IncompleteBody",
               "XAmzContentSHA256Mismatch", "RequestTimeTooSkewed", "OperationAborted"}
 _BREAKER = 3  # this many jobs in a row failing on the connection or server means the destination is down
+PUBLISH_TRIES = 5  # manifest.jsonl changed by another run between our read and our write: read, merge, write again
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,8 @@ class Uploader:
         self._parts_read: list[str] = []
         self._parts_written: list[str] = []
         self._markers_read: list[str] = []  # in-flight markers of other uploaders (see ``recover``)
+        self._manifest_etag: str | None = None  # manifest.jsonl's ETag when read_records read it; None: none there
+        self._conditions: dict[str, dict[str, str]] = {}  # If-Match / If-None-Match for a mutable key's next write
         self._marker: str | None = None  # this uploader's (see ``begin``)
         self._journal_failed = False
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
@@ -260,8 +263,10 @@ class Uploader:
 
     def read_records(self) -> dict[str, ManifestRecord]:
         """The destination's records (``manifest.jsonl`` plus parts of runs that did not finish), kept in ``remote``."""
+        self._parts_read, self._markers_read = [], []
         try:
-            texts = [self._get_text(self.dest.key(MANIFEST))]
+            manifest, self._manifest_etag = self._get(self.dest.key(MANIFEST))
+            texts = [manifest]
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(PARTS)):
                 for item in page.get("Contents", []):
@@ -270,7 +275,7 @@ class Uploader:
                             self._markers_read.append(item["Key"])
                         continue
                     self._parts_read.append(item["Key"])
-                    texts.append(self._get_text(item["Key"]))
+                    texts.append(self._get(item["Key"])[0])
         except Exception as exc:
             raise DeliveryError(self.explain(exc)) from None
         for text in texts:
@@ -304,7 +309,7 @@ class Uploader:
         found = 0
         try:
             for marker in self._markers_read:
-                for line in (self._get_text(marker) or "").splitlines():
+                for line in (self._get(marker)[0] or "").splitlines():
                     try:
                         entry = json.loads(line)
                         job_id, prefix = entry["job_id"], entry["prefix"]
@@ -333,7 +338,7 @@ class Uploader:
             if not item["Key"].endswith(".json"):
                 continue
             try:
-                record = ManifestRecord.model_validate_json(self._get_text(item["Key"]) or "")
+                record = ManifestRecord.model_validate_json(self._get(item["Key"])[0] or "")
             except ValidationError:
                 continue
             if (record.job_id == job_id and record.delivery == "delivered"
@@ -350,15 +355,17 @@ class Uploader:
             except Exception:
                 return
 
-    def _get_text(self, key: str) -> str | None:
+    def _get(self, key: str) -> tuple[str | None, str | None]:
+        """(text, ETag) of an object; (None, None) when there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.dest.bucket, Key=key)["Body"].read().decode("utf-8")
+            response = self.client.get_object(Bucket=self.dest.bucket, Key=key)
         except ClientError as exc:
             if _code(exc) in ("NoSuchKey", "404"):
-                return None
+                return None, None
             raise
+        return response["Body"].read().decode("utf-8"), response.get("ETag")
 
     def submit(self, record: ManifestRecord) -> None:
         """Queue a finished "ok" record's images for upload; blocks while ``queue`` records already wait."""
@@ -475,6 +482,8 @@ class Uploader:
                     Metadata=metadata, ChecksumCRC32=crc)
         if key not in self._mutable:
             args["IfNoneMatch"] = "*"
+        else:
+            args.update(self._conditions.get(key, {}))
         tries, exists, last, cause = 0, False, "", None
         while True:
             try:
@@ -487,6 +496,8 @@ class Uploader:
                 code, cause = _code(exc), exc
                 last = f"{code}: {exc.response.get('Error', {}).get('Message', '')}"
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in ("PreconditionFailed", "412") and key in self._mutable:
+                    raise _NotDelivered(f"s3://{self.dest.bucket}/{key} was changed by another run", kind="stale") from None
                 if code in ("PreconditionFailed", "412") and not exists:
                     exists = True  # compare with what is there, at once
                     continue
@@ -512,7 +523,7 @@ class Uploader:
         """A big file through boto3's transfer manager (parts with CRC32, a full-object CRC32 on completion)."""
         import io
 
-        extra = {k: v for k, v in args.items() if k not in ("Bucket", "Key", "IfNoneMatch")}  # see _create_only
+        extra = {k: v for k, v in args.items() if k not in ("Bucket", "Key", "IfNoneMatch", "IfMatch")}  # see _create_only
         self.client.upload_fileobj(io.BytesIO(data), args["Bucket"], args["Key"], ExtraArgs=extra, Config=self._transfer)
         head = self.client.head_object(Bucket=args["Bucket"], Key=args["Key"], ChecksumMode="ENABLED")
         if head.get("ContentLength") != len(data):
@@ -535,7 +546,10 @@ class Uploader:
         return head["ETag"], theirs
 
     def _create_only(self, params: dict, **_) -> None:
-        if params.get("Key") not in self._mutable:
+        key = params.get("Key")
+        if key in self._mutable:
+            params.update(self._conditions.get(key, {}))
+        else:
             params.setdefault("IfNoneMatch", "*")
 
     def _flush_journal(self, force: bool = False) -> None:
@@ -558,14 +572,31 @@ class Uploader:
         """Write ``manifest.jsonl`` (the destination's records merged with ``local``), ``run.json`` and the
         run's ``report.html``; drop parts.
 
+        ``manifest.jsonl`` is written only if it is still the one ``read_records`` read (If-Match, or
+        If-None-Match when there was none): if another run published in between, its records are read
+        and merged too, and the write is tried again, so two runs finishing at once lose no line.
         Returns the manifest's URI; raises DeliveryError when the destination refuses.
         """
-        merged = dict(self.remote)
-        for record in local:
-            merged[record.job_id] = newest(merged.get(record.job_id), record)
-        body = "".join(r.model_dump_json() + "\n" for r in merged.values()).encode("utf-8")
+        local = list(local)
+        key = self.dest.key(MANIFEST)
         try:
-            self._put(self.dest.key(MANIFEST), body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+            for _ in range(PUBLISH_TRIES):
+                merged = dict(self.remote)
+                for record in local:
+                    merged[record.job_id] = newest(merged.get(record.job_id), record)
+                body = "".join(r.model_dump_json() + "\n" for r in merged.values()).encode("utf-8")
+                self._conditions[key] = {"IfMatch": self._manifest_etag} if self._manifest_etag else {"IfNoneMatch": "*"}
+                try:
+                    self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+                    break
+                except _NotDelivered as exc:
+                    if exc.kind != "stale":
+                        raise
+                    self.read_records()  # the other run's manifest (and whatever parts are left), merged next
+            else:
+                raise DeliveryError(f"{self.dest.uri(MANIFEST)} was changed by other runs {PUBLISH_TRIES} times while this "
+                                    f"one published it. Rerun the same command to publish; every record is also in "
+                                    f"its image's sidecar.")
             self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
             if report is not None:
                 self._put(self.dest.key(REPORT_HTML), report, "text/html; charset=utf-8", {}, cache_control=NO_CACHE)
