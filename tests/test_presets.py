@@ -78,6 +78,27 @@ def test_a_users_toml_file_adds_extends_and_replaces_presets(tmp_path) -> None:
     assert set(PRESETS) < set(presets)
 
 
+def test_extending_with_another_fit_drops_the_sizing_that_fit_does_not_use(tmp_path) -> None:
+    """amazon_main pads to 2000x2000 at fill 0.85: a long_side child cannot "remove" inherited width and height."""
+    path = tmp_path / "mine.toml"
+    path.write_text('[amazon_long]\nextends = "amazon_main"\nfit = "long_side"\nlong_side = 1600\n\n'
+                    '[web_square]\nextends = "web"\nfit = "cover"\nwidth = 800\nheight = 800\n', encoding="utf-8")
+    presets = load_presets(path)
+    long = presets["amazon_long"]
+    assert (long.fit, long.long_side, long.width, long.height, long.fill) == ("long_side", 1600, None, None, None)
+    assert long.white and long.fill_bounds() == (0.80, 0.90)  # what long_side uses is still inherited
+    square = presets["web_square"]
+    assert (square.fit, square.width, square.height, square.long_side) == ("cover", 800, 800, None)
+
+
+def test_every_problem_of_a_preset_is_named_at_once(tmp_path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('[a]\nfit = "pad"\nwidth = 800\nheight = 800\nfill = 2\nquality = 0\nformat = "JPEG"\n', encoding="utf-8")
+    with pytest.raises(PresetError) as caught:
+        load_presets(path)
+    assert "fill <= 1" in str(caught.value) and "quality must be in 1..100" in str(caught.value)
+
+
 def test_a_yaml_file_works_the_same(tmp_path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("lazada:\n  extends: jd_main\n  max_bytes: 3 MB\n  format: PNG\n", encoding="utf-8")

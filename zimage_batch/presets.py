@@ -77,8 +77,9 @@ class Preset(BaseModel):
     @model_validator(mode="after")
     def _check_consistent(self) -> Preset:
         """Reject combinations of fields that rendering could not honour."""
-        for problem in _problems(self):
-            raise ValueError(f"preset {self.name!r}: {problem}")
+        problems = _problems(self)
+        if problems:
+            raise ValueError(f"preset {self.name!r}: " + "; ".join(problems))
         return self
 
     @property
@@ -93,6 +94,9 @@ class Preset(BaseModel):
         return (self.fill_min or 0.0, self.fill_max or 1.0)
 
 
+_NOT_FOR_FIT = {"long_side": ("width", "height", "fill"), "cover": ("long_side", "fill"), "pad": ("long_side",)}
+
+
 def _problems(p: Preset) -> list[str]:
     """Everything inconsistent in a preset, as fixes a user can act on."""
     problems = []
@@ -105,7 +109,7 @@ def _problems(p: Preset) -> list[str]:
             problems.append(f"fit={p.fit!r} sizes by width and height; remove long_side")
     else:
         if p.width is not None or p.height is not None:
-            problems.append("fit='long_side' sizes by long_side; set width and height to None (remove them)")
+            problems.append("fit='long_side' sizes by long_side; remove width and height")
         if p.long_side is not None and not 0 < p.long_side <= MAX_SIDE:
             problems.append(f"long_side must be in 1..{MAX_SIDE} or unset (keep the size), got {p.long_side}")
     if p.fit == "pad" and (p.fill is None or not 0 < p.fill <= 1):
@@ -191,6 +195,8 @@ def _merge(data: Mapping[str, Any], presets: dict[str, Preset]) -> list[str]:
                 problems.append(f"{where}: extends unknown preset {base!r}; known: {', '.join(sorted(presets))}")
                 continue
             inherited = presets[base].model_dump(exclude={"name", "extension"} if "format" in fields else {"name"})
+            for key in _NOT_FOR_FIT.get(fields.get("fit", presets[base].fit), ()):
+                inherited.pop(key, None)  # sizing the new fit does not use: the user cannot "remove" an inherited field
             changed = ", ".join(f"{k}={v}" for k, v in fields.items() if k != "description")
             inherited["description"] = f"{base} with {changed}" if changed else presets[base].description
             fields = {**inherited, **fields}
