@@ -275,3 +275,120 @@ def test_a_csv_with_old_mac_line_endings_is_named_with_the_fix(tmp_path):
     with pytest.raises(CatalogError) as err:
         Catalog(path)
     assert "mac.csv: malformed CSV header" in str(err.value) and "carriage return alone" in str(err.value)
+
+
+def test_parquet_column_names_with_spaces_read_under_the_stripped_names(tmp_path):
+    path = tmp_path / "spaced.parquet"
+    pq.write_table(pa.table({"sku ": ["A1", "A2"], " title": ["Mug", "Cup"], "tags ": [["a"], ["b"]]}), path)
+    catalog = Catalog(path)
+    assert catalog.columns == ["sku", "title", "tags"] and list(catalog.not_text) == ["tags"]
+    rows = list(catalog.rows())
+    assert [(r.sku, r.values["title"]) for r in rows] == [("A1", "Mug"), ("A2", "Cup")]
+
+
+@pytest.mark.parametrize("encoding, named", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE")])
+def test_a_utf16_catalog_is_named_as_excel_unicode_text(tmp_path, encoding, named):
+    path = tmp_path / "unicode.csv"
+    path.write_bytes("sku\ttitle\nA1\t红色马克杯\n".encode(encoding))
+    with pytest.raises(CatalogError) as err:
+        Catalog(path)
+    message = str(err.value)
+    assert "unicode.csv is UTF-16 text (what Excel saves as 'Unicode Text', which is separated by tabs)" in message
+    assert f"`iconv -f {named} -t UTF-8 {path} > unicode-utf8.csv`" in message and "\x00" not in message
+
+
+@pytest.mark.parametrize("text, encoding, guess", [
+    ("A1,红色马克杯", "gb18030", "probably GB18030 (GBK): `iconv -f GB18030 -t UTF-8"),
+    ("A1,Crème brûlée cup", "cp1252", "probably Western European text from Excel (Windows-1252): `iconv -f CP1252 -t UTF-8"),
+])
+def test_the_non_utf8_hint_guesses_the_encoding_from_the_bad_line(tmp_path, text, encoding, guess):
+    path = tmp_path / "legacy.csv"
+    path.write_bytes(f"sku,title\n{text}\n".encode(encoding))
+    with pytest.raises(CatalogError) as err:
+        list(Catalog(path).rows())
+    message = str(err.value)
+    assert "legacy.csv: line 2 is not UTF-8 text" in message and guess in message and "a guess" in message
+    assert ("GBK" in message) == (encoding == "gb18030")
+
+
+def test_a_glob_refuses_catalog_files_it_cannot_read_and_reads_a_file_named_twice_once(tmp_path, monkeypatch):
+    import gzip
+
+    from zimage_batch.catalog import expand_sources
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    write_csv(folder / "a.csv", ["sku", "title"], [["A1", "red"]])
+    (folder / "b.csv.gz").write_bytes(gzip.compress(b"sku,title\nB1,blue\n"))
+    (folder / "c.xlsx").write_bytes(b"PK")
+    (folder / "d.tsv").write_text("sku\ttitle\nD1\tgreen\n")
+    (folder / "notes.txt").write_text("not a catalog")
+    monkeypatch.chdir(tmp_path)
+    paths, problems = expand_sources(["exp/*"])
+    assert paths == ["exp/a.csv"] and len(problems) == 1
+    assert problems[0].startswith("Catalog pattern 'exp/*' matches file(s) this reader cannot read: exp/b.csv.gz, exp/c.xlsx, exp/d.tsv.")
+    assert "Save As 'CSV UTF-8'" in problems[0] and "gunzip" in problems[0]
+    assert expand_sources(["exp/*.csv"]) == (["exp/a.csv"], [])
+    assert expand_sources(["exp/a.csv", "./exp/a.csv", str(folder / "a.csv"), "exp/*.csv"]) == (["exp/a.csv"], [])
+
+
+def test_a_long_csv_value_is_read_and_one_over_the_limit_names_its_row(tmp_path):
+    from zimage_batch.catalog import FIELD_LIMIT
+
+    html = "<p>" + "x" * 300_000 + "</p>"
+    path = write_csv(tmp_path / "html.csv", ["sku", "description"], [["A1", html]])
+    assert [r.values["description"] for r in Catalog(path).rows()] == [html]
+    path = write_csv(tmp_path / "huge.csv", ["sku", "description"], [["A1", "ok"], ["A2", "x" * (FIELD_LIMIT + 1)]])
+    with pytest.raises(CatalogError) as err:
+        list(Catalog(path).rows())
+    message = str(err.value)
+    assert "huge.csv: data row 2 (from line 3) holds a value longer than 64 MiB" in message
+    assert "(67,108,870 characters read for the row so far)" in message and "quotes are balanced" not in message
+
+
+def test_a_repeated_header_is_a_row_problem_and_a_bom_starting_any_line_is_removed(tmp_path):
+    path = tmp_path / "concat.csv"
+    path.write_bytes(b"\xef\xbb\xbfsku,title\nA1,red\n\xef\xbb\xbfsku,title\n\xef\xbb\xbfB1,green mug\n")
+    items = list(Catalog(path).rows())
+    assert [(i.row, i.values) for i in items if isinstance(i, Row)] == [(1, {"sku": "A1", "title": "red"}),
+                                                                        (3, {"sku": "B1", "title": "green mug"})]
+    (problem,) = [i for i in items if isinstance(i, RowProblem)]
+    assert str(problem) == (f"{path}, row 2: line 3 repeats the header (the column names): were files concatenated? "
+                            f"Delete the line, or join exports without their header lines (e.g. `tail -n +2 FILE`).")
+
+
+def test_a_row_of_blank_cells_is_skipped_like_an_empty_line(tmp_path):
+    path = _write_lines(tmp_path / "blank.csv", ["sku,title", "A1,red", ",,", "   ,   ", "", "A2,blue"])
+    items = list(Catalog(path).rows())
+    assert [(i.row, i.sku) for i in items] == [(1, "A1"), (2, "A2")] and all(isinstance(i, Row) for i in items)
+
+
+def test_excel_header_quirks_get_accurate_messages(tmp_path):
+    blank_first = tmp_path / "blankfirst.csv"
+    blank_first.write_text("\nsku,title\nA1,red\n")
+    with pytest.raises(CatalogError, match=r"blankfirst.csv: line 1 is blank, but the header \(the column names\) must be "
+                                           r"the first line of the file. Delete the blank line\(s\) above the header."):
+        Catalog(blank_first)
+
+    sep = _write_lines(tmp_path / "sep.csv", ["sep=,", "sku,title", "A1,red"])
+    catalog = Catalog(sep)
+    assert catalog.columns == ["sku", "title"] and [r.values for r in catalog.rows()] == [{"sku": "A1", "title": "red"}]
+    semicolons = _write_lines(tmp_path / "semi.csv", ["sep=;", "sku;title", "A1;red"])
+    with pytest.raises(CatalogError, match="separated by ';'"):
+        Catalog(semicolons)
+
+    upper = _write_lines(tmp_path / "upper.csv", [" SKU , Title ", "A1,red"])
+    with pytest.raises(CatalogError) as err:
+        Catalog(upper)
+    assert "upper.csv has no 'sku' column; did you mean 'SKU'? Column names are case-sensitive: rename it to 'sku' (its columns: SKU, Title)" in str(err.value)
+    pq.write_table(pa.table({"SKU": ["A1"]}), tmp_path / "upper.parquet")
+    with pytest.raises(CatalogError, match="did you mean 'SKU'"):
+        Catalog(tmp_path / "upper.parquet")
+
+    invisible = _write_lines(tmp_path / "zw.csv", ["\u200bsku,title", "A1,red"])
+    with pytest.raises(CatalogError) as err:
+        Catalog(invisible)
+    assert "did you mean '\\u200bsku'?" in str(err.value) and "(its columns: '\\u200bsku', title)" in str(err.value)
+    double_bom = tmp_path / "bom2.csv"
+    double_bom.write_bytes(("\ufeffsku,title\nA1,red\n").encode("utf-8-sig"))
+    assert Catalog(double_bom).columns == ["sku", "title"]

@@ -172,3 +172,59 @@ def test_a_control_character_in_a_row_is_a_row_problem_not_a_silent_change(tmp_p
     problem, ok = plan([cat], [template])
     assert isinstance(problem, RowProblem) and problem.row == 1 and "control character U+0007" in problem.message
     assert isinstance(ok, Job) and ok.prompt == "A Cup"
+
+
+def test_catalog_columns_the_templates_own_names_would_hide_are_refused(tmp_path):
+    cat = write_csv(tmp_path / "shadow.csv", ["sku", "title", "variant", "row", "angle"], [["A1", "Tee", "Large / Red", "7", "top"]])
+    template = write_template(tmp_path / "shadow.j2", "{{ title }} in {{ variant }} (row {{ row }}) angle {{ angle }}",
+                              "variants: [{angle: front}, {angle: side}]")
+    with pytest.raises(PlanError) as err:
+        plan([cat], [template])
+    problems = err.value.problems
+    assert problems == [
+        f"Catalog {cat} has a column 'angle', but in template {template} {{{{ angle }}}} means the value its 'variants:' "
+        f"list sets for each variant, not this column. Rename the key in the template's 'variants:' (e.g. to "
+        f"'shot_angle'), or rename the column, so each name means one thing.",
+        f"Catalog {cat} has a column 'row', but in template {template} {{{{ row }}}} means the row's values (all "
+        f"columns), not this column. Rename the column (e.g. to 'row_label') and use that name in the template.",
+        f"Catalog {cat} has a column 'variant', but in template {template} {{{{ variant }}}} means the variant number "
+        f"(0, 1, ...), not this column. Rename the column (e.g. to 'size_variant') and use that name in the template.",
+    ]
+    row_used = write_template(tmp_path / "row_used.j2", "{{ title }} in {{ row['variant'] }}")  # uses `row`: the 'row' column is hidden
+    with pytest.raises(PlanError, match="column 'row'"):
+        plan([cat], [row_used])
+    plain = write_template(tmp_path / "plain.j2", "{{ title }}, size {{ size_variant }}")
+    renamed = write_csv(tmp_path / "renamed.csv", ["sku", "title", "size_variant", "angle"], [["A1", "Tee", "Large / Red", "top"]])
+    [job] = plan([renamed], [plain])
+    assert job.prompt == "Tee, size Large / Red"
+    [job] = plan([cat], [write_template(tmp_path / "t.j2", "{{ title }}")])  # the columns are only refused where used
+    assert job.prompt == "Tee"
+
+
+def test_a_csv_seed_written_as_a_whole_float_reads_like_the_parquet_int(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv_cat = write_csv(tmp_path / "gap.csv", ["sku", "title", "seed"], [["S1", "Mug", "11.0"], ["S2", "Cup", "12.5"]])
+    pq.write_table(pa.table({"sku": ["S1"], "title": ["Mug"], "seed": [11.0]}), tmp_path / "gap.parquet")
+    template = write_template(tmp_path / "t.j2", "{{ title }}")
+    items = plan([csv_cat], [template])
+    assert [(j.sku, j.seed) for j in items if isinstance(j, Job)] == [("S1", 11)]
+    assert [p.row for p in items if isinstance(p, RowProblem)] == [2]
+    [job] = plan([tmp_path / "gap.parquet"], [template])
+    assert (job.seed, job.prompt) == (11, "Mug")
+
+
+def test_plan_exits_2_when_no_job_was_planned(tmp_path, capsys):
+    from zimage_batch.cli import main
+
+    broken = write_template(tmp_path / "broken.j2", "A mug, {{ 1 / 0 }}")
+    cat = write_csv(tmp_path / "cat.csv", ["sku", "title"], [["S1", "Mug"], ["S2", "Cup"]])
+    assert main(["plan", str(cat), "-t", str(broken)]) == 2
+    out, err = capsys.readouterr()
+    assert "0 jobs from 0 rows" in out and "2 row problem(s)" in err
+    assert err.endswith("No job was planned: all 2 row(s) have problems (listed above). Fix the catalog or the templates and run again.\n")
+    empty = write_csv(tmp_path / "empty.csv", ["sku", "title"], [])
+    assert main(["plan", str(empty), "-t", str(broken)]) == 2
+    assert "No job was planned: the catalogs have no rows." in capsys.readouterr().err
+    assert main(["plan", str(cat), "-t", str(write_template(tmp_path / "ok.j2", "{{ title }}"))]) == 0

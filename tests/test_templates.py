@@ -130,3 +130,39 @@ def test_a_jinja_error_message_ends_in_one_full_stop(tmp_path):
     with pytest.raises(TemplateError) as caught:
         load_template(path)
     assert "No filter named 'nosuchfilter'. Check" in str(caught.value) and ".." not in str(caught.value)
+
+
+@pytest.mark.parametrize("tag, text", [
+    ("include", '{% include "part.j2" %}'),
+    ("import", '{% import "macros.j2" as m %}{{ m.x() }}'),
+    ("from", '{% from "macros.j2" import x %}{{ x() }}'),
+    ("extends", '{% extends "base.j2" %}'),
+])
+def test_templates_that_read_other_files_are_refused_when_loaded(tmp_path, tag, text):
+    (tmp_path / "part.j2").write_text("PART {{ title }}", encoding="utf-8")
+    path = write_template(tmp_path / "t.j2", "{{ title }}\n" + text, "size: 512x512")
+    with pytest.raises(TemplateError) as err:
+        load_template(path)
+    assert str(err.value) == (
+        f"Template {path}, line 5: {{% {tag} %}} is not supported: a template is one file, and no other file is read. "
+        f"Paste the shared text into this template, or define it as a macro in this file "
+        f"({{% macro name() %}}...{{% endmacro %}})."
+    )
+
+
+def test_an_include_in_the_negative_prompt_is_refused_too(tmp_path):
+    path = write_template(tmp_path / "t.j2", "{{ title }}", "size: 512x512\nnegative_prompt: '{% include \"n.j2\" %}'")
+    with pytest.raises(TemplateError, match=r"t.j2, line 3 \(negative_prompt\): \{% include %\} is not supported"):
+        load_template(path)
+
+
+def test_front_matter_errors_name_the_line_of_the_file(tmp_path):
+    negative = write_template(tmp_path / "neg.j2", "line 5 {{ title }}\nline 6\n",
+                              'size: 256x256\nguidance_scale: 2\nnegative_prompt: "blurry {{ bad "')
+    with pytest.raises(TemplateError, match=r"neg.j2, line 4 \(negative_prompt\): Jinja syntax error"):
+        load_template(negative)
+    bad_yaml = write_template(tmp_path / "yaml.j2", "{{ title }}\n", "size: 256x256\nsteps: [8")
+    with pytest.raises(TemplateError) as err:
+        load_template(bad_yaml)
+    assert str(err.value) == (f"Template {bad_yaml}, line 3: bad front matter: while parsing a flow sequence, expected "
+                              f"',' or ']', but got '<stream end>'. It must be a YAML mapping between two '---' lines.")

@@ -11,17 +11,23 @@ CSV reader, it reports the exact position of a malformed row (pyarrow's
 ``InvalidRow.number`` is ``None``), which users need to fix their file.
 
 Empty values count as missing: an empty or blank CSV cell, a Parquet null and a float NaN (how
-pandas writes a missing value). A whole float in the ``sku`` or ``seed`` column of a Parquet file
-becomes an int (pandas turns an int column with a gap into floats: sku 1002 becomes 1002.0), so it
-names the product as the user wrote it; other columns keep their values. Parquet list, struct, map
-and binary columns have no text a prompt could use: ``not_text`` names them, and planning refuses
-a template that uses one (a ``sku`` of that kind is refused when the catalog is opened).
+pandas writes a missing value); a CSV row whose cells are all blank is skipped. A whole float in the
+``sku`` or ``seed`` column of a Parquet file becomes an int (pandas turns an int column with a gap
+into floats: sku 1002 becomes 1002.0), so it names the product as the user wrote it; other columns
+keep their values. CSV text is kept as written: a CSV sku ``1002.0`` stays ``1002.0`` (give the
+column pandas' ``Int64`` dtype before ``to_csv`` to get ``1002``); planning reads a seed ``11.0``
+as 11. Parquet list, struct, map and binary columns have no text a prompt
+could use: ``not_text`` names them, and planning refuses a template that uses one (a ``sku`` of
+that kind is refused when the catalog is opened). Parquet column names are stripped of spaces, as
+CSV header names are.
 
-A CSV row with the wrong number of fields is a ``RowProblem``; the other rows still run. A row
-over several lines (a quoted value with line breaks) that ends inside a quote at the end of the
-file, or has text after a closing quote, is a ``CatalogError`` raised when it is met: an unclosed
-quote swallows the rows after it, and planning without them would take their skus for removed
-products.
+The header must be on line 1 (after Excel's ``sep=,`` line, which is skipped); a byte order mark
+(U+FEFF) at the start of any line is removed, and a data row that repeats the header (files joined
+with ``cat``) is a ``RowProblem``. A CSV row with the wrong number of fields is a ``RowProblem``;
+the other rows still run. A row over several lines (a quoted value with line breaks) that ends
+inside a quote at the end of the file, or has text after a closing quote, is a ``CatalogError``
+raised when it is met: an unclosed quote swallows the rows after it, and planning without them
+would take their skus for removed products.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import csv
 import glob
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +45,14 @@ from typing import Any
 from .errors import CatalogError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-REQUIRED_COLUMNS = ("sku",)
+# files a catalog glob may match that hold a catalog this reader cannot read: refused, not skipped
+UNREADABLE = (".gz", ".zip", ".bz2", ".xz", ".zst", ".xlsx", ".xlsm", ".xls", ".ods", ".tsv", ".tab", ".json",
+              ".jsonl", ".feather", ".arrow")
 OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a header that is one column may hide
+FIELD_LIMIT = 64 * 1024 * 1024  # the longest CSV value (the csv module's default, 128 KiB, is too short for HTML)
+BOM = b"\xef\xbb\xbf"
+_CHINESE = re.compile("[\u3400-\u9fff]")
+_GB_PAIRS = re.compile(b"(?:[\x00-\x7f]|[\x81-\xfe][\x80-\xfe])*")  # GB18030 text whose characters are all 2-byte
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +85,32 @@ def expand_sources(sources: Iterable[str]) -> tuple[list[str], list[str]]:
     """Expand glob patterns (``catalogs/*.csv``, sorted by name) into files; return (paths, problems).
 
     A source without ``*``, ``?`` or ``[`` (or an existing file of that name) is kept as it is. A
-    pattern that matches nothing is a problem. A file named twice is read once."""
+    pattern that matches nothing, or matches catalogs this reader cannot read (``UNREADABLE``:
+    .csv.gz, .xlsx, .tsv, ...), is a problem. A file named twice, however spelled, is read once."""
     paths: list[str] = []
     problems: list[str] = []
+    seen: set[str] = set()
     for source in sources:
         if not glob.has_magic(source) or Path(source).is_file() or "://" in source:
             matches = [source]
         else:
-            matches = sorted(m for m in glob.glob(source, recursive=True) if Path(m).suffix.lower() in FORMATS)
-            if not matches:
+            found = sorted(glob.glob(source, recursive=True))
+            matches = [m for m in found if Path(m).suffix.lower() in FORMATS]
+            unreadable = [m for m in found if m.lower().endswith(UNREADABLE) and Path(m).is_file()]
+            if unreadable:
+                problems.append(
+                    f"Catalog pattern {source!r} matches file(s) this reader cannot read: {', '.join(unreadable)}. "
+                    f"Convert each to CSV (UTF-8, comma-separated) or Parquet (Excel: Save As 'CSV UTF-8'; .gz: "
+                    f"`gunzip -k FILE`; .tsv: save with commas), or narrow the pattern (e.g. '*.csv') to leave them out."
+                )
+            elif not matches:
                 problems.append(f"Catalog pattern {source!r} matches no .csv or .parquet file (relative to {Path.cwd()}). "
                                 f"Check the folder and the pattern, and quote it so the shell passes it as it is.")
-        paths.extend(m for m in matches if m not in paths)
+        for match in matches:
+            key = match if "://" in match else os.path.realpath(match)  # base.csv and ./base.csv are one file
+            if key not in seen:
+                seen.add(key)
+                paths.append(match)
     return paths, problems
 
 
@@ -115,12 +142,13 @@ class Catalog:
         self.columns = self._read_columns()
         if "sku" in self.not_text:
             raise CatalogError(self.not_text_problem({"sku"}))
-        missing = [c for c in REQUIRED_COLUMNS if c not in self.columns]
-        if missing:
+        if "sku" not in self.columns:
+            near = [c for c in self.columns if "".join(ch for ch in c if ch.isprintable()).casefold() == "sku"]
+            hint = f"; did you mean {near[0]!r}? Column names are case-sensitive: rename it to 'sku'" if near else ""
             raise CatalogError(
-                f"Catalog {self.name} has no {', '.join(repr(c) for c in missing)} column "
-                f"(its columns: {', '.join(self.columns) or 'none'}). Every catalog needs a 'sku' "
-                f"column: it names the output folders and seeds the images.{self._separator_hint()}"
+                f"Catalog {self.name} has no 'sku' column{hint} (its columns: {shown(self.columns) or 'none'}). "
+                f"Every catalog needs a 'sku' column: it names the output folders and seeds the images."
+                f"{self._separator_hint()}"
             )
 
     def not_text_problem(self, used: set[str]) -> str:
@@ -154,11 +182,11 @@ class Catalog:
                     f"Re-export it, or save it as CSV."
                 ) from None
             names = list(schema.names)
-            self.not_text = {field.name: str(field.type) for field in schema if _not_text(field.type)}
+            self.not_text = {field.name.strip(): str(field.type) for field in schema if _not_text(field.type)}
         else:
             try:
                 with self._open() as f:
-                    names = next(csv.reader(self._decoded_lines(f)), [])
+                    names = self._header(_reader(self._decoded_lines(f)))
             except OSError as exc:
                 raise CatalogError(f"Catalog {self.name} cannot be read: {exc.strerror}.") from None
             except csv.Error as exc:
@@ -175,8 +203,22 @@ class Catalog:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise CatalogError(
-                f"Catalog {self.name}: column name(s) {', '.join(dupes)} appear more than once "
+                f"Catalog {self.name}: column name(s) {shown(dupes)} appear more than once "
                 f"in the header. Rename them so each column is unique."
+            )
+        return names
+
+    def _header(self, reader) -> list[str]:
+        """The CSV header: the first line, or the second after Excel's ``sep=,`` line."""
+        names = next(reader, None)
+        if names is not None and reader.line_num == 1 and re.fullmatch(r"sep=.?", ",".join(names).strip(), re.I):
+            names = next(reader, None)
+        if names is None:
+            raise CatalogError(f"Catalog {self.name} is empty: it needs a header row with column names.")
+        if not any(n.strip() for n in names):
+            raise CatalogError(
+                f"Catalog {self.name}: line {reader.line_num} is blank, but the header (the column names) must be the "
+                f"first line of the file. Delete the blank line(s) above the header."
             )
         return names
 
@@ -203,7 +245,7 @@ class Catalog:
         number = 0
         try:
             for record_batch in pq.ParquetFile(self._open(random_access=True)).iter_batches(batch_size=size):
-                for values in record_batch.to_pylist():
+                for values in record_batch.rename_columns(self.columns).to_pylist():  # the stripped names
                     number += 1
                     yield self._make_row(number, values)
         except Exception as exc:
@@ -216,19 +258,24 @@ class Catalog:
         number = 0
         with self._open() as f:
             lines = _Lines(self._decoded_lines(f))
-            reader = csv.reader(lines)
+            reader = _reader(lines)
             sku_at = self.columns.index("sku")
             try:
-                next(reader)  # header, already read by _read_columns
+                self._header(reader)  # already checked by _read_columns
                 lines.taken = []
                 for fields in reader:
                     text, lines.taken = lines.taken, []  # the physical lines of this record
-                    if not fields or fields == [""] * len(fields):
-                        continue  # blank line
+                    if all(not field.strip() for field in fields):
+                        continue  # a blank line, or one of blank cells (",,", "  ,  ")
                     number += 1
                     if lines.ended or (len(text) > 1 and not self._sound(text)):
                         first = reader.line_num - len(text) + 1
                         raise self._unclosed_quote(number, fields, first, reader.line_num, lines.ended)
+                    if [field.strip() for field in fields] == self.columns:
+                        yield RowProblem(self.name, number, f"line {reader.line_num} repeats the header (the column "
+                                         f"names): were files concatenated? Delete the line, or join exports without "
+                                         f"their header lines (e.g. `tail -n +2 FILE`).")
+                        continue
                     if len(fields) != len(self.columns):
                         yield RowProblem(
                             self.name,
@@ -241,6 +288,14 @@ class Catalog:
                         continue
                     yield self._make_row(number, dict(zip(self.columns, fields)))
             except csv.Error as exc:
+                if "field larger than field limit" in str(exc):
+                    read = sum(len(line) for line in lines.taken)
+                    raise CatalogError(
+                        f"Catalog {self.name}: data row {number + 1} (from line {reader.line_num - len(lines.taken) + 1}) "
+                        f"holds a value longer than {FIELD_LIMIT >> 20} MiB, the most this reader takes ({read:,} "
+                        f"characters read for the row so far). Shorten that value (e.g. move inline images out of a "
+                        f"description), or, if it should be short, close the quote that opens it."
+                    ) from None
                 raise CatalogError(
                     f"Catalog {self.name}: malformed CSV near line {reader.line_num} ({exc}). {_csv_hint(exc)}"
                 ) from None
@@ -293,16 +348,31 @@ class Catalog:
         return stream if random_access else _LineReader(stream)
 
     def _decoded_lines(self, f) -> Iterator[str]:
-        """Decode line by line, so a non-UTF-8 line is reported by its number."""
+        """Decode line by line, so a non-UTF-8 line is reported by its number; a BOM that starts a line
+        (every file of a ``cat`` of Excel exports has one) is removed."""
+        converted = f"{Path(self.name).stem}-utf8.csv"
         for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+            if number == 1 and (raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw):
+                encoding = "UTF-16" if raw[:1] in (b"\xff", b"\xfe") else "UTF-16LE" if raw[1:2] == b"\x00" else "UTF-16BE"
+                raise CatalogError(
+                    f"Catalog {self.name} is UTF-16 text (what Excel saves as 'Unicode Text', which is separated by "
+                    f"tabs), not UTF-8. In Excel, save it as 'CSV UTF-8 (Comma delimited)' instead; or convert it with "
+                    f"`iconv -f {encoding} -t UTF-8 {self.name} > {converted}` and, if it is separated by tabs, "
+                    f"replace them with commas."
+                )
+            while raw.startswith(BOM):
+                raw = raw[len(BOM):]
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
+                if _GB_PAIRS.fullmatch(raw) and _CHINESE.search(raw.decode("gb18030", "replace")):
+                    guess = "Its bytes read as Chinese, so it is probably GB18030 (GBK): `iconv -f GB18030"
+                else:
+                    guess = "It is probably Western European text from Excel (Windows-1252): `iconv -f CP1252"
                 raise CatalogError(
-                    f"Catalog {self.name}: line {number} is not UTF-8 text. Save the file as 'CSV UTF-8' "
-                    f"(Excel) or convert it, e.g. `iconv -f GBK -t UTF-8 {self.name}`."
+                    f"Catalog {self.name}: line {number} is not UTF-8 text. Save the file as 'CSV UTF-8' (Excel) or "
+                    f"convert it. {guess} -t UTF-8 {self.name} > {converted}` (a guess from that line: check the "
+                    f"converted file before using it)."
                 ) from None
 
     def _make_row(self, number: int, values: dict[str, Any]) -> Row | RowProblem:
@@ -323,6 +393,17 @@ class Catalog:
         if "sku" not in clean:
             return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
         return Row(self.name, number, clean)
+
+
+def shown(names: Iterable[str]) -> str:
+    """Column names for a message, comma-separated; a name with invisible characters is shown with repr."""
+    return ", ".join(name if name.isprintable() else repr(name) for name in names)
+
+
+def _reader(lines: Iterable[str]):
+    """A CSV reader that takes values up to ``FIELD_LIMIT`` long (long HTML descriptions, inline images)."""
+    csv.field_size_limit(FIELD_LIMIT)
+    return csv.reader(lines)
 
 
 def _csv_hint(exc: csv.Error) -> str:

@@ -322,6 +322,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.jobs:
         print(f"Jobs written to {args.jobs}.")
     _print_problems(summary.problems, summary.problem_count)
+    if summary.jobs == 0:  # as `run` says it: a plan with no job is no success
+        why = f"all {summary.problem_count} row(s) have problems (listed above)" if summary.problem_count else "the catalogs have no rows"
+        print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)
+        return 2
     return 0
 
 

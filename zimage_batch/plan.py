@@ -3,7 +3,11 @@
 A job id is a content hash of everything that determines the generated image (prompt,
 negative prompt, seed, size, steps, guidance, sequence length, model identity), so a rerun
 finds finished work by id and a changed prompt is new work. Seeds are derived from
-(sku, template name, variant) unless the catalog has a ``seed`` column.
+(sku, template name, variant) unless the catalog has a ``seed`` column (a whole number; ``11.0``,
+how pandas writes an int column with a gap, reads as 11).
+
+A catalog column that a template's own names would hide (``row``, ``variant``, a key of its
+``variants`` mappings) is refused by ``check_inputs`` when the template uses that name.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from dataclasses import dataclass
 import jinja2
 from pydantic import TypeAdapter
 
-from .catalog import Catalog, Row, RowProblem, expand_sources
+from .catalog import Catalog, Row, RowProblem, expand_sources, shown
 from .errors import CatalogError, PlanError, TemplateError
 from .models import resolve_model
 from .presets import unsupported
-from .templates import Template, load_template, parse_size
+from .templates import BUILTIN_NAMES, Template, load_template, parse_size
 
 SEED_COLUMN = "seed"
+_WHOLE_NUMBER = re.compile(r"(\d+)(?:\.0+)?")  # 11, or 11.0 as pandas writes an int column with a gap
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters whitespace folding leaves
 
 
@@ -176,6 +181,7 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
                     + f". Known presets: {', '.join(known)}."
                 )
         for catalog in opened:
+            problems.extend(_hidden_columns(catalog, template))
             not_text = template.required_columns() & set(catalog.not_text)
             if not_text:
                 problems.append(f"Template {template.path} uses {', '.join(sorted(not_text))}. " + catalog.not_text_problem(not_text))
@@ -185,7 +191,7 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
                     f"Template {template.path} uses {{{{ {column} }}}}, but catalog {catalog.name} has no "
                     f"column {column!r}"
                     + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                    + f". Its columns: {', '.join(catalog.columns)}. Add the column or change the template."
+                    + f". Its columns: {shown(catalog.columns)}. Add the column or change the template."
                 )
     try:
         identity = resolve_model(model).identity
@@ -195,6 +201,26 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
     if problems:
         raise PlanError(problems)
     return PlanInputs(opened, loaded, identity, size_override, steps)
+
+
+def _hidden_columns(catalog: Catalog, template: Template) -> list[str]:
+    """Catalog columns the template cannot see: it uses the name, but for its own ``row``, ``variant``
+    or a key of its ``variants`` mappings, so the column's values would never reach a prompt."""
+    found = []
+    for column in sorted(set(catalog.columns) & set(template.variables)):
+        if column in BUILTIN_NAMES:
+            meaning = "the row's values (all columns)" if column == "row" else "the variant number (0, 1, ...)"
+            new_name = "size_variant" if column == "variant" else "row_label"
+            fix = f"Rename the column (e.g. to {new_name!r}) and use that name in the template"
+        elif any(column in mapping for mapping in template.settings.variant_contexts()):
+            meaning = "the value its 'variants:' list sets for each variant"
+            fix = (f"Rename the key in the template's 'variants:' (e.g. to 'shot_{column}'), or rename the column, "
+                   f"so each name means one thing")
+        else:
+            continue
+        found.append(f"Catalog {catalog.name} has a column {column!r}, but in template {template.path} "
+                     f"{{{{ {column} }}}} means {meaning}, not this column. {fix}.")
+    return found
 
 
 def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
@@ -217,11 +243,9 @@ def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
 def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
     base_seed = None
     if SEED_COLUMN in row.values:
-        try:
-            base_seed = int(str(row.values[SEED_COLUMN]).strip())
-            if not 0 <= base_seed < 2**32:
-                raise ValueError
-        except ValueError:
+        whole = _WHOLE_NUMBER.fullmatch(str(row.values[SEED_COLUMN]).strip())
+        base_seed = int(whole[1]) if whole else None
+        if base_seed is None or not 0 <= base_seed < 2**32:
             yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.", row.sku)
             return
     for template in inputs.templates:

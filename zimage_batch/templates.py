@@ -14,7 +14,8 @@ prompt has its whitespace collapsed (none kept between two CJK characters), so a
 can be laid out over several lines.
 Besides the catalog's columns a template sees ``row`` (all values of the row, for column
 names that are not identifiers), ``variant`` (0, 1, ...) and the keys of the variant's
-mapping when ``variants`` is a list.
+mapping when ``variants`` is a list. A template is one file: ``{% include %}``, ``{% import %}``,
+``{% from %}`` and ``{% extends %}`` are refused when it is loaded (a macro in the same file shares text).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any, Literal
 import jinja2
 import jinja2.meta
 import yaml
+from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import TemplateError
 
 BUILTIN_NAMES = frozenset({"row", "variant"})
+_OTHER_FILES = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from", nodes.Extends: "extends"}
 
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 _CJK = "\u3000-\u303f\u3400-\u9fff\uff00-\uffef"
@@ -176,6 +179,27 @@ def _split_front_matter(text: str) -> tuple[str, str, int]:
     raise ValueError("the front matter opened with '---' on line 1 is never closed by a '---' line")
 
 
+def _syntax_error(where: str, at: str, exc: jinja2.TemplateSyntaxError) -> TemplateError:
+    return TemplateError(f"Template {where}, {at}: Jinja syntax error: {(exc.message or '').rstrip('.')}. "
+                         f"Check the {{{{ }}}} and {{% %}} tags near that line.")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line, with the file's line number (the front matter starts on line 2)."""
+    mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+    words = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    what = ", ".join(w for w in words if w) or str(exc).splitlines()[0]
+    return (f", line {mark.line + 2}" if mark else "") + f": bad front matter: {what}"
+
+
+def _front_matter_line(front: str, key: str) -> int | None:
+    """The file line of a top-level front-matter key, or None."""
+    for number, line in enumerate(front.splitlines(), start=2):
+        if line.startswith(f"{key}:"):
+            return number
+    return None
+
+
 def load_template(path: str | Path) -> Template:
     """Load and compile a template file; raises TemplateError naming the file and the fix."""
     path = Path(path)
@@ -193,8 +217,10 @@ def load_template(path: str | Path) -> Template:
     try:
         front, body, body_line = _split_front_matter(text)
         data = yaml.safe_load(front) if front.strip() else {}
-    except (ValueError, yaml.YAMLError) as exc:
+    except ValueError as exc:
         raise TemplateError(f"Template {where}: bad front matter: {exc}. It must be a YAML mapping between two '---' lines.") from None
+    except yaml.YAMLError as exc:
+        raise TemplateError(f"Template {where}{_yaml_problem(exc)}. It must be a YAML mapping between two '---' lines.") from None
     if not isinstance(data, dict):
         raise TemplateError(f"Template {where}: the front matter must be a YAML mapping (key: value lines), got {type(data).__name__}.")
     try:
@@ -208,14 +234,26 @@ def load_template(path: str | Path) -> Template:
     try:
         parsed = _ENV.parse(body)
         compiled = _ENV.from_string(body)
+    except jinja2.TemplateSyntaxError as exc:
+        raise _syntax_error(where, f"line {(exc.lineno or 1) + body_line - 1}", exc) from None
+    negative_line = _front_matter_line(front, "negative_prompt")
+    negative_at = f"line {negative_line} (negative_prompt)" if negative_line else "negative_prompt"
+    try:
+        parsed_negative = _ENV.parse(settings.negative_prompt)
         negative_has_tags = any(tag in settings.negative_prompt for tag in ("{{", "{%", "{#"))
         negative = _ENV.from_string(settings.negative_prompt) if negative_has_tags else collapse_whitespace(settings.negative_prompt)
-        variables = frozenset(jinja2.meta.find_undeclared_variables(parsed))
-        variables |= jinja2.meta.find_undeclared_variables(_ENV.parse(settings.negative_prompt))
     except jinja2.TemplateSyntaxError as exc:
-        line = (exc.lineno or 1) + body_line - 1
-        raise TemplateError(f"Template {where}, line {line}: Jinja syntax error: {(exc.message or '').rstrip('.')}. "
-                            f"Check the {{{{ }}}} and {{% %}} tags near that line.") from None
+        raise _syntax_error(where, negative_at, exc) from None
+    other_files = [(f"line {node.lineno + body_line - 1}", node) for node in parsed.find_all(tuple(_OTHER_FILES))]
+    other_files += [(negative_at, node) for node in parsed_negative.find_all(tuple(_OTHER_FILES))]
+    if other_files:
+        at, node = other_files[0]
+        raise TemplateError(
+            f"Template {where}, {at}: {{% {_OTHER_FILES[type(node)]} %}} is not supported: a template is one file, "
+            f"and no other file is read. Paste the shared text into this template, or define it as a macro in this "
+            f"file ({{% macro name() %}}...{{% endmacro %}})."
+        )
+    variables = jinja2.meta.find_undeclared_variables(parsed) | jinja2.meta.find_undeclared_variables(parsed_negative)
     return Template(
         name=path.stem,
         path=where,
