@@ -135,3 +135,44 @@ def test_stamp_of_a_job_equals_stamp_of_its_record():
 
     j = job(prompt="a mug")
     assert record(j).stamp() == Stamp.of(j.to_dict(), j.seed, record(j).stamp().software)
+
+
+@pytest.mark.parametrize("field, value, xmp_name, parameters_name", [
+    ("prompt", "a different product, made by hand", "zb:prompt", "prompt"),
+    ("negative_prompt", "x", "zb:negativePrompt", "negative_prompt"),
+    ("seed", 1, "zb:seed", "Planned seed"),
+    ("width", 2048, "zb:width", "Size"),
+    ("height", 512, "zb:height", "Size"),
+    ("steps", 50, "zb:steps", "Steps"),
+    ("guidance_scale", 4.5, "zb:guidanceScale", "CFG scale"),
+    ("max_sequence_length", 256, "zb:maxSequenceLength", "Max sequence length"),
+    ("model", "tiny-random/v1", "zb:model", "Model"),
+    ("software", "zimage-batch 9.9", "xmp:CreatorTool", "Version"),
+    ("sku", "../../../escaped", "zb:sku", None),
+    ("catalog", "other.csv", "zb:catalog", None),
+    ("row", 9, "zb:row", None),
+    ("template", "studio", "zb:template", None),
+    ("variant", 3, "zb:variant", None),
+])
+def test_every_field_of_the_stamp_is_compared(field, value, xmp_name, parameters_name):
+    found = read_embedded(embed(encoded("JPEG"), stamp()))
+    problems = disagreements(found, stamp(**{field: value}))
+    assert any(p.startswith(f"XMP {xmp_name} is ") and repr(str(value)) in p for p in problems), problems
+    in_parameters = [p for p in problems if p.startswith("parameters ")]
+    if parameters_name is None:  # the A1111 text does not hold it
+        assert in_parameters == []
+    else:
+        assert any(p.startswith(f"parameters {parameters_name} is ") for p in in_parameters), problems
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_prompt_with_a_negative_prompt_line_is_left_out_of_the_a1111_text(fmt):
+    tricky = stamp(prompt="a mug\nNegative prompt: not really, part of the prompt", negative_prompt="blurry")
+    found = read_embedded(embed(encoded(fmt), tricky))
+    # Read as any A1111 reader does, the text no longer hands part of the prompt to the negative prompt.
+    assert found.parameters["prompt"] == "" and found.parameters["negative_prompt"] == "blurry"
+    assert found.xmp["zb:prompt"] == tricky.prompt  # the XMP keeps it exactly
+    assert disagreements(found, tricky) == []
+    assert any(p.startswith("XMP zb:prompt is ") for p in disagreements(found, stamp(prompt="a mug", negative_prompt="blurry")))
+    plain = parse_parameters(parameters_text(stamp(prompt="a mug", negative_prompt="a\nNegative prompt: b")))
+    assert plain["prompt"] == "a mug" and plain["negative_prompt"] == "a\nNegative prompt: b"

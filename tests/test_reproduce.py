@@ -126,3 +126,84 @@ def test_an_int8_run_records_its_precision_and_reproduces_with_it(tmp_path, capf
     assert record["precision"] == "fp32+int8-weights" and record["schema_version"] == 4
     code, stdout, _ = reproduce_cli(capfd, out, "--job", record["job_id"], "--out", tmp_path / "repro")
     assert code == 0 and ": byte-identical" in stdout and "precision" not in stdout  # the recorded precision was used
+
+
+def paint_red(path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.open(path).convert("RGB")
+    ImageDraw.Draw(image).rectangle([0, 0, 100, 100], fill="red")
+    image.save(path, quality=90)
+
+
+def test_an_altered_or_missing_original_is_named_not_called_byte_identical(tiny_run, tmp_path, capsys):
+    out, records = copy_run(tiny_run, tmp_path)
+    record = next(r for r in records if r["status"] == "ok" and len(r["outputs"]) == 2)
+    web, png = (next(o["path"] for o in record["outputs"] if o["preset"] == p) for p in ("web", "png"))
+    paint_red(out / web)
+    (out / png).unlink()
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", tmp_path / "repro")
+    assert code == 1, stdout
+    assert f"{web}: matches the manifest's SHA-256, but the file in the run's folder no longer does: it was altered" in stdout
+    assert f"{png}: byte-identical to the manifest's SHA-256 (the original is not in the run's folder to compare)" in stdout
+    assert "BYTE-IDENTICAL" not in stdout and "ORIGINAL ALTERED: 2 output(s) match the manifest's SHA-256, but 1 file(s)" in stdout
+    assert json.loads((tmp_path / "repro/reproduce.json").read_text())["outputs"][0]["original"] == "altered"
+    # Only missing: the reproduction still matches the record, and the verdict says what it was compared with.
+    shutil.copyfile(tiny_run / web, out / web)
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", tmp_path / "repro2")
+    assert code == 0 and f"{web}: byte-identical\n" in stdout
+    assert ("BYTE-IDENTICAL: 2 output(s), to the manifest's SHA-256 only: 1 original(s) not in the run's folder to "
+            "compare;") in stdout
+
+
+@pytest.mark.parametrize("mark", [MANIFEST, ".zimage-batch.lock", ".parts"])
+def test_out_that_is_another_run_folder_is_refused(tiny_run, tmp_path, capsys, mark):
+    out, records = copy_run(tiny_run, tmp_path)
+    other = tmp_path / "backup"
+    other.mkdir()
+    (other / mark).mkdir() if mark == ".parts" else (other / mark).write_text("")
+    code, stdout, stderr = reproduce_cli(capsys, out, "--job", records[0]["job_id"], "--out", other)
+    assert code == 2 and stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith(f"error: --out {other} is the folder of a run (it holds {mark})")
+    assert sorted(p.name for p in other.iterdir()) == [mark]
+
+
+def test_files_in_out_are_never_overwritten_with_other_bytes(tiny_run, tmp_path, capsys):
+    out, records = copy_run(tiny_run, tmp_path)
+    record = next(r for r in records if r["status"] == "ok")
+    repro = tmp_path / "repro"
+    code, _, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", repro)
+    assert code == 0
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", repro)  # the same bytes: fine
+    assert code == 0 and "BYTE-IDENTICAL" in stdout
+    path = repro / record["outputs"][0]["path"]
+    path.write_bytes(b"someone else's file")
+    code, stdout, stderr = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", repro)
+    assert code == 2 and stdout == "" and "Traceback" not in stderr
+    assert f"already holds {record['outputs'][0]['path']} (1 file(s) in all) with other bytes" in stderr
+    assert path.read_bytes() == b"someone else's file"
+
+
+def test_a_record_whose_paths_do_not_follow_from_it_says_what_was_written(tiny_run, tmp_path, capsys):
+    out, records = copy_run(tiny_run, tmp_path)
+    record = next(r for r in records if r["status"] == "ok")
+    record["sku"] = "../../../escaped"
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", tmp_path / "repro")
+    assert code == 1 and "came out ok" not in stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2 and all(": differs (the reproduction wrote images/escaped-" in line
+                                   and ", not the recorded path: the record's path does not follow from its sku" in line
+                                   for line in lines), stdout
+
+
+def test_a_simulated_run_reproduces_without_naming_the_model(tmp_path, capsys):
+    catalog = write_csv(tmp_path / "c.csv", ["sku", "title"], [["A-1", "Steel bottle"]])
+    scene = write_template(tmp_path / "scene.j2", "A {{ title }} in a sunny kitchen", "size: 256x256\npresets: [web]")
+    out = tmp_path / "out"
+    assert main(["run", str(catalog), "-t", str(scene), "--out", str(out), "--model", "simulated:0.01", "-q"]) == 0
+    (record,) = read_jsonl(out / MANIFEST)
+    assert record["model"] == "simulated/v1"
+    code, stdout, stderr = reproduce_cli(capsys, out, "--job", record["job_id"], "--out", tmp_path / "repro")
+    assert code == 0 and "with model simulated:0 on cpu (recorded: simulated/v1 on cpu)" in stdout, stderr
+    assert ": byte-identical" in stdout and "BYTE-IDENTICAL: 1 output(s);" in stdout

@@ -82,6 +82,28 @@ def test_bad_credentials_are_refused_up_front(certificates, tmp_path):
         C2paSigner(load_credentials(no_usage["chain"], no_usage["key"]), "0.1.0")  # the trial signature
 
 
+def test_a_chain_whose_ca_did_not_issue_the_signing_certificate_is_refused(certificates, tmp_path):
+    other = make_certificates(tmp_path / "other")
+    leaf = certificates["chain"].read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    wrong_ca = tmp_path / "wrong-ca.pem"
+    wrong_ca.write_text(leaf + other["ca"].read_text())  # the right signing certificate, then another CA
+    with pytest.raises(SigningError, match=rf"--c2pa-cert {wrong_ca}: certificate 1 \(.*CN=Test Signer\) is not issued by "
+                                           r"certificate 2 \(.*CN=Test CA\).* Put the CA certificate that issued each"):
+        load_credentials(wrong_ca, certificates["key"])
+    assert load_credentials(certificates["chain"], certificates["key"]).subject.endswith("CN=Test Signer")
+
+
+@pytest.mark.parametrize("field, value", [("prompt", "another prompt"), ("negative_prompt", "x"), ("seed", 1), ("steps", 50),
+                                          ("width", 2048), ("guidance_scale", 3.5), ("max_sequence_length", 64),
+                                          ("sku", "OTHER"), ("template", "studio"), ("variant", 7)])
+def test_every_field_of_the_signed_generation_assertion_is_compared(signer, field, value):
+    s = stamp()
+    check = read_c2pa(signer.sign(embed(encoded("JPEG"), s), s, "x.jpg"))
+    assert c2pa_problems(check, s, trusted_only=False) == []
+    problems = c2pa_problems(check, stamp(**{field: value}), trusted_only=False)
+    assert problems == [f"C2PA {field} is {json.dumps(getattr(s, field), ensure_ascii=False)}, the manifest says {json.dumps(value)}"]
+
+
 def test_without_c2pa_python_signing_is_a_clear_error(certificates, monkeypatch):
     monkeypatch.setitem(sys.modules, "c2pa", None)
     with pytest.raises(SigningError, match=r"needs the optional package c2pa-python.*pip install 'zimage-batch\[c2pa\]'"):
@@ -120,6 +142,17 @@ def test_verify_names_a_broken_signature_even_when_the_manifest_was_edited_to_ma
     assert code == 1 and stdout.startswith(f"SIGNATURE  {path}: C2PA signature invalid (assertion.dataHash.mismatch")
 
 
+def test_a_rewritten_record_of_a_signed_run_fails_even_against_a_trusted_ca(signed_run, certificates, capsys):
+    out, records = signed_run
+    records[0].update(prompt="a photo made by a human photographer", steps=50)
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = verify_cli(capsys, out, "--c2pa-trust", certificates["ca"])
+    assert code == 1 and "OK" not in stdout
+    bad = [line for line in stdout.splitlines() if line.startswith("METADATA")]
+    assert len(bad) == 3 and all("zb:prompt is 'a mug', the manifest says 'a photo made by a human photographer'" in line
+                                 and "zb:steps is '8', the manifest says '50'" in line for line in bad)
+
+
 def test_an_unsigned_run_fails_when_signatures_are_required(tmp_path, certificates, capsys):
     make_run(tmp_path / "out")
     code, stdout, _ = verify_cli(capsys, tmp_path / "out", "--c2pa-trust", certificates["ca"])
@@ -148,6 +181,7 @@ def test_verify_refuses_empty_trust_anchors_given_directly(tmp_path):
 
 
 @pytest.mark.parametrize("case, phrase", [
+    ("wrong CA in the chain", "is not issued by certificate 2"),
     ("mismatched key", "does not match the certificate"),
     ("expired", "expired on"),
     ("cert without key", "needs both --c2pa-cert"),
@@ -155,7 +189,12 @@ def test_verify_refuses_empty_trust_anchors_given_directly(tmp_path):
 def test_run_with_bad_credentials_stops_before_anything(case, phrase, certificates, tmp_path, capsys):
     from conftest import CATALOGS, TEMPLATES
 
-    if case == "mismatched key":
+    if case == "wrong CA in the chain":
+        chain = tmp_path / "chain.pem"
+        chain.write_text(certificates["chain"].read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+                         + make_certificates(tmp_path / "o")["ca"].read_text())
+        flags = ["--c2pa-cert", chain, "--c2pa-key", certificates["key"]]
+    elif case == "mismatched key":
         flags = ["--c2pa-cert", certificates["chain"], "--c2pa-key", make_certificates(tmp_path / "o")["key"]]
     elif case == "expired":
         expired = make_certificates(tmp_path / "e", expired=True)

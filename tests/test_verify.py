@@ -190,7 +190,8 @@ def test_bad_s3_settings_are_one_clear_error_about_verify(aws_env, tmp_path, cap
         aws_env.delenv("AWS_ACCESS_KEY_ID")
         aws_env.delenv("AWS_SECRET_ACCESS_KEY")
     code, stdout, stderr = verify_cli(capsys, target)
-    assert code == 4 and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
+    expected = 2 if case == "bad bucket name" else 4  # a malformed URI is a bad path; the rest cannot be read
+    assert code == expected and stdout == "" and stderr.startswith("error: ") and "Traceback" not in stderr
     assert "deliver" not in stderr and "--dest" not in stderr and "Nothing was generated" not in stderr
     assert "zb-secret" not in stderr
     for phrase in phrases:
@@ -209,3 +210,83 @@ def test_s3_errors_while_reading_a_prefix_speak_of_verify(s3, monkeypatch, capsy
     assert code == 4 and stdout == "" and "Traceback" not in stderr
     assert stderr.startswith(f"error: Cannot read {target} (endpoint {s3.server.endpoint}) to verify it: {phrase}"), stderr
     assert "deliver" not in stderr and "Nothing was generated" not in stderr
+
+
+def rewrite(out: Path, records: list[dict]) -> None:
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_a_record_whose_prompt_and_settings_were_rewritten_is_named_field_by_field(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = make_run(out)
+    records[0].update(prompt="a photo made by a human photographer", negative_prompt="x", steps=50, seed=777, width=2048,
+                      sku="../../../escaped")
+    rewrite(out, records)
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    bad = [line for line in stdout.splitlines() if line.startswith("METADATA")]
+    assert len(bad) == 3, stdout  # the record's three files
+    for line in bad:
+        for name in ("zb:prompt", "zb:negativePrompt", "zb:steps", "zb:seed", "zb:width", "zb:sku", "parameters Steps"):
+            assert f"{name} is " in line, line
+        assert "the manifest says 'a photo made by a human photographer'" in line
+
+
+def test_a_record_with_files_but_no_image_seed_is_reported_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = make_run(out)
+    records[0].update(status="failed", image_seed=None)
+    rewrite(out, records)
+    code, stdout, stderr = verify_cli(capsys, out)
+    assert code == 1 and "Traceback" not in stderr
+    bad = [line for line in stdout.splitlines() if line.startswith("METADATA")]
+    assert len(bad) == 3 and all(f"job {records[0]['job_id']} lists this file but has no image_seed" in line for line in bad)
+
+
+@pytest.mark.parametrize("how", ["absolute", "dot-dot"])
+def test_manifest_paths_outside_the_run_folder_are_not_followed(tmp_path, capsys, how):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    records = make_run(out)
+    path = output_path(records, "web")
+    (elsewhere / path).parent.mkdir(parents=True)
+    (out / path).rename(elsewhere / path)  # the file is no longer in the run's folder...
+    pointer = str(elsewhere / path) if how == "absolute" else f"../elsewhere/{path}"
+    for output in records[0]["outputs"]:
+        if output["path"] == path:
+            output["path"] = pointer  # ...but the manifest points at where it is
+    rewrite(out, records)
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    assert stdout.startswith(f"MISSING    {pointer}: outside the run folder: the manifest record of job {records[0]['job_id']}")
+
+
+def test_a_path_too_long_for_the_file_system_is_a_finding(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = make_run(out)
+    records[0]["outputs"][0]["path"] = "images/" + "x" * 300 + ".jpg"
+    rewrite(out, records)
+    code, stdout, stderr = verify_cli(capsys, out)
+    assert code == 1 and "Traceback" not in stderr
+    assert f"UNREADABLE images/{'x' * 300}.jpg: cannot be read (File name too long)" in stdout
+
+
+def test_a_run_in_progress_is_named_before_its_missing_manifest(tmp_path, capsys):
+    from zimage_batch.store import locked
+
+    out = tmp_path / "out"
+    (out / ".parts").mkdir(parents=True)
+    (out / ".parts/shard-000000.jsonl").write_text("")
+    code, _, stderr = verify_cli(capsys, out)
+    assert code == 2 and "holds manifest parts of a run that has not finished" in stderr and "does not exist" not in stderr
+    (out / ".parts/shard-000000.jsonl").unlink()
+    (out / ".parts").rmdir()
+    with locked(out):  # a run that is still loading its model: a lock, nothing else yet
+        code, _, stderr = verify_cli(capsys, out)
+    assert code == 2 and "is being written by a zimage-batch run right now (pid " in stderr, stderr
+    code, _, stderr = verify_cli(capsys, out)  # the run has ended (without a manifest)
+    assert code == 2 and "manifest.jsonl does not exist" in stderr
+
+
+def test_a_malformed_s3_uri_is_a_bad_path(capsys):
+    code, stdout, stderr = verify_cli(capsys, "s3://")
+    assert code == 2 and stdout == "" and stderr.startswith("error: Cannot verify s3://: ") and "bucket name" in stderr

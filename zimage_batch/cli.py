@@ -219,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--markdown", action="store_true", help="print a Markdown table")
     verify = sub.add_parser("verify", help="check delivered files against the manifest",
                             description="Check every file the manifest lists: present, SHA-256 equal, embedded "
-                                        "provenance (XMP DigitalSourceType, A1111 parameters) naming the manifest's job "
-                                        "id, seed and model, and a valid C2PA signature where the file is signed. Also "
-                                        "lists files that are not in the manifest. Writes nothing.",
+                                        "provenance (XMP DigitalSourceType, A1111 parameters) agreeing with every field of "
+                                        "the record (prompt, seeds, size, steps, model, ...), and a valid C2PA signature "
+                                        "whose assertion agrees too, where the file is signed. Also lists files that are "
+                                        "not in the manifest. A run still in progress is named as such. Writes nothing.",
                             epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("path", metavar="PATH", help="the --out folder of a run, or the s3://BUCKET/PREFIX it delivered to (--dest)")
     verify.add_argument("--c2pa-trust", metavar="PEM", help="trust anchors (CA certificates, PEM): every file must carry a "
@@ -231,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Regenerate one job from its manifest record alone (prompt, seed, size, steps, "
                                            "guidance, model), post-process and seal it as the run did, write the files "
                                            "under --out, and report whether each is byte-identical to the original or "
-                                           "how far it is (PSNR, perceptual hash distance), naming version differences.",
+                                           "how far it is (PSNR, perceptual hash distance), naming version differences. "
+                                           "The original in RUN_DIR is checked too (missing or altered is said).",
                                epilog=REPRODUCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     reproduce.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of the run (holds manifest.jsonl)")
     reproduce.add_argument("--job", required=True, help="job id (or a unique prefix of 8+ characters, as in file names)")
-    reproduce.add_argument("--out", required=True, help="folder for the reproduced files and reproduce.json (outside RUN_DIR)")
+    reproduce.add_argument("--out", required=True, help="folder for the reproduced files and reproduce.json (outside RUN_DIR, not another run's folder; "
+                           "files there with other bytes are never overwritten)")
     reproduce.add_argument("--model", help="model reference to load instead of the recorded one (needed for a local folder)")
     reproduce.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the recorded device when available, else cpu")
     return parser

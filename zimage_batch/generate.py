@@ -515,17 +515,19 @@ def _load_pipeline(ref: ModelRef, device: str):
 
 
 def _load_failure(ref: ModelRef, exc: Exception) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 300:
+        reason = reason[:300].rsplit(" ", 1)[0] + " ..."
     if ref.kind == "hub":
         return (
-            f"Model {ref.source} could not be loaded ({type(exc).__name__}: {reason[:300]}). "
+            f"Model {ref.source} could not be loaded ({type(exc).__name__}: {reason}). "
             f"It is not in the local Hugging Face cache and could not be downloaded. On a machine with "
             f"internet run `hf download {ref.source}` (about 20 GB) and set HF_HOME to that cache, or "
             f"download it to a folder and pass --model /path/to/folder. Use --model tiny-random to try "
             f"the pipeline offline."
         )
     return (
-        f"Model folder {ref.source} could not be loaded ({type(exc).__name__}: {reason[:300]}). "
+        f"Model folder {ref.source} could not be loaded ({type(exc).__name__}: {reason}). "
         f"Check that it is a complete diffusers ZImagePipeline folder (model_index.json plus the "
         f"transformer, text_encoder, tokenizer, vae and scheduler subfolders)."
     )

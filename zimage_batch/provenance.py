@@ -8,10 +8,11 @@ record alone) and written into the encoded file without re-encoding any pixels:
   namespace: JPEG APP1, WebP ``XMP `` chunk, AVIF ``mime`` item, PNG iTXt ``XML:com.adobe.xmp``.
 * The AUTOMATIC1111 ``parameters`` text (prompt, ``Negative prompt:`` line, ``Steps: 8, ...``):
   a PNG text chunk ``parameters``; EXIF UserComment in JPEG, WebP and AVIF (with EXIF Software).
+  A prompt with a line starting ``Negative prompt:`` is left out of it (see ``parameters_text``).
 
 Any EXIF or XMP already in the bytes (a camera's, an input photo's) is dropped, so ours is the only
-metadata. ``read_embedded`` reads it back with Pillow and xml.etree; ``disagreements`` compares it
-with what the manifest says.
+metadata. ``read_embedded`` reads it back with Pillow and xml.etree; ``disagreements`` compares it,
+field by field, with what the manifest says.
 """
 
 from __future__ import annotations
@@ -81,7 +82,12 @@ def software_name(version: str) -> str:
 
 
 def parameters_text(stamp: Stamp) -> str:
-    """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...`` line, then one line of settings."""
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...`` line, then one line of settings.
+
+    A prompt with a line that starts ``Negative prompt:`` cannot be told apart from the negative prompt
+    in this format, so for such a prompt the text leaves the prompt out (an empty first line); the XMP
+    ``zb:prompt``, the C2PA assertion and the manifest still hold it exactly.
+    """
     settings = {
         "Steps": stamp.steps,
         "CFG scale": stamp.guidance_scale,
@@ -94,9 +100,10 @@ def parameters_text(stamp: Stamp) -> str:
     }
     if stamp.image_seed != stamp.seed:
         settings["Planned seed"] = stamp.seed  # the first attempt's image was black or blank
-    lines = [stamp.prompt]
+    ambiguous = any(line.startswith(_NEGATIVE) for line in stamp.prompt.split("\n"))
+    lines = ["" if ambiguous else stamp.prompt]
     if stamp.negative_prompt:
-        lines.append(f"Negative prompt: {stamp.negative_prompt}")
+        lines.append(f"{_NEGATIVE} {stamp.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
     return "\n".join(lines)
 
@@ -106,6 +113,7 @@ def _quote(value: object) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
 
 
+_NEGATIVE = "Negative prompt:"
 _SETTING = re.compile(r'\s*([A-Za-z][\w \-/]*):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
 
 
@@ -115,9 +123,9 @@ def parse_parameters(text: str) -> dict[str, str]:
     settings_line = lines.pop() if len(lines) > 1 and len(_SETTING.findall(lines[-1])) >= 3 else ""
     prompt, negative, in_negative = [], [], False
     for line in lines:
-        if line.startswith("Negative prompt:"):
+        if line.startswith(_NEGATIVE) and not in_negative:
             in_negative = True
-            line = line[len("Negative prompt:"):].lstrip()
+            line = line[len(_NEGATIVE):].lstrip()
         (negative if in_negative else prompt).append(line)
     parsed = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
     for key, value in _SETTING.findall(settings_line):
@@ -136,12 +144,17 @@ def build_xmp(stamp: Stamp) -> bytes:
     rdf = ElementTree.SubElement(root, f"{{{_NS['rdf']}}}RDF")
     description = ElementTree.SubElement(rdf, f"{{{_NS['rdf']}}}Description", {f"{{{_NS['rdf']}}}about": ""})
     ElementTree.SubElement(description, f"{{{_NS['Iptc4xmpExt']}}}DigitalSourceType").text = DIGITAL_SOURCE_TYPE
-    ElementTree.SubElement(description, f"{{{_NS['xmp']}}}CreatorTool").text = stamp.software
+    ElementTree.SubElement(description, f"{{{_NS['xmp']}}}CreatorTool").text = _xmp_text(stamp.software)
     for name, value in stamp.model_dump().items():
         if name != "software":
-            ElementTree.SubElement(description, f"{{{ZB_NS}}}{_camel(name)}").text = _XML_INVALID.sub("\ufffd", str(value))
+            ElementTree.SubElement(description, f"{{{ZB_NS}}}{_camel(name)}").text = _xmp_text(value)
     body = ElementTree.tostring(root, encoding="unicode")
     return f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>{body}<?xpacket end="w"?>'.encode("utf-8")
+
+
+def _xmp_text(value: object) -> str:
+    """A value as XMP text (characters XML cannot hold become U+FFFD)."""
+    return _XML_INVALID.sub("\ufffd", str(value))
 
 
 def _camel(name: str) -> str:
@@ -530,7 +543,11 @@ def read_embedded(data: bytes) -> Embedded:
 
 
 def disagreements(embedded: Embedded, stamp: Stamp) -> list[str]:
-    """Why the embedded metadata does not match the stamp the manifest implies (empty when it does)."""
+    """Why the embedded metadata does not match the stamp the manifest implies (empty when it does).
+
+    Every field of the stamp is compared: the XMP ``zb:`` properties (and ``xmp:CreatorTool``) with
+    the stamp's values, the A1111 parameters with what ``parameters_text`` writes for the stamp.
+    """
     problems = list(embedded.problems)
     if embedded.xmp is None:
         problems.append("no XMP")
@@ -538,18 +555,39 @@ def disagreements(embedded: Embedded, stamp: Stamp) -> list[str]:
         source_type = embedded.xmp.get("Iptc4xmpExt:DigitalSourceType")
         if source_type != DIGITAL_SOURCE_TYPE:
             problems.append(f"XMP DigitalSourceType is {source_type!r}, expected trainedAlgorithmicMedia")
-        for name, expected in (("zb:jobId", stamp.job_id), ("zb:imageSeed", str(stamp.image_seed)), ("zb:model", stamp.model)):
+        for name, expected in _xmp_fields(stamp).items():
             got = embedded.xmp.get(name)
-            if got != expected:
-                problems.append(f"XMP {name} is {got!r}, the manifest says {expected!r}")
+            if got is not None:
+                got = _newlines(got)
+            if got != _newlines(expected):  # an XML parser reads a line break written as \r\n or \r as \n
+                problems.append(f"XMP {name} is {_short(got)}, the manifest says {_short(expected)}")
     if embedded.parameters is None:
         problems.append("no A1111 parameters")
     else:
-        for name, expected in (("Job ID", stamp.job_id), ("Seed", str(stamp.image_seed)), ("Model", stamp.model)):
-            got = embedded.parameters.get(name)
+        expected_parameters = parse_parameters(parameters_text(stamp))
+        for name in dict.fromkeys([*expected_parameters, *embedded.parameters]):
+            got, expected = embedded.parameters.get(name), expected_parameters.get(name)
             if got != expected:
-                problems.append(f"parameters {name} is {got!r}, the manifest says {expected!r}")
+                problems.append(f"parameters {name} is {_short(got)}, the manifest says {_short(expected)}")
     return problems
+
+
+def _xmp_fields(stamp: Stamp) -> dict[str, str]:
+    """The XMP properties ``build_xmp`` writes for the stamp's fields, as text."""
+    fields = {f"zb:{_camel(name)}": _xmp_text(value) for name, value in stamp.model_dump().items() if name != "software"}
+    return {**fields, "xmp:CreatorTool": _xmp_text(stamp.software)}
+
+
+def _newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _short(value: str | None, limit: int = 80) -> str:
+    """A value for a message: quoted, and cut in the middle when long (a prompt can be hundreds of characters)."""
+    if value is None:
+        return "absent"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
 
 
 @dataclass(frozen=True)

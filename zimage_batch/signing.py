@@ -1,11 +1,12 @@
 """Optional C2PA signing of final files, and reading the signature back (``c2pa-python``).
 
 ``load_credentials`` checks a PEM certificate chain and its private key up front (readable,
-matching, within their validity dates) and ``C2paSigner`` makes a trial signature, so a bad
-certificate stops a run before any model loads. Each file is signed last, after the provenance
-is embedded, with two assertions: ``c2pa.actions`` (``c2pa.created`` by a trainedAlgorithmicMedia
-source, software zimage-batch) and ``zimage-batch.generation`` (the job's stamp: prompt, seeds,
-settings, model). No thumbnail is embedded (it would add ~100-450 KB per file).
+matching, each certificate issued by the next, within their validity dates) and ``C2paSigner``
+makes a trial signature, so a bad certificate stops a run before any model loads. Each file is
+signed last, after the provenance is embedded, with two assertions: ``c2pa.actions``
+(``c2pa.created`` by a trainedAlgorithmicMedia source, software zimage-batch) and
+``zimage-batch.generation`` (the job's stamp: prompt, seeds, settings, model). No thumbnail is
+embedded (it would add ~100-450 KB per file).
 
 ``read_c2pa`` validates a file's manifest: integrity always, the signer's certificate only
 against trust anchors when they are given (a run's own CA is not in any public trust list);
@@ -29,6 +30,12 @@ from .provenance import DIGITAL_SOURCE_TYPE, Stamp, sniff_format
 GENERATION_LABEL = "zimage-batch.generation"
 MIME_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "AVIF": "image/avif"}
 _UNTRUSTED = "signingCredential.untrusted"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """A value as JSON for a message, cut in the middle when long (a prompt can be hundreds of characters)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
 
 
 def _c2pa():
@@ -57,6 +64,7 @@ class Credentials:
 def load_credentials(cert_path: str | Path, key_path: str | Path, now: datetime | None = None) -> Credentials:
     """Read and check --c2pa-cert and --c2pa-key; SigningError naming the file and the fix."""
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -83,6 +91,15 @@ def load_credentials(cert_path: str | Path, key_path: str | Path, now: datetime 
         raise SigningError(f"The signing certificate {leaf.subject.rfc4514_string()} in --c2pa-cert {cert_path} is "
                            "self-signed. C2PA's certificate profile asks for a signing certificate issued by a CA "
                            "(with the CA certificate after it in the file); get one issued, e.g. by your organisation's CA.")
+    for number, (cert, issuer) in enumerate(zip(chain, chain[1:]), start=1):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            raise SigningError(f"--c2pa-cert {cert_path}: certificate {number} ({cert.subject.rfc4514_string()}) is not "
+                               f"issued by certificate {number + 1} ({issuer.subject.rfc4514_string()}): its issuer name "
+                               "or signature does not match, so no one could validate the signatures. Put the CA "
+                               "certificate that issued each certificate right after it: the signing certificate "
+                               "first, then its issuing CA, and so on.") from None
     for cert in chain:
         name = cert.subject.rfc4514_string()
         if cert.not_valid_after_utc < now:
@@ -232,8 +249,8 @@ def c2pa_problems(check: C2paCheck, stamp: Stamp, trusted_only: bool) -> list[st
     if check.generation is None:
         problems.append(f"C2PA manifest has no {GENERATION_LABEL} assertion")
     else:
-        expected = {"job_id": stamp.job_id, "image_seed": stamp.image_seed, "model": stamp.model}
-        for key, value in expected.items():
-            if check.generation.get(key) != value:
-                problems.append(f"C2PA {key} is {json.dumps(check.generation.get(key))}, the manifest says {json.dumps(value)}")
+        for key, value in stamp.model_dump().items():  # the whole stamp the file was signed with
+            got = check.generation.get(key)
+            if got != value:
+                problems.append(f"C2PA {key} is {_short(got)}, the manifest says {_short(value)}")
     return problems

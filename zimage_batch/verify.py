@@ -1,9 +1,11 @@
 """Check delivered files against their manifest: present, unaltered, and carrying their provenance.
 
-For every output of every record: the file is there, its SHA-256 is the manifest's, its embedded
-XMP (IPTC DigitalSourceType) and A1111 parameters name the record's job id, image seed and
-model, and a C2PA manifest, when the file has one, validates. Files that no record lists are
-reported too. Reads only; writes nothing.
+For every output of every record: the path stays inside the run's folder, the file is there, its
+SHA-256 is the manifest's, its embedded XMP (IPTC DigitalSourceType) and A1111 parameters agree with
+every field of the record's stamp (prompt, seeds, settings, model, ...), and a C2PA manifest, when the
+file has one, validates and its generation assertion agrees the same way. Files that no record lists
+are reported too. A run still writing to the folder, or stopped before it finished, is refused first.
+Reads only; writes nothing.
 
 Where the files are is a ``Location`` (read one file, list all files): ``LocalFolder`` for a
 run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/prefix``.
@@ -12,9 +14,10 @@ run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/p
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
 
 from .errors import DeliveryError, ManifestError, SigningError
@@ -36,10 +39,17 @@ class Location(Protocol):
         """How to name it in messages."""
 
     def read(self, relpath: str) -> bytes | None:
-        """A file's bytes by path relative to the run's output root; None when it is not there."""
+        """A file's bytes by path relative to the run's output root; None when it is not there (or
+        ``relpath`` leads outside the root). OSError when it is there but cannot be read."""
 
     def list(self) -> Iterator[str]:
         """Every file's path relative to the root, "/"-separated."""
+
+
+def outside(relpath: str) -> bool:
+    """Whether a manifest path leads outside the run's folder (absolute, or with a '..' part)."""
+    path = PurePosixPath(relpath)
+    return path.is_absolute() or ".." in path.parts
 
 
 class LocalFolder:
@@ -52,8 +62,28 @@ class LocalFolder:
         return str(self.root)
 
     def read(self, relpath: str) -> bytes | None:
+        if outside(relpath):
+            return None
         path = self.root / relpath
         return path.read_bytes() if path.is_file() else None
+
+    def lock_holder(self) -> str | None:
+        """Who holds the folder's run lock (a run writing to it right now), or None."""
+        import fcntl
+
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDONLY)
+        except OSError:  # no lock file: no run has ever taken it
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once below; a run holds it exclusively
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        except OSError:  # a file system without flock: cannot tell
+            return None
+        finally:
+            os.close(fd)
+        return None
 
     def list(self) -> Iterator[str]:
         for path in sorted(self.root.rglob("*")):
@@ -124,15 +154,23 @@ def open_s3(uri: str) -> S3Prefix:
     from .deliver import S3Destination, connect
 
     try:
-        return S3Prefix(S3Destination.parse(uri), connect())
+        dest = S3Destination.parse(uri)
+    except DeliveryError as exc:  # a malformed URI is a bad path (exit 2), not an S3 prefix that cannot be read
+        raise ManifestError(f"Cannot verify {uri}: {str(exc).removeprefix(f'--dest {uri!r}: ')}") from None
+    try:
+        return S3Prefix(dest, connect())
     except DeliveryError as exc:  # its messages speak of --dest; say what they mean here
         raise DeliveryError(f"Cannot verify {uri}: {str(exc).removeprefix(f'--dest {uri!r}: ')}") from None
 
 
 def read_manifest(location: Location) -> dict[str, ManifestRecord]:
     """The location's manifest records (newest per job), checked against the schema."""
-    data = location.read(MANIFEST)
     source = f"{location.describe().rstrip('/')}/{MANIFEST}"
+    try:
+        data = location.read(MANIFEST)
+    except OSError as exc:
+        raise ManifestError(f"{source} cannot be read ({exc.strerror or exc}). Check its permissions, or pass the "
+                            "--out folder of a `zimage-batch run`.") from None
     if data is None:
         raise ManifestError(f"{source} does not exist. Pass the --out folder of a `zimage-batch run`.")
     try:
@@ -170,18 +208,15 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     """Check every output of every record in the location's manifest, then look for unlisted files."""
     if trust_anchors is not None:
         check_trust_anchors(trust_anchors)  # an empty trust file would otherwise require no signature at all
+    check_finished(location)
     records = read_manifest(location)
-    unfinished = [path for path in location.list() if path.startswith(PARTS)]
-    if unfinished:
-        raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
-                            f"{len(unfinished)} in all). Rerun the same `zimage-batch run` command to finish it, then verify.")
     report = Report(location.describe(), len(records))
     listed = set()
     for record in records.values():
         for output in record.outputs:
             listed.add(output.path)
             report.files += 1
-            finding = check_file(record, output.path, output.sha256, location.read(output.path), trust_anchors, report)
+            finding = check_output(location, record, output.path, output.sha256, trust_anchors, report)
             if finding is not None:
                 report.findings.append(finding)
     for path in location.list():
@@ -190,11 +225,40 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     return report
 
 
+def check_finished(location: Location) -> None:
+    """ManifestError when a run is still writing to the location, or stopped before it finished."""
+    holder = location.lock_holder() if isinstance(location, LocalFolder) else None
+    if holder is not None:
+        raise ManifestError(f"{location.describe()} is being written by a zimage-batch run right now ({holder}; it holds "
+                            f"{LOCK}). Verify once that run has finished.")
+    unfinished = [path for path in location.list() if path.startswith(PARTS)]
+    if unfinished:
+        raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
+                            f"{len(unfinished)} in all). Rerun the same `zimage-batch run` command to finish it, then verify.")
+
+
+def check_output(location: Location, record: ManifestRecord, path: str, sha256: str, trust_anchors: bytes | None,
+                 report: Report) -> Finding | None:
+    """Why one output a record lists does not hold, or None: its path and bytes, then ``check_file``."""
+    if outside(path):
+        return Finding(path, "missing", f"outside the run folder: the manifest record of job {record.job_id} names an "
+                                        "absolute path or one with '..'; the record is damaged (restore manifest.jsonl)")
+    try:
+        data = location.read(path)
+    except OSError as exc:  # e.g. a name too long for the file system, or no permission
+        return Finding(path, "unreadable", f"cannot be read ({exc.strerror or exc})")
+    return check_file(record, path, sha256, data, trust_anchors, report)
+
+
 def check_file(record: ManifestRecord, path: str, sha256: str, data: bytes | None, trust_anchors: bytes | None,
                report: Report) -> Finding | None:
     """Why one output file does not hold, or None."""
     if data is None:
         return Finding(path, "missing", "missing")
+    if record.image_seed is None:  # the schema allows it; only a failed job, which has no files, should have it
+        return Finding(path, "metadata", f"the manifest record of job {record.job_id} lists this file but has no "
+                                         f"image_seed (status {record.status}); the record is damaged "
+                                         "(restore manifest.jsonl)")
     digest = hashlib.sha256(data).hexdigest()
     try:
         embedded = read_embedded(data)
