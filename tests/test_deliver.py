@@ -572,3 +572,13 @@ def test_two_runs_publishing_at_once_lose_no_line(s3, tmp_path):
     third = Uploader(dest, connect(), tmp_path / "c")
     third.publish([make_record(tmp_path / "c", 5)], b"{}")  # never read: If-None-Match fails, it reads and merges
     assert len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 5
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_delivered_jobs_keep_their_signing_and_the_run_says_so(dest_config, s3, certificates):
+    run_flow(dest_config)
+    keys = {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")}
+    signed = dest_config.model_copy(update={"c2pa_cert": str(certificates["chain"]), "c2pa_key": str(certificates["key"])})
+    summary = run_flow(signed)
+    assert (summary.generated, summary.skipped, summary.kept_signature, summary.delivery_conflicts) == (0, 3, 3, 0)
+    assert {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")} == keys

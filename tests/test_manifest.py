@@ -130,7 +130,7 @@ PARQUET_COLUMNS = [
                                     ("checksum_crc32", pa.string()), ("mtime_ns", pa.int64())]))),
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
-    ("delivery", pa.string()), ("delivery_error", pa.string()),
+    ("delivery", pa.string()), ("delivery_error", pa.string()), ("c2pa_signer", pa.string()),
 ]
 
 # A record as schema version 1 wrote it (before 'background'), from a run of the core pipeline.
@@ -155,8 +155,8 @@ def test_schema_describes_exactly_the_record_fields():
     schema = json.loads(SCHEMA_PATH.read_text())
     assert set(schema["properties"]) == set(ManifestRecord.model_fields)
     assert set(schema["required"]) == set(ManifestRecord.model_fields) - {"background", "worker", "delivery", "delivery_error",
-                                                                        "precision"}
-    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 4
+                                                                        "precision", "c2pa_signer"}
+    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 5
     outputs = schema["properties"]["outputs"]["items"]
     assert set(outputs["properties"]) == set(OutputFile.model_fields)
     assert set(outputs["required"]) == set(OutputFile.model_fields) - {"uri", "etag", "checksum_crc32", "mtime_ns"}
@@ -164,7 +164,7 @@ def test_schema_describes_exactly_the_record_fields():
 
 def test_new_records_follow_the_schema_and_carry_background():
     data = json.loads(record(job(background="white")).model_dump_json())
-    assert schema_problems(data) == [] and data["schema_version"] == 4 and data["background"] == "white"
+    assert schema_problems(data) == [] and data["schema_version"] == 5 and data["background"] == "white"
     del data["background"]
     assert schema_problems(data) == ["'background' is a required property"]
 

@@ -123,7 +123,7 @@ def test_an_int8_run_records_its_precision_and_reproduces_with_it(tmp_path, capf
     err = capfd.readouterr().err
     assert code == 0 and err == "", err  # quiet: no torchao or torch notices either
     (record,) = read_jsonl(out / MANIFEST)
-    assert record["precision"] == "fp32+int8-weights" and record["schema_version"] == 4
+    assert record["precision"] == "fp32+int8-weights" and record["schema_version"] == 5
     code, stdout, _ = reproduce_cli(capfd, out, "--job", record["job_id"], "--out", tmp_path / "repro")
     assert code == 0 and ": byte-identical" in stdout and "precision" not in stdout  # the recorded precision was used
 

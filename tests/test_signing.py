@@ -207,3 +207,28 @@ def test_run_with_bad_credentials_stops_before_anything(case, phrase, certificat
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.startswith("error: ") and phrase in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_rerun_with_other_signing_makes_the_images_again_signed_as_it_asks(tmp_path, certificates, capsys,
+                                                                               small_catalog, scene_template):
+    """Finished jobs used to be skipped whatever the signing: a folder then mixed unsigned files into a signed run."""
+    out = tmp_path / "out"
+    unsigned = ["run", str(small_catalog), "-t", str(scene_template), "--model", "simulated:0", "--out", str(out), "-q"]
+    signed = [*unsigned, "--c2pa-cert", str(certificates["chain"]), "--c2pa-key", str(certificates["key"])]
+    fingerprint = load_credentials(certificates["chain"], certificates["key"]).fingerprint
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64
+
+    def signers() -> set:
+        return {json.loads(line)["c2pa_signer"] for line in (out / MANIFEST).read_text().splitlines()}
+
+    assert main(unsigned) == 0 and signers() == {None}
+    capsys.readouterr()
+    assert main(signed) == 0
+    stdout = capsys.readouterr().out
+    assert "Re-signed: 3 job(s)" in stdout and json.loads((out / "run.json").read_text())["generated"] == 3
+    assert signers() == {fingerprint}
+    assert verify_cli(capsys, out, "--c2pa-trust", certificates["ca"])[0] == 0
+    assert main(signed) == 0 and "Re-signed" not in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["skipped"] == 3
+    assert main(unsigned) == 0 and signers() == {None}  # and back: the run asked for unsigned files

@@ -599,6 +599,13 @@ def print_summary(summary) -> None:
     if summary.removed:
         shown = ", ".join(summary.removed[:10]) + (f" ... ({len(summary.removed)} in all)" if len(summary.removed) > 10 else "")
         print(f"Removed:  {len(summary.removed)} product(s) no longer in the catalog: {shown} (their images are kept; see run.json)")
+    if summary.re_signed:
+        print(f"Re-signed: {summary.re_signed} job(s) made earlier with other C2PA signing (or none) were made again, "
+              f"so their files are signed as this run signs.")
+    if summary.kept_signature:
+        print(f"\nnote: {summary.kept_signature} job(s) delivered earlier with other C2PA signing (or none) keep it: "
+              f"delivered files are never overwritten. Deliver to a new prefix to have them signed as this run signs.",
+              file=sys.stderr)
     if summary.dest:
         print_delivery(summary)
     _print_problems(summary.problems, summary.row_problems, listed_in="run.json")

@@ -39,7 +39,7 @@ MANIFEST_PARQUET = "manifest.parquet"
 PARTS = ".parts"
 RUN_JSON = "run.json"  # the run's summary, beside the manifest
 REPORT_HTML = "report.html"  # the run's contact sheet
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA_PATH = Path(__file__).resolve().parent / "manifest.schema.json"  # shipped with the package
 
 
@@ -102,6 +102,7 @@ class ManifestRecord(BaseModel):
     created_at: str
     delivery: Literal["delivered", "conflict", "failed"] | None = None  # None: no --dest, or not tried yet
     delivery_error: str | None = None
+    c2pa_signer: str | None = None  # schema v5: "sha256:<hex>" of the certificate that signed its files; None: unsigned
 
     @classmethod
     def for_job(cls, job: Job, **fields) -> ManifestRecord:
@@ -163,10 +164,12 @@ def read_records(path: Path, strict: bool = False) -> tuple[list[ManifestRecord]
     return records, ignored
 
 
-def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False) -> bool:
-    """True when the record finished the job ("ok" or "rejected") and its files are there, unaltered
-    (size and mtime as recorded, else the SHA-256; ``verify``: always the SHA-256)."""
-    if record is None or record.status == "failed":
+def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False,
+                signed_by: str | None = None) -> bool:
+    """True when the record finished the job ("ok" or "rejected"), its files are there, unaltered
+    (size and mtime as recorded, else the SHA-256; ``verify``: always the SHA-256), and they are
+    signed as this run signs (``signed_by``: the certificate's fingerprint, None: unsigned)."""
+    if record is None or record.status == "failed" or record.c2pa_signer != signed_by:
         return False
     if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
         return False
@@ -256,9 +259,9 @@ class Manifest:
     def part_files(self) -> list[Path]:
         return sorted((self.out / PARTS).glob("*.jsonl"))
 
-    def is_done(self, job: Job, store: LocalStore, verify: bool = False) -> bool:
-        """True when the job finished ("ok" or "rejected") and its files are there, unaltered."""
-        return record_done(self.records.get(job.job_id), job, store, verify)
+    def is_done(self, job: Job, store: LocalStore, verify: bool = False, signed_by: str | None = None) -> bool:
+        """True when the job finished ("ok" or "rejected"), its files are there, unaltered, signed as asked."""
+        return record_done(self.records.get(job.job_id), job, store, verify, signed_by)
 
     def append(self, record: ManifestRecord) -> None:
         """Add a record (to this process's own part) and make it durable before returning."""

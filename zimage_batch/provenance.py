@@ -597,6 +597,11 @@ class Sealer:
     software: str
     signer: object | None = None  # a signing.C2paSigner
 
+    @property
+    def signed_by(self) -> str | None:
+        """The signing certificate's fingerprint (``sha256:<hex>``), or None: files are not signed."""
+        return None if self.signer is None else self.signer.credentials.fingerprint
+
     def seal(self, data: bytes, stamp: Stamp, title: str) -> bytes:
         """The final bytes of one file (hash these, not the encoder's output)."""
         sealed = embed(data, stamp)

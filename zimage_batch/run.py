@@ -93,6 +93,8 @@ class RunPlan:
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
     removed: list[str] = field(default_factory=list)
     recovered: int = 0  # jobs an interrupted run delivered but never journaled: adopted from their sidecars
+    re_signed: int = 0  # jobs done earlier but signed otherwise (or not): made again to be signed as this run signs
+    kept_signature: int = 0  # jobs delivered earlier, signed otherwise: delivered files are never overwritten
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -157,7 +159,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     uploader = open_uploader(config, manifest)
     remote = uploader.read_records() if uploader is not None else {}
     recovered = uploader.recover() if uploader is not None else 0  # before planning: those jobs count as done
-    planned = skipped = pending = rows = to_deliver = 0
+    planned = skipped = pending = rows = to_deliver = re_signed = kept_signature = 0
+    signed_by = sealer_for(config).signed_by
     problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
     skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
@@ -178,16 +181,20 @@ def plan_run(config: RunConfig) -> RunPlan:
                 rows += 1
                 last_row = (item.catalog, item.row)
             local = manifest.records.get(item.job_id)
-            if uploader is not None and (is_delivered(remote.get(item.job_id), item, uploader.dest)
-                                         or is_delivered(local, item, uploader.dest)):
+            delivered = next((r for r in (remote.get(item.job_id), local) if uploader is not None
+                              and is_delivered(r, item, uploader.dest)), None)
+            if delivered is not None:
                 skipped += 1  # done at the destination, by this machine or another
+                kept_signature += delivered.status == "ok" and delivered.c2pa_signer != signed_by
                 continue
-            if manifest.is_done(item, store, config.verify_files):
+            if manifest.is_done(item, store, config.verify_files, signed_by):
                 skipped += 1
                 if uploader is not None and local.status == "ok":
                     uploader.submit(local)
                     to_deliver += 1
                 continue
+            if local is not None and record_done(local, item, store, config.verify_files, local.c2pa_signer):
+                re_signed += 1  # finished, but its files are signed otherwise: made again
             pending += 1
             f.write(item.to_json() + "\n")
     delivery = DeliveryReport()
@@ -196,7 +203,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         uploader.close()
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
-                   time.perf_counter() - start, to_deliver, delivery, removed, recovered)
+                   time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
@@ -252,7 +259,8 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     store = LocalStore(config.out)
     part = ManifestPart(config.out, f"shard-{index:06d}")
     earlier = part.records()
-    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store, config.verify_files)]
+    signed_by = sealer_for(config).signed_by
+    todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store, config.verify_files, signed_by)]
     if not todo:
         return ShardResult()
     engine = engine_for(config)
@@ -303,6 +311,8 @@ class RunSummary(BaseModel):
     manifest_uri: str | None = None  # the destination's manifest.jsonl, once published
     delivered: int = 0  # jobs whose images reached the destination in this run
     recovered: int = 0  # jobs an interrupted run had delivered without journaling them: adopted, not made again
+    re_signed: int = 0  # jobs done earlier, signed otherwise (or unsigned): made again to be signed as this run signs
+    kept_signature: int = 0  # jobs delivered earlier, signed otherwise: they keep it (delivered files are never overwritten)
     delivery_conflicts: int = 0
     delivery_failed: int = 0
     uploaded_files: int = 0
@@ -352,7 +362,8 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT_HTML),
-        prompts_cut=total.prompts_cut, recovered=plan.recovered,
+        prompts_cut=total.prompts_cut, recovered=plan.recovered, re_signed=plan.re_signed,
+        kept_signature=plan.kept_signature,
     )
     report = write_report(config.out, this_run, summary)
     if config.dest:

@@ -191,6 +191,7 @@ def finish(item: Generated, store: LocalStore, device: str, presets: Mapping[str
     sealer = sealer or default_sealer()
     seconds = {"postprocess": 0.0, "store": 0.0}
     common = dict(attempts=item.attempts, batch_size=item.batch_size, device=device, precision=precision,
+                  c2pa_signer=sealer.signed_by,
                   worker=worker_name(), seconds=round(item.seconds, 4))
     if item.image is None:
         return ManifestRecord.for_job(job, status="failed", reasons=[item.reason], image_seed=None, outputs=[], **common), seconds

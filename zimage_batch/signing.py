@@ -59,13 +59,14 @@ class Credentials:
     alg: str
     subject: str
     not_after: datetime
+    fingerprint: str = ""  # "sha256:<hex>" of the signing certificate (DER): what manifest records name
 
 
 def load_credentials(cert_path: str | Path, key_path: str | Path, now: datetime | None = None) -> Credentials:
     """Read and check --c2pa-cert and --c2pa-key; SigningError naming the file and the fix."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     now = now or datetime.now(timezone.utc)
@@ -117,7 +118,8 @@ def load_credentials(cert_path: str | Path, key_path: str | Path, now: datetime 
     else:
         raise SigningError(f"--c2pa-key {key_path}: C2PA signs with EC P-256/384/521, Ed25519 or RSA keys; "
                            f"this is a {type(key).__name__}.")
-    return Credentials(chain_pem, key_pem, alg, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc)
+    fingerprint = "sha256:" + leaf.fingerprint(hashes.SHA256()).hex()
+    return Credentials(chain_pem, key_pem, alg, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc, fingerprint)
 
 
 def read_pem(path: str | Path, flag: str) -> bytes:
