@@ -392,3 +392,10 @@ def test_excel_header_quirks_get_accurate_messages(tmp_path):
     double_bom = tmp_path / "bom2.csv"
     double_bom.write_bytes(("\ufeffsku,title\nA1,red\n").encode("utf-8-sig"))
     assert Catalog(double_bom).columns == ["sku", "title"]
+
+
+def test_a_sku_excel_turned_into_scientific_notation_is_a_row_problem(tmp_path):
+    path = write_csv(tmp_path / "c.csv", ["sku", "title"], [["1.23457E+11", "a"], ["123456789012", "b"], ["E+11", "c"]])
+    items = list(Catalog(str(path)).rows())
+    assert isinstance(items[0], RowProblem) and "scientific notation" in items[0].message and items[0].sku == "1.23457E+11"
+    assert [i.sku for i in items[1:]] == ["123456789012", "E+11"] and all(isinstance(i, Row) for i in items[1:])

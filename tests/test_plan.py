@@ -228,3 +228,17 @@ def test_plan_exits_2_when_no_job_was_planned(tmp_path, capsys):
     assert main(["plan", str(empty), "-t", str(broken)]) == 2
     assert "No job was planned: the catalogs have no rows." in capsys.readouterr().err
     assert main(["plan", str(cat), "-t", str(write_template(tmp_path / "ok.j2", "{{ title }}"))]) == 0
+
+
+def test_a_column_the_template_guards_may_be_missing_from_the_catalog(tmp_path):
+    """The row-level advice says to guard a column with `is defined`; a catalog without it must then plan."""
+    cat = write_csv(tmp_path / "cat.csv", ["sku", "title"], [["A1", "mug"], ["A2", "cup"]])
+    guarded = write_template(tmp_path / "guarded.j2", "A {{ title }}{% if color is defined %}, {{ color }}{% endif %}, "
+                             "made of {{ material | default('steel') }}")
+    jobs = plan([cat], [guarded])
+    assert [j.prompt for j in jobs] == ["A mug, made of steel", "A cup, made of steel"]
+    colored = write_csv(tmp_path / "colored.csv", ["sku", "title", "color"], [["B1", "lamp", "red"]])
+    assert [j.prompt for j in plan([colored], [guarded])] == ["A lamp, red, made of steel"]
+    unguarded = write_template(tmp_path / "plain.j2", "A {{ title }}, {{ color }}")
+    with pytest.raises(PlanError, match="has no column 'color'"):
+        plan([cat], [unguarded])

@@ -52,6 +52,7 @@ OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a header that 
 FIELD_LIMIT = 64 * 1024 * 1024  # the longest CSV value (the csv module's default, 128 KiB, is too short for HTML)
 BOM = b"\xef\xbb\xbf"
 _CHINESE = re.compile("[\u3400-\u9fff]")
+_SCIENTIFIC = re.compile(r"\d(?:[.,]\d+)?E\+\d+", re.IGNORECASE)  # 1.23457E+11: Excel's view of a long numeric sku
 _GB_PAIRS = re.compile(b"(?:[\x00-\x7f]|[\x81-\xfe][\x80-\xfe])*")  # GB18030 text whose characters are all 2-byte
 
 
@@ -392,6 +393,11 @@ class Catalog:
             clean[key] = value
         if "sku" not in clean:
             return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
+        if isinstance(clean["sku"], str) and _SCIENTIFIC.fullmatch(clean["sku"]):
+            return RowProblem(self.name, number, f"sku {clean['sku']!r} looks like a number Excel turned into "
+                              f"scientific notation, which also rounds it (two products can end up with one sku). "
+                              f"Format the sku column as Text in Excel, re-enter those skus and export again.",
+                              clean["sku"])
         return Row(self.name, number, clean)
 
 

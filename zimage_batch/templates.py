@@ -130,6 +130,7 @@ class Template:
     variables: frozenset[str]
     _body: jinja2.Template
     _negative: jinja2.Template | str  # a plain string when it has no Jinja tags
+    optional: frozenset[str] = frozenset()  # variables the template guards (is defined, | default)
 
     @cached_property
     def dimensions(self) -> tuple[int, int]:
@@ -149,8 +150,9 @@ class Template:
         return self.settings.variant_contexts()
 
     def required_columns(self) -> set[str]:
-        """Catalog columns the body needs (names not given by the template itself)."""
-        provided = set(BUILTIN_NAMES)
+        """Catalog columns the body needs (names not given by the template itself, nor optional:
+        tested with ``is defined`` or given a ``default``)."""
+        provided = set(BUILTIN_NAMES) | self.optional
         for ctx in self.settings.variant_contexts():
             provided |= set(ctx)
         return set(self.variables) - provided
@@ -177,6 +179,14 @@ def _split_front_matter(text: str) -> tuple[str, str, int]:
         if line.strip() == "---":
             return "".join(lines[1:i]), "".join(lines[i + 1 :]), i + 2
     raise ValueError("the front matter opened with '---' on line 1 is never closed by a '---' line")
+
+
+def _optional(parsed: nodes.Template) -> frozenset[str]:
+    """Names the template itself guards: ``x is defined`` / ``is undefined``, or ``x | default(...)``.
+    A catalog without such a column is fine; a row without the value renders the guarded branch."""
+    tested = [node.node for node in parsed.find_all(nodes.Test) if node.name in ("defined", "undefined")]
+    defaulted = [node.node for node in parsed.find_all(nodes.Filter) if node.name in ("default", "d")]
+    return frozenset(node.name for node in tested + defaulted if isinstance(node, nodes.Name))
 
 
 def _syntax_error(where: str, at: str, exc: jinja2.TemplateSyntaxError) -> TemplateError:
@@ -260,6 +270,7 @@ def load_template(path: str | Path) -> Template:
         sha256=hashlib.sha256(raw).hexdigest(),
         settings=settings,
         variables=frozenset(variables),
+        optional=_optional(parsed) | _optional(parsed_negative),
         _body=compiled,
         _negative=negative,
     )
