@@ -138,7 +138,7 @@ def test_a_dead_run_is_resumable_from_the_journal_parts(s3, tmp_path):
     other.close()
 
 
-def test_what_a_dead_shard_delivered_but_never_journaled_is_adopted_from_its_sidecars(s3, tmp_path):
+def test_what_a_dead_shard_delivered_but_never_journaled_is_adopted_from_its_sidecars(s3, tmp_path, monkeypatch):
     from zimage_batch.shard import image_prefix
 
     records = [make_record(tmp_path, seed) for seed in range(3)]
@@ -157,10 +157,15 @@ def test_what_a_dead_shard_delivered_but_never_journaled_is_adopted_from_its_sid
     assert fresh.recover() == 3
     assert {r.job_id: r.delivery for r in fresh.remote.values()} == {r.job_id: "delivered" for r in records}
     parts = s3.keys(f"{PREFIX}/manifest.parts/")
-    assert len(parts) == 1 and parts[0].endswith(".jsonl")  # the adopted records, journaled; the marker is gone
+    # the adopted records, journaled; the marker stays: it names a job never delivered, so its shard may still run
+    assert sorted(p.rsplit(".", 1)[1] for p in parts) == ["jsonl", "open"]
     later = Uploader(dest, connect(), tmp_path / "later")
     assert set(later.read_records()) == {r.job_id for r in records} and later.recover() == 0
-    for uploader in (fresh, later):
+    monkeypatch.setattr(deliver, "MARKER_TTL", -1)  # a day later: the marker is a dead shard's
+    last = Uploader(dest, connect(), tmp_path / "last")
+    last.read_records()
+    assert last.recover() == 0 and [p.rsplit(".", 1)[1] for p in s3.keys(f"{PREFIX}/manifest.parts/")] == ["jsonl"]
+    for uploader in (fresh, later, last):
         uploader.close()
 
 
@@ -582,3 +587,41 @@ def test_delivered_jobs_keep_their_signing_and_the_run_says_so(dest_config, s3, 
     summary = run_flow(signed)
     assert (summary.generated, summary.skipped, summary.kept_signature, summary.delivery_conflicts) == (0, 3, 3, 0)
     assert {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")} == keys
+
+
+class _Raw:
+    """The body of a canned S3 response, as botocore reads it."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+@pytest.mark.parametrize("status, code, written", [(501, "NotImplemented", "unconditional"), (409, "ConditionalRequestConflict", "merged")])
+def test_publish_on_servers_without_if_match_and_on_a_conditional_race(s3, tmp_path, status, code, written):
+    """A server without If-Match (501) gets the manifest written as before; a 409 race is read and merged like a 412."""
+    from botocore.awsrequest import AWSResponse
+
+    dest = S3Destination(s3.bucket, PREFIX)
+    first = Uploader(dest, connect(), tmp_path / "a")
+    first.publish([make_record(tmp_path / "a", 1)], b"{}")
+    client = connect()
+    refused = []
+
+    def refuse_conditional(request, **_):
+        if "If-Match" in request.headers and not refused:
+            refused.append(request.url)
+            body = f"<Error><Code>{code}</Code><Message>no</Message></Error>".encode()
+            return AWSResponse(request.url, status, {"Content-Type": "application/xml"}, _Raw(body))
+        return None
+
+    client.meta.events.register("before-send.s3.PutObject", refuse_conditional)
+    second = Uploader(dest, client, tmp_path / "b", attempts=1)
+    second.read_records()
+    second.publish([make_record(tmp_path / "b", 2)], b"{}")
+    assert refused and len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 2
+    assert second.unconditional == (written == "unconditional")
+    for uploader in (first, second):
+        uploader.close()

@@ -625,7 +625,7 @@ def print_delivery(summary) -> None:
           f"to {summary.dest}; {summary.delivery_conflicts} conflict(s), {summary.delivery_failed} failed.")
     if summary.recovered:
         print(f"Recovered: {summary.recovered} job(s) an interrupted run had delivered without recording them "
-              f"there; their sidecars are now in the manifest, and they were not made again.")
+              f"there: adopted from their sidecars, not made again.")
     if summary.manifest_uri:
         print(f"Published: {summary.manifest_uri} (and run.json)")
     if summary.delivery_problems:

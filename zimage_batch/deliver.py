@@ -51,6 +51,7 @@ from .plan import Job
 
 PARTS = "manifest.parts/"
 MARKER = ".open"  # manifest.parts/<uploader>.open: the jobs a shard may deliver before it journals them
+MARKER_TTL = 24 * 3600  # a marker older than this is a dead shard's, whatever it names
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_CACHE = "no-cache"
 METADATA_LIMIT = 2048  # bytes of user metadata (keys + values) AWS allows per object
@@ -232,9 +233,10 @@ class Uploader:
         self._journal: list[ManifestRecord] = []
         self._parts_read: list[str] = []
         self._parts_written: list[str] = []
-        self._markers_read: list[str] = []  # in-flight markers of other uploaders (see ``recover``)
+        self._markers_read: dict[str, float] = {}  # in-flight markers of other uploaders -> age in s (``recover``)
         self._manifest_etag: str | None = None  # manifest.jsonl's ETag when read_records read it; None: none there
         self._conditions: dict[str, dict[str, str]] = {}  # If-Match / If-None-Match for a mutable key's next write
+        self.unconditional = False  # publish wrote manifest.jsonl without If-Match: the server lacks it
         self._marker: str | None = None  # this uploader's (see ``begin``)
         self._journal_failed = False
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
@@ -263,7 +265,7 @@ class Uploader:
 
     def read_records(self) -> dict[str, ManifestRecord]:
         """The destination's records (``manifest.jsonl`` plus parts of runs that did not finish), kept in ``remote``."""
-        self._parts_read, self._markers_read = [], []
+        self._parts_read, self._markers_read = [], {}
         try:
             manifest, self._manifest_etag = self._get(self.dest.key(MANIFEST))
             texts = [manifest]
@@ -272,7 +274,7 @@ class Uploader:
                 for item in page.get("Contents", []):
                     if item["Key"].endswith(MARKER):
                         if item["Key"] != self._marker:
-                            self._markers_read.append(item["Key"])
+                            self._markers_read[item["Key"]] = time.time() - item["LastModified"].timestamp()
                         continue
                     self._parts_read.append(item["Key"])
                     texts.append(self._get(item["Key"])[0])
@@ -304,32 +306,45 @@ class Uploader:
 
         For every job an in-flight marker of another uploader names and no record shows delivered, a
         sidecar under the marker's prefix is the job's record: sidecars are written only once all of a
-        job's images are acknowledged. Found records are journaled (and kept in ``remote``), then the
-        markers read are removed. Call after ``read_records``."""
-        found = 0
+        job's images are acknowledged. Found records are journaled (and kept in ``remote``). A marker is
+        removed once every job it names is delivered, or when it is older than ``MARKER_TTL``: until
+        then it may belong to a shard still running (another run's), which removes it itself.
+        Call after ``read_records``."""
         try:
-            for marker in self._markers_read:
-                for line in (self._get(marker)[0] or "").splitlines():
-                    try:
-                        entry = json.loads(line)
-                        job_id, prefix = entry["job_id"], entry["prefix"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a torn marker: its jobs are generated again, as before markers existed
-                    known = self.remote.get(job_id)
-                    if known is not None and known.delivery == "delivered":
-                        continue
-                    record = self._sidecar(job_id, prefix)
-                    if record is not None:
-                        self.remote[job_id] = record
-                        self._journal.append(record)
-                        found += 1
+            entries = {marker: self._marker_entries(marker) for marker in self._markers_read}
+            wanted = {job_id: prefix for jobs in entries.values() for job_id, prefix in jobs.items()
+                      if not self._delivered(job_id)}
+            with ThreadPoolExecutor(16, thread_name_prefix="zb-recover") as pool:
+                found = [r for r in pool.map(lambda item: self._sidecar(*item), wanted.items()) if r is not None]
         except Exception as exc:
             raise DeliveryError(self.explain(exc)) from None
+        for record in found:
+            self.remote[record.job_id] = record
+            self._journal.append(record)
         self._flush_journal(force=True)
         if not self._journal_failed:
-            self._delete(self._markers_read)
-            self._markers_read = []
-        return found
+            self._delete(self._finished_markers(entries, self.remote))
+        return len(found)
+
+    def _finished_markers(self, entries: dict[str, dict[str, str]], records: dict[str, ManifestRecord]) -> list[str]:
+        """The markers whose every job ``records`` show delivered, and those older than ``MARKER_TTL``."""
+        return [marker for marker, jobs in entries.items() if self._markers_read[marker] > MARKER_TTL
+                or all(job_id in records and records[job_id].delivery == "delivered" for job_id in jobs)]
+
+    def _marker_entries(self, marker: str) -> dict[str, str]:
+        """job id -> image key prefix, from an in-flight marker (a torn line is skipped: that job is made again)."""
+        entries = {}
+        for line in (self._get(marker)[0] or "").splitlines():
+            try:
+                entry = json.loads(line)
+                entries[entry["job_id"]] = entry["prefix"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        return entries
+
+    def _delivered(self, job_id: str) -> bool:
+        known = self.remote.get(job_id)
+        return known is not None and known.delivery == "delivered"
 
     def _sidecar(self, job_id: str, prefix: str) -> ManifestRecord | None:
         """The delivered record of ``job_id`` from a sidecar under ``prefix``, if one is there."""
@@ -496,8 +511,12 @@ class Uploader:
                 code, cause = _code(exc), exc
                 last = f"{code}: {exc.response.get('Error', {}).get('Message', '')}"
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in ("PreconditionFailed", "412") and key in self._mutable:
+                conditional = key in self._mutable and key in self._conditions
+                if conditional and code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                     raise _NotDelivered(f"s3://{self.dest.bucket}/{key} was changed by another run", kind="stale") from None
+                if conditional and (code in ("NotImplemented", "501") or status == 501):
+                    raise _NotDelivered(f"{self.endpoint} does not support conditional writes (If-Match)",
+                                        kind="unsupported") from None
                 if code in ("PreconditionFailed", "412") and not exists:
                     exists = True  # compare with what is there, at once
                     continue
@@ -590,6 +609,11 @@ class Uploader:
                     self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
                     break
                 except _NotDelivered as exc:
+                    if exc.kind == "unsupported":  # an S3 server without If-Match: write as before it existed
+                        self._conditions.pop(key)
+                        self.unconditional = True
+                        self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+                        break
                     if exc.kind != "stale":
                         raise
                     self.read_records()  # the other run's manifest (and whatever parts are left), merged next
@@ -603,6 +627,10 @@ class Uploader:
         except _NotDelivered as exc:
             raise DeliveryError(str(exc)) from None
         self._delete(self._parts_read + self._parts_written)
+        try:  # markers of dead shards whose jobs this manifest now holds delivered (this run made them)
+            self._delete(self._finished_markers({m: self._marker_entries(m) for m in self._markers_read}, merged))
+        except Exception:
+            pass  # best effort: the next run's recover removes them
         return self.dest.uri(MANIFEST)
 
 

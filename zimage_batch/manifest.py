@@ -164,12 +164,18 @@ def read_records(path: Path, strict: bool = False) -> tuple[list[ManifestRecord]
     return records, ignored
 
 
+def signed_otherwise(record: ManifestRecord, signed_by: str | None) -> bool:
+    """True when the record's files are C2PA-signed otherwise than ``signed_by`` (None: unsigned).
+    Records before schema 5 do not say how they were signed: never (an upgrade makes nothing again)."""
+    return record.schema_version >= 5 and record.c2pa_signer != signed_by
+
+
 def record_done(record: ManifestRecord | None, job: Job, store: LocalStore, verify: bool = False,
                 signed_by: str | None = None) -> bool:
     """True when the record finished the job ("ok" or "rejected"), its files are there, unaltered
     (size and mtime as recorded, else the SHA-256; ``verify``: always the SHA-256), and they are
     signed as this run signs (``signed_by``: the certificate's fingerprint, None: unsigned)."""
-    if record is None or record.status == "failed" or record.c2pa_signer != signed_by:
+    if record is None or record.status == "failed" or signed_otherwise(record, signed_by):
         return False
     if record.status == "ok" and not set(job.presets) <= {o.preset for o in record.outputs}:
         return False

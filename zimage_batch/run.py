@@ -32,7 +32,8 @@ from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, OutputError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
-from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done, utc_now
+from .manifest import (MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done,
+                       signed_otherwise, utc_now)
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
@@ -185,7 +186,7 @@ def plan_run(config: RunConfig) -> RunPlan:
                               and is_delivered(r, item, uploader.dest)), None)
             if delivered is not None:
                 skipped += 1  # done at the destination, by this machine or another
-                kept_signature += delivered.status == "ok" and delivered.c2pa_signer != signed_by
+                kept_signature += delivered.status == "ok" and signed_otherwise(delivered, signed_by)
                 continue
             if manifest.is_done(item, store, config.verify_files, signed_by):
                 skipped += 1
@@ -193,7 +194,8 @@ def plan_run(config: RunConfig) -> RunPlan:
                     uploader.submit(local)
                     to_deliver += 1
                 continue
-            if local is not None and record_done(local, item, store, config.verify_files, local.c2pa_signer):
+            if local is not None and signed_otherwise(local, signed_by) and record_done(local, item, store,
+                                                                                         config.verify_files, local.c2pa_signer):
                 re_signed += 1  # finished, but its files are signed otherwise: made again
             pending += 1
             f.write(item.to_json() + "\n")
