@@ -242,3 +242,24 @@ def test_killed_after_delivering_a_rerun_from_a_fresh_out_adopts_what_landed(tmp
     remote = [json.loads(line) for line in s3.read("nightly/manifest.jsonl").decode().splitlines()]
     assert len(remote) == len({r["job_id"] for r in remote}) == 10 and {r["delivery"] for r in remote} == {"delivered"}
     assert not s3.keys("nightly/manifest.parts/")  # markers and journal parts all absorbed
+
+
+def test_killed_while_planning_uploads_earlier_images_a_fresh_out_adopts_them(tmp_path, command, s3):
+    """A run without --dest, then one with it: planning uploads the finished images (no generation). Killed
+    there, a rerun from an empty --out adopts what landed, as it does for a shard's uploads."""
+    dest = f"s3://{s3.bucket}/later"
+    local = command("simulated:0", command.scene)
+    proc = start(local, environment(tmp_path))
+    _, stderr = stop(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    crash([*local, "--dest", dest], environment(tmp_path, "deliver.sidecars:3"), tmp_path / "out")
+    landed = {k for k in s3.keys("later/images/") if k.endswith(".json")}
+    assert len(landed) >= 3 and [k for k in s3.keys("later/manifest.parts/") if k.endswith(".open")]
+
+    fresh = [*local[: local.index("--out") + 1], str(tmp_path / "fresh"), *local[local.index("--out") + 2 :], "--dest", dest]
+    proc = start(fresh, environment(tmp_path))
+    _, stderr = stop(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    run = json.loads((tmp_path / "fresh/run.json").read_text())
+    assert (run["recovered"], run["generated"], run["delivery_conflicts"]) == (len(landed), 10 - len(landed), 0)
+    assert not s3.keys("later/manifest.parts/")

@@ -240,3 +240,22 @@ def test_a_rerun_with_other_signing_makes_the_images_again_signed_as_it_asks(tmp
     capsys.readouterr()
     assert main(signed) == 0 and "Re-signed" not in capsys.readouterr().out  # an upgrade makes nothing again
     assert json.loads((out / "run.json").read_text())["skipped"] == 3
+
+
+def test_a_file_signed_otherwise_than_its_record_says_is_named(signed_run, tmp_path, capsys):
+    """A signed file swapped for an unsigned one (hash edited to match) passed when verify had no trust anchors."""
+    out, records = signed_run
+    assert all(r["c2pa_signer"].startswith("sha256:") for r in records)
+    for record in records:
+        record["c2pa_signer"] = None
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1 and stdout.count("carries a C2PA signature, but the manifest says the run did not sign it") == 4
+
+    unsigned = tmp_path / "unsigned"
+    plain = make_run(unsigned)
+    for record in plain:
+        record["c2pa_signer"] = "sha256:" + "ab" * 32
+    (unsigned / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in plain))
+    code, stdout, _ = verify_cli(capsys, unsigned)
+    assert code == 1 and stdout.count("no C2PA signature, but the manifest says the run signed it") == 4

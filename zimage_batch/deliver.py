@@ -237,7 +237,7 @@ class Uploader:
         self._manifest_etag: str | None = None  # manifest.jsonl's ETag when read_records read it; None: none there
         self._conditions: dict[str, dict[str, str]] = {}  # If-Match / If-None-Match for a mutable key's next write
         self.unconditional = False  # publish wrote manifest.jsonl without If-Match: the server lacks it
-        self._marker: str | None = None  # this uploader's (see ``begin``)
+        self._markers: list[str] = []  # this uploader's (see ``begin``)
         self._journal_failed = False
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
         self._fatal: str | None = None
@@ -273,7 +273,7 @@ class Uploader:
             for page in paginator.paginate(Bucket=self.dest.bucket, Prefix=self.dest.key(PARTS)):
                 for item in page.get("Contents", []):
                     if item["Key"].endswith(MARKER):
-                        if item["Key"] != self._marker:
+                        if item["Key"] not in self._markers:
                             self._markers_read[item["Key"]] = time.time() - item["LastModified"].timestamp()
                         continue
                     self._parts_read.append(item["Key"])
@@ -290,16 +290,16 @@ class Uploader:
         return self.remote
 
     def begin(self, prefixes: dict[str, str]) -> None:
-        """Before the first upload, write this uploader's in-flight marker: the jobs it may deliver (job
-        id -> the key prefix of its images under the destination). ``drain`` removes it once their
-        records are journaled; a marker left behind tells the next run where to look (``recover``)."""
-        key = self.dest.key(f"{PARTS}{self._run_id}{MARKER}")
+        """Before uploading these jobs, write an in-flight marker naming them (job id -> the key prefix of
+        its images under the destination). ``drain`` removes this uploader's markers once their records
+        are journaled; a marker left behind tells the next run where to look (``recover``)."""
+        key = self.dest.key(f"{PARTS}{self._run_id}-{len(self._markers):06d}{MARKER}")
         body = "".join(json.dumps({"job_id": job_id, "prefix": prefix}) + "\n" for job_id, prefix in prefixes.items())
         try:
             self._put(key, body.encode("utf-8"), "application/x-ndjson", {}, cache_control=NO_CACHE)
         except _NotDelivered:
             return  # the uploads will meet the same trouble and report it; without a marker only recovery is lost
-        self._marker = key
+        self._markers.append(key)
 
     def recover(self) -> int:
         """Adopt what shards that died delivered but never journaled; returns how many jobs.
@@ -396,9 +396,9 @@ class Uploader:
             while self._running:
                 self._cond.wait()
         self._flush_journal(force=True)
-        if self._marker is not None and not self._journal_failed:
-            self._delete([self._marker])
-            self._marker = None
+        if self._markers and not self._journal_failed:
+            self._delete(self._markers)
+            self._markers = []
         return self.report
 
     def close(self) -> None:

@@ -32,8 +32,8 @@ from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, OutputError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
-from .manifest import (MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, library_versions, record_done,
-                       signed_otherwise, utc_now)
+from .manifest import (MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, ManifestRecord, library_versions,
+                       record_done, signed_otherwise, utc_now)
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .deliver import Uploader
 
 MAX_LISTED_PROBLEMS = 1000
+UPLOAD_BATCH = 64  # finished records planning uploads under one in-flight marker
 
 
 class RunConfig(BaseModel):
@@ -161,6 +162,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     remote = uploader.read_records() if uploader is not None else {}
     recovered = uploader.recover() if uploader is not None else 0  # before planning: those jobs count as done
     planned = skipped = pending = rows = to_deliver = re_signed = kept_signature = 0
+    waiting: list[tuple[Job, ManifestRecord]] = []
     signed_by = sealer_for(config).signed_by
     problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
@@ -191,8 +193,10 @@ def plan_run(config: RunConfig) -> RunPlan:
             if manifest.is_done(item, store, config.verify_files, signed_by):
                 skipped += 1
                 if uploader is not None and local.status == "ok":
-                    uploader.submit(local)
+                    waiting.append((item, local))  # done here, never delivered: uploaded now, not made again
                     to_deliver += 1
+                    if len(waiting) >= UPLOAD_BATCH:
+                        _hand_over(uploader, waiting)
                 continue
             if local is not None and signed_otherwise(local, signed_by) and record_done(local, item, store,
                                                                                          config.verify_files, local.c2pa_signer):
@@ -201,6 +205,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             f.write(item.to_json() + "\n")
     delivery = DeliveryReport()
     if uploader is not None:
+        _hand_over(uploader, waiting)
         delivery = uploader.drain()
         uploader.close()
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
@@ -209,6 +214,15 @@ def plan_run(config: RunConfig) -> RunPlan:
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
+
+
+def _hand_over(uploader: Uploader, waiting: list[tuple[Job, ManifestRecord]]) -> None:
+    """Upload these finished records, under an in-flight marker naming their jobs (see ``Uploader.begin``)."""
+    if waiting:
+        uploader.begin({job.job_id: image_prefix(job) for job, _ in waiting})
+        for _, record in waiting:
+            uploader.submit(record)
+        waiting.clear()
 
 
 @contextmanager

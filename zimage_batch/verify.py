@@ -288,7 +288,12 @@ def _check_signature(record: ManifestRecord, path: str, data: bytes, trust_ancho
                      report: Report) -> Finding | None:
     from .signing import c2pa_problems, has_c2pa, read_c2pa
 
-    if not has_c2pa(data) and trust_anchors is None:
+    signed = has_c2pa(data)
+    if record.schema_version >= 5 and bool(record.c2pa_signer) != signed:  # records before v5 do not say
+        said = f"signed it (certificate {record.c2pa_signer})" if record.c2pa_signer else "did not sign it"
+        return Finding(path, "signature", f"{'no' if not signed else 'carries a'} C2PA signature, but the manifest "
+                                          f"says the run {said}")
+    if not signed and trust_anchors is None:
         return None
     try:
         check = read_c2pa(data, trust_anchors)
