@@ -285,3 +285,26 @@ def test_a_scheduler_lost_mid_run_is_a_clear_error_and_the_same_command_resumes(
     records = read_jsonl(out / "manifest.jsonl")
     assert sorted(r["sku"] for r in records) == [f"L-{i:02d}" for i in range(24)]  # each once
     assert len(list((out / "images").rglob("*.png"))) == 24 and not (out / ".parts").exists()
+
+
+def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp_path):
+    from distributed import LocalCluster
+
+    from zimage_batch.cluster import ClusterError, cluster_workers
+
+    script = tmp_path / "slow_import.py"  # a worker whose import of the flow hangs (here: 30 s)
+    script.write_text(
+        "import sys, time\n"
+        "class Slow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'flows.catalog_images':\n"
+        "            time.sleep(30)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Slow())\n"
+    )
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+                      preload=[str(script)]) as cluster:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=r"did not answer whether they can run .*no answer in 2 s"):
+            cluster_workers(cluster.scheduler_address, check_timeout=2)
+        assert time.monotonic() - started < 20

@@ -29,7 +29,7 @@ class ClusterError(ZImageBatchError):
     """The Dask cluster cannot be reached or started."""
 
 
-def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
+def cluster_workers(address: str, timeout: float = 10.0, check_timeout: float = 120.0) -> tuple[int, bool]:
     """(workers, every worker has a GPU resource) of a running scheduler whose workers can run
     this version's shards; raises ClusterError."""
     from distributed import Client
@@ -50,16 +50,19 @@ def cluster_workers(address: str, timeout: float = 10.0) -> tuple[int, bool]:
         if not workers:
             raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} "
                                f"--nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
-        check_workers(client, address)
+        check_workers(client, address, check_timeout)
     return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
 
 
-def check_workers(client, address: str) -> None:
+def check_workers(client, address: str, timeout: float = 120.0) -> None:
     """Raise ClusterError naming the workers that cannot run this version of the shard task.
 
     A worker without the package (or with another version) cannot unpickle a shard; Dask then
     drops its connection and the shard waits forever. So each worker is asked first, with a
-    function sent by value that needs nothing but the standard library."""
+    function sent by value that needs nothing but the standard library; workers that do not
+    answer within ``timeout`` seconds (an import that hangs) are an error too."""
+    import threading
+
     from . import __version__
 
     def probe() -> str:
@@ -71,10 +74,23 @@ def check_workers(client, address: str) -> None:
         except Exception as exc:  # any import failure is the answer, not an error here
             return f"{type(exc).__name__}: {exc}"
 
-    try:
-        answers = client.run(probe, on_error="return")
-    except (OSError, TimeoutError) as exc:
-        raise ClusterError(f"The Dask workers at {address} did not answer ({type(exc).__name__}: {exc}).") from None
+    asked: dict = {}
+
+    def ask() -> None:  # in a daemon thread: Client.run has no timeout of its own
+        try:
+            asked["answers"] = client.run(probe, on_error="return")
+        except Exception as exc:
+            asked["error"] = exc
+
+    thread = threading.Thread(target=ask, name="zb-check-workers", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "answers" not in asked:
+        why = (f"{type(asked['error']).__name__}: {asked['error']}" if "error" in asked
+               else f"no answer in {timeout:.0f} s; a worker may be stuck importing its packages")
+        raise ClusterError(f"The Dask workers at {address} did not answer whether they can run zimage-batch "
+                           f"shards ({why}). Check the workers' logs, or restart them.")
+    answers = asked["answers"]
     wrong = {worker: answer for worker, answer in answers.items() if answer != f"ok {__version__}"}
     if wrong:
         listed = "; ".join(f"{worker}: {_said(answer)}" for worker, answer in sorted(wrong.items()))
