@@ -625,3 +625,19 @@ def test_publish_on_servers_without_if_match_and_on_a_conditional_race(s3, tmp_p
     assert second.unconditional == (written == "unconditional")
     for uploader in (first, second):
         uploader.close()
+
+
+def test_a_retried_shard_uploads_what_its_dead_attempt_made_but_did_not_deliver(dest_config, s3):
+    """A worker died after making a shard's images, before their uploads: the retried shard skipped the jobs
+    as done and nothing uploaded them in that run (the run still exited 0)."""
+    from zimage_batch.plan import plan_jobs
+    from zimage_batch.run import check_run, run_shard
+
+    config = dest_config.model_copy(update={"model": "simulated:0"})
+    jobs = [j for j in plan_jobs(check_run(config))]
+    first = run_shard(config.model_copy(update={"dest": None}), 0, jobs)  # the attempt that "died" before uploading
+    assert first.generated == 3 and not s3.keys(f"{PREFIX}/images/")
+    retried = run_shard(config, 0, jobs)
+    assert (retried.generated, retried.delivery.delivered, retried.delivery.conflicts) == (0, 3, 0)
+    assert len([k for k in s3.keys(f"{PREFIX}/images/") if not k.endswith(".json")]) == 3
+    assert not [k for k in s3.keys(f"{PREFIX}/manifest.parts/") if k.endswith(".open")]

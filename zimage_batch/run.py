@@ -270,19 +270,20 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
     """Generate, post-process, store and record one shard on this process's engine.
 
     Records go to the shard's own manifest part; if the shard runs again (its worker died), the
-    jobs that part shows finished are skipped, so every job ends up in the manifest exactly once.
+    jobs that part shows finished are skipped, so every job ends up in the manifest exactly once;
+    with ``--dest``, those of them not delivered yet are uploaded now.
     """
     store = LocalStore(config.out)
     part = ManifestPart(config.out, f"shard-{index:06d}")
     earlier = part.records()
     signed_by = sealer_for(config).signed_by
     todo = [job for job in jobs if not record_done(earlier.get(job.job_id), job, store, config.verify_files, signed_by)]
-    if not todo:
+    making = {job.job_id for job in todo}
+    undelivered = [(job, earlier[job.job_id]) for job in jobs if config.dest and job.job_id not in making
+                   and earlier[job.job_id].status == "ok" and earlier[job.job_id].delivery != "delivered"]
+    if not todo and not undelivered:
         return ShardResult()
-    engine = engine_for(config)
     uploader = open_uploader(config, part)
-    if uploader is not None:  # says at the destination which jobs may land there before they are journaled
-        uploader.begin({job.job_id: image_prefix(job) for job in todo})
 
     def on_record(record) -> None:
         progress.emit("record", record)
@@ -290,9 +291,15 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
             uploader.submit(record)  # uploads run beside the next batch's generation
 
     try:
-        result = process_shard(todo, engine, store, part, batch_size=config.batch_size,
-                               max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
-                               on_record=on_record, sealer=sealer_for(config))
+        if uploader is not None:  # says at the destination which jobs may land there before they are journaled
+            uploader.begin({job.job_id: image_prefix(job) for job in [*todo, *(job for job, _ in undelivered)]})
+            for _, record in undelivered:  # the dead attempt made them; its uploads did not finish
+                uploader.submit(record)
+        result = ShardResult()
+        if todo:
+            result = process_shard(todo, engine_for(config), store, part, batch_size=config.batch_size,
+                                   max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
+                                   on_record=on_record, sealer=sealer_for(config))
         if uploader is not None:
             result.delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
         return result
