@@ -641,3 +641,18 @@ def test_a_retried_shard_uploads_what_its_dead_attempt_made_but_did_not_deliver(
     assert (retried.generated, retried.delivery.delivered, retried.delivery.conflicts) == (0, 3, 0)
     assert len([k for k in s3.keys(f"{PREFIX}/images/") if not k.endswith(".json")]) == 3
     assert not [k for k in s3.keys(f"{PREFIX}/manifest.parts/") if k.endswith(".open")]
+
+
+def test_records_this_version_cannot_read_are_written_back_not_dropped(s3, tmp_path):
+    """A newer zimage-batch publishing to the same prefix writes records this one cannot validate."""
+    newer = json.loads(make_record(tmp_path / "n", 7).model_dump_json())
+    newer.update(schema_version=99, a_future_field="x")
+    unreadable = {**newer, "job_id": "from-a-newer-version", "status": "superseded"}  # fails validation here
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/manifest.jsonl",
+                         Body=(json.dumps(newer) + "\n" + json.dumps(unreadable) + "\n{torn").encode())
+    uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path)
+    assert set(uploader.read_records()) == {newer["job_id"]}  # still counts as delivered for planning
+    uploader.publish([make_record(tmp_path, 1)], b"{}")
+    lines = read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))
+    assert len(lines) == 3 and lines[0] == newer and lines[2] == unreadable  # the torn line alone is gone
+    uploader.close()

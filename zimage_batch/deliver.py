@@ -46,7 +46,7 @@ from pydantic import ValidationError
 
 from . import crashpoints
 from .errors import DeliveryError
-from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, ManifestRecord, OutputFile, utc_now
+from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, SCHEMA_VERSION, ManifestRecord, OutputFile, utc_now
 from .plan import Job
 
 PARTS = "manifest.parts/"
@@ -234,6 +234,7 @@ class Uploader:
         self._parts_read: list[str] = []
         self._parts_written: list[str] = []
         self._markers_read: dict[str, float] = {}  # in-flight markers of other uploaders -> age in s (``recover``)
+        self._foreign: dict[str, str] = {}  # job id -> a destination line this version cannot read, kept as it is
         self._manifest_etag: str | None = None  # manifest.jsonl's ETag when read_records read it; None: none there
         self._conditions: dict[str, dict[str, str]] = {}  # If-Match / If-None-Match for a mutable key's next write
         self.unconditional = False  # publish wrote manifest.jsonl without If-Match: the server lacks it
@@ -265,7 +266,7 @@ class Uploader:
 
     def read_records(self) -> dict[str, ManifestRecord]:
         """The destination's records (``manifest.jsonl`` plus parts of runs that did not finish), kept in ``remote``."""
-        self._parts_read, self._markers_read = [], {}
+        self._parts_read, self._markers_read, self._foreign = [], {}, {}
         try:
             manifest, self._manifest_etag = self._get(self.dest.key(MANIFEST))
             texts = [manifest]
@@ -285,9 +286,21 @@ class Uploader:
                 try:
                     record = ManifestRecord.model_validate_json(line)
                 except ValidationError:
-                    continue  # a line we cannot read is work to redo, not a reason to stop
+                    self._keep_foreign(line)  # a line we cannot read is work to redo, not a reason to stop
+                    continue
                 self.remote[record.job_id] = newest(self.remote.get(record.job_id), record)
+                if record.schema_version > SCHEMA_VERSION and self.remote[record.job_id] is record:
+                    self._foreign[record.job_id] = line  # a newer version's: its fields this one drops are kept
         return self.remote
+
+    def _keep_foreign(self, line: str) -> None:
+        """Keep a record this version cannot read (a newer version's) to write back as it is in ``publish``."""
+        try:
+            job_id = json.loads(line).get("job_id")
+        except (ValueError, AttributeError):
+            return  # a torn line: damage, not a record
+        if isinstance(job_id, str):
+            self._foreign[job_id] = line
 
     def begin(self, prefixes: dict[str, str]) -> None:
         """Before uploading these jobs, write an in-flight marker naming them (job id -> the key prefix of
@@ -603,7 +616,10 @@ class Uploader:
                 merged = dict(self.remote)
                 for record in local:
                     merged[record.job_id] = newest(merged.get(record.job_id), record)
-                body = "".join(r.model_dump_json() + "\n" for r in merged.values()).encode("utf-8")
+                lines = [self._foreign[r.job_id] if r is self.remote.get(r.job_id) and r.job_id in self._foreign
+                         else r.model_dump_json() for r in merged.values()]
+                lines += [line for job_id, line in self._foreign.items() if job_id not in merged]  # never dropped
+                body = "".join(line + "\n" for line in lines).encode("utf-8")
                 self._conditions[key] = {"IfMatch": self._manifest_etag} if self._manifest_etag else {"IfNoneMatch": "*"}
                 try:
                     self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
