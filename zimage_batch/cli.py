@@ -326,8 +326,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"Jobs written to {args.jobs}.")
     _print_problems(summary.problems, summary.problem_count)
     if summary.jobs == 0:  # as `run` says it: a plan with no job is no success
-        why = f"all {summary.problem_count} row(s) have problems (listed above)" if summary.problem_count else "the catalogs have no rows"
-        print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)
+        _print_no_job(summary.problem_count)
         return 2
     return 0
 
@@ -614,8 +613,7 @@ def print_summary(summary) -> None:
               f"tokens; the text encoder read only its start. Shorten those prompts, or raise max_sequence_length "
               f"in the template's front matter (up to 1024).", file=sys.stderr)
     if summary.planned == 0:
-        why = f"all {summary.row_problems} row(s) have problems (listed above)" if summary.row_problems else "the catalogs have no rows"
-        print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)
+        _print_no_job(summary.row_problems)
     if summary.failed:
         print(f"\n{summary.failed} job(s) failed; see status 'failed' in the manifest. Rerun the same command to retry them.", file=sys.stderr)
 
@@ -634,6 +632,11 @@ def print_delivery(summary) -> None:
             print(f"  - {problem}", file=sys.stderr)
         if len(summary.delivery_problems) > 20:
             print(f"  ... and {len(summary.delivery_problems) - 20} more (listed in run.json).", file=sys.stderr)
+
+
+def _print_no_job(row_problems: int) -> None:
+    why = f"all {row_problems} row(s) have problems (listed above)" if row_problems else "the catalogs have no rows"
+    print(f"\nNo job was planned: {why}. Fix the catalog or the templates and run again.", file=sys.stderr)
 
 
 def _print_problems(problems: list[str], count: int, listed_in: str | None = None) -> None:

@@ -326,7 +326,7 @@ class Uploader:
         try:
             entries = {marker: self._marker_entries(marker) for marker in self._markers_read}
             wanted = {job_id: prefix for jobs in entries.values() for job_id, prefix in jobs.items()
-                      if not self._delivered(job_id)}
+                      if not _delivered(self.remote, job_id)}
             with ThreadPoolExecutor(16, thread_name_prefix="zb-recover") as pool:
                 found = [r for r in pool.map(lambda item: self._sidecar(*item), wanted.items()) if r is not None]
         except Exception as exc:
@@ -342,7 +342,7 @@ class Uploader:
     def _finished_markers(self, entries: dict[str, dict[str, str]], records: dict[str, ManifestRecord]) -> list[str]:
         """The markers whose every job ``records`` show delivered, and those older than ``MARKER_TTL``."""
         return [marker for marker, jobs in entries.items() if self._markers_read[marker] > MARKER_TTL
-                or all(job_id in records and records[job_id].delivery == "delivered" for job_id in jobs)]
+                or all(_delivered(records, job_id) for job_id in jobs)]
 
     def _marker_entries(self, marker: str) -> dict[str, str]:
         """job id -> image key prefix, from an in-flight marker (a torn line is skipped: that job is made again)."""
@@ -354,10 +354,6 @@ class Uploader:
             except (ValueError, KeyError, TypeError):
                 continue
         return entries
-
-    def _delivered(self, job_id: str) -> bool:
-        known = self.remote.get(job_id)
-        return known is not None and known.delivery == "delivered"
 
     def _sidecar(self, job_id: str, prefix: str) -> ManifestRecord | None:
         """The delivered record of ``job_id`` from a sidecar under ``prefix``, if one is there."""
@@ -685,6 +681,11 @@ def s3_problem(exc: BaseException, bucket: str, needs: str) -> str:
         return f"the server answered {code}: {exc.response.get('Error', {}).get('Message', '')}"
     return (f"could not reach the endpoint ({type(exc).__name__}). Check AWS_ENDPOINT_URL (unset means AWS itself), "
             f"that the server is running, and the network.")
+
+
+def _delivered(records: dict[str, ManifestRecord], job_id: str) -> bool:
+    known = records.get(job_id)
+    return known is not None and known.delivery == "delivered"
 
 
 def _code(exc) -> str:

@@ -582,11 +582,13 @@ def _newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _short(value: str | None, limit: int = 80) -> str:
-    """A value for a message: quoted, and cut in the middle when long (a prompt can be hundreds of characters)."""
-    if value is None:
-        return "absent"
-    text = repr(value)
+def _short(value: str | None) -> str:
+    """A value for a message: quoted, and cut in the middle when long; "absent" for None."""
+    return "absent" if value is None else cut_middle(repr(value))
+
+
+def cut_middle(text: str, limit: int = 80) -> str:
+    """``text`` cut in the middle when longer than ``limit`` (a prompt can be hundreds of characters)."""
     return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
 
 

@@ -25,17 +25,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SigningError
-from .provenance import DIGITAL_SOURCE_TYPE, Stamp, sniff_format
+from .provenance import DIGITAL_SOURCE_TYPE, Stamp, cut_middle, sniff_format
 
 GENERATION_LABEL = "zimage-batch.generation"
 MIME_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "AVIF": "image/avif"}
 _UNTRUSTED = "signingCredential.untrusted"
 
 
-def _short(value: object, limit: int = 80) -> str:
-    """A value as JSON for a message, cut in the middle when long (a prompt can be hundreds of characters)."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+def _short(value: object) -> str:
+    """A value as JSON for a message, cut in the middle when long."""
+    return cut_middle(json.dumps(value, ensure_ascii=False))
 
 
 def _c2pa():

@@ -210,6 +210,28 @@ def locked(root: str | Path) -> Iterator[None]:
 _HELD: set[Path] = set()  # folders whose lock this process holds
 
 
+def lock_holder(root: str | Path) -> str | None:
+    """Who holds the folder's lock (a run writing to it right now), or None: nobody, or no flock here."""
+    try:
+        fd = os.open(Path(root) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: no run holds it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once below; a run holds it exclusively
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:  # a file system without flock: cannot tell
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _holder(fd: int) -> str:
+    """What the holder of a lock wrote into the lock file (``locked``): its pid and host."""
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+
+
 def _take(path: Path) -> int | None:
     """An open descriptor of ``path`` holding its exclusive flock; OutputError naming the holder when
     another process has it; None where the file system has no flock."""
@@ -221,7 +243,7 @@ def _take(path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise OutputError(
                 f"--out {path.parent} is in use by another zimage-batch run ({holder}; it holds {path.name}). Two "

@@ -14,7 +14,6 @@ run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/p
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -24,7 +23,7 @@ from .errors import DeliveryError, ManifestError, SigningError
 from .manifest import MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, ManifestRecord, load_records
 from .provenance import disagreements, read_embedded
 from .signing import check_trust_anchors
-from .store import LOCK
+from .store import LOCK, lock_holder
 
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
 BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML, LOCK})
@@ -66,24 +65,6 @@ class LocalFolder:
             return None
         path = self.root / relpath
         return path.read_bytes() if path.is_file() else None
-
-    def lock_holder(self) -> str | None:
-        """Who holds the folder's run lock (a run writing to it right now), or None."""
-        import fcntl
-
-        try:
-            fd = os.open(self.root / LOCK, os.O_RDONLY)
-        except OSError:  # no lock file: no run has ever taken it
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once below; a run holds it exclusively
-        except BlockingIOError:
-            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-        except OSError:  # a file system without flock: cannot tell
-            return None
-        finally:
-            os.close(fd)
-        return None
 
     def list(self) -> Iterator[str]:
         for path in sorted(self.root.rglob("*")):
@@ -227,7 +208,7 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
 
 def check_finished(location: Location) -> None:
     """ManifestError when a run is still writing to the location, or stopped before it finished."""
-    holder = location.lock_holder() if isinstance(location, LocalFolder) else None
+    holder = lock_holder(location.root) if isinstance(location, LocalFolder) else None
     if holder is not None:
         raise ManifestError(f"{location.describe()} is being written by a zimage-batch run right now ({holder}; it holds "
                             f"{LOCK}). Verify once that run has finished.")
