@@ -54,12 +54,13 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     workers, gpu_resource = cluster.shape(config)
     limit = cluster.in_flight(config, workers)
     results, waiting = [], deque()
-    for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
-        with cluster.gpu_annotation(gpu_resource):
-            waiting.append(generate_shard.submit(config, index, shard))
-        while len(waiting) >= limit:
-            results.append(collect(waiting.popleft(), tracker))
-    results.extend(collect(future, tracker) for future in waiting)
+    with run.removed_on_failure(the_plan.pending_file):  # e.g. a model that fails to load leaves no spool behind
+        for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
+            with cluster.gpu_annotation(gpu_resource):
+                waiting.append(generate_shard.submit(config, index, shard))
+            while len(waiting) >= limit:
+                results.append(collect(waiting.popleft(), tracker))
+        results.extend(collect(future, tracker) for future in waiting)
     summary = finish(config, the_plan, results, started_at, wall_start)
     publish_summary(summary)
     return summary

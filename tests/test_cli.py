@@ -217,6 +217,39 @@ def test_a_run_with_a_problem_in_every_row_fails_and_a_catalog_line_that_cannot_
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "b").exists()  # no plan spool, no lock, no folder
 
+    model = tmp_path / "models/broken"  # a pipeline folder without its weights: it fails to load, after planning
+    model.mkdir(parents=True)
+    (model / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}', encoding="utf-8")
+    done = subprocess.run([str(Path(sys.executable).parent / "zimage-batch"), "run", str(CATALOGS / "demo.csv"), "-t", WHITE,
+                           "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 3 and "broken could not be loaded" in done.stderr and "complete diffusers" in done.stderr
+    assert "Traceback" not in done.stderr and "loading" in done.stderr
+    assert not (tmp_path / "m").exists()  # the plan's spool is removed
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_model_loads_after_planning_and_only_when_there_is_something_to_make(tmp_path, capsys, monkeypatch):
+    from zimage_batch import generate
+
+    monkeypatch.setattr(generate, "_ENGINES", {})  # nothing loaded in this process yet, as in a fresh one
+    rows = [[f"S{i}", f"Mug {i}", "red", "mug", "clay"] for i in range(3000)]
+    deep = tmp_path / "deep.csv"
+    deep.write_bytes(write_csv(tmp_path / "ok.csv", ["sku", "title", "color", "kind", "material"], rows).read_bytes()
+                     + b"S9999,Caf\xe9 mug,red,mug,clay\n")  # Latin-1 on the last line, far past what the checks read
+    code, _, err = run_cli(capsys, "run", deep, "-t", WHITE, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "o")
+    assert code == 2 and "deep.csv: line 3002 is not UTF-8" in err, err
+    assert generate._ENGINES == {} and "Loaded" not in err and not (tmp_path / "o").exists()
+
+    args = ["run", CATALOGS / "demo.csv", "-t", WHITE, "--model", "tiny-random", "--device", "cpu", "--size", "256x256",
+            "--limit", "2", "--out", tmp_path / "o"]
+    code, _, err = run_cli(capsys, *args)
+    assert code in (0, 1) and "Loaded tiny-random on cpu in" in err, err
+    monkeypatch.setattr(generate, "_ENGINES", {})
+    code, out, err = run_cli(capsys, *args)  # nothing to make: no model is loaded
+    assert code == 0 and "2 skipped" in out and "0 pipeline load(s)" in out and "Loaded" not in err
+    assert generate._ENGINES == {}
+
 
 def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsys):
     cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])

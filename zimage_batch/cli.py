@@ -378,8 +378,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
     """The run itself, once its inputs are checked and its --out is locked."""
-    from .run import engine_for
-
     prefect_environment()
     if config.cluster:
         from .cluster import cluster_workers
@@ -394,20 +392,16 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
             "one (`prefect server start`) and export PREFECT_API_URL=http://HOST:4200/api here and on the workers "
             "(infra/README.md).")
 
-    check_prefect_api()  # a PREFECT_API_URL that does not answer fails here, before the model loads
-    if not args.quiet:
-        print(f"Loading model {args.model} ...", file=sys.stderr)
-        if args.vram_gb is not None:
-            from .generate import memory_profile, pick_device
+    check_prefect_api()  # a PREFECT_API_URL that does not answer fails here, before any output
+    from .generate import fetch_model, memory_profile, pick_device
 
-            where = "" if config.cluster or pick_device(config.device) != "cpu" else "; on the CPU it saves no memory"
-            print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}{where}.", file=sys.stderr)
-    if config.workers or config.cluster:
-        from .generate import pick_device
-
-        device = pick_device(config.device)  # workers load the pipeline themselves
-    else:
-        device = engine_for(config).device  # fail fast, before any output
+    device = pick_device(config.device)
+    if not args.quiet and args.vram_gb is not None:
+        where = "" if config.cluster or device != "cpu" else "; on the CPU it saves no memory"
+        print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}{where}.", file=sys.stderr)
+    if not config.cluster:  # a cluster's workers have their own caches
+        fetch_model(config.model)  # an unreachable model fails here, before any output
+    # the pipeline loads when the first shard needs it: after planning, so a run with nothing to make loads none
     from flows.catalog_images import run_catalog
 
     from . import progress

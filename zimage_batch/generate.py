@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import progress
 from .errors import ModelError
 from .models import DEFAULT_MODEL, ModelRef, resolve_model
 from .plan import Job
@@ -475,12 +476,31 @@ def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: Engin
     key = (ref.identity, device, options)
     with _LOCK:
         if key not in _ENGINES:
+            progress.emit("loading", f"{model} on {device}")
             start = time.perf_counter()
             pipe = configure(_load_pipeline(ref, device), device, options)
             load_id = f"{socket.gethostname()}:{os.getpid()}:{len(_ENGINES)}"
             _ENGINES[key] = Engine(pipe, device, ref, time.perf_counter() - start, load_id, options)
             _LOADS += 1
+            progress.emit("loaded", _ENGINES[key].load_seconds)
         return _ENGINES[key]
+
+
+def fetch_model(model: str) -> None:
+    """Have the model's files at hand without loading them: a hub model not in the Hugging Face cache
+    is downloaded (as loading would), the offline test model is built. A run calls this before it
+    writes anything, so an unreachable model stops it there; the pipeline loads when a shard needs it."""
+    ref = resolve_model(model)
+    if ref.kind == "tiny":
+        tiny_random_path()
+    elif ref.kind == "hub":
+        quiet_libraries()
+        from diffusers import DiffusionPipeline
+
+        try:
+            DiffusionPipeline.download(ref.source)  # what from_pretrained fetches, nothing more
+        except Exception as exc:  # hub, network and file errors come in many types
+            raise ModelError(_load_failure(ref, exc)) from None
 
 
 def quiet_libraries() -> None:

@@ -14,7 +14,8 @@ _listeners: list[Callable[[str, Any], None]] = []
 
 
 def emit(event: str, value: Any = None) -> None:
-    """Tell every listener: ``("planned", RunPlan)``, ``("record", ManifestRecord)``, ``("delivered", ManifestRecord)``."""
+    """Tell every listener: ``("planned", RunPlan)``, ``("loading", "MODEL on DEVICE")``, ``("loaded", seconds)``,
+    ``("record", ManifestRecord)``, ``("delivered", ManifestRecord)``."""
     for listener in list(_listeners):
         listener(event, value)
 
@@ -39,6 +40,7 @@ class ProgressBar:
         self._task = None
         self._counts = {"ok": 0, "rejected": 0, "failed": 0}
         self._deliveries = {"delivered": 0, "conflict": 0, "failed": 0}
+        self._loading = ""  # the model being loaded, as "MODEL on DEVICE"
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
@@ -72,6 +74,14 @@ class ProgressBar:
         elif event == "record" and self._task is not None:
             self._counts[value.status] += 1
             self._advance(1)
+        elif event == "loading":
+            self._loading = value
+            if self._task is not None:
+                self._progress.update(self._task, status=f"loading {value} ...")
+        elif event == "loaded":
+            self._progress.console.print(f"Loaded {self._loading} in {value:.1f} s.")
+            if self._task is not None:
+                self._progress.update(self._task, status=self._status())
         elif event == "delivered" and self._task is not None:
             self._deliveries[value.delivery] += 1
             self._progress.update(self._task, status=self._status())

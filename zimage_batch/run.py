@@ -170,7 +170,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     Path(config.out).mkdir(parents=True, exist_ok=True)
     # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
     fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f, _removed_on_failure(spool):
+    with os.fdopen(fd, "w", encoding="utf-8") as f, removed_on_failure(spool):
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
                 skus.add(item.sku)
@@ -226,7 +226,7 @@ def _hand_over(uploader: Uploader, waiting: list[tuple[Job, ManifestRecord]]) ->
 
 
 @contextmanager
-def _removed_on_failure(path: str) -> Iterator[None]:
+def removed_on_failure(path: str) -> Iterator[None]:
     """Delete ``path`` when the block fails (e.g. a catalog line that cannot be read stops planning)."""
     try:
         yield
