@@ -497,6 +497,15 @@ def test_verify_checks_a_delivered_prefix_and_names_what_is_wrong(dest_config, s
     out = capsys.readouterr().out
     assert altered.split("/", 2)[2] in out and deleted.split("/", 2)[2] in out and "images/stray.jpg" in out
     assert "ALTERED" in out and "MISSING" in out and "STRAY" in out
+    assert f"{deleted.split('/', 2)[2]}.json" not in out  # the sidecar of a listed file is the delivery's, not a stray
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/images/notes.json", Body=b"{}")
+    assert main(["verify", target]) == 1
+    assert "STRAY      images/notes.json: not in the manifest" in capsys.readouterr().out
+
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/manifest.parts/run-000000.open", Body=b"{}")
+    assert main(["verify", target]) == 2  # a delivery still running, or stopped before it published
+    err = capsys.readouterr().err
+    assert "holds manifest parts of a run that has not finished (manifest.parts/run-000000.open" in err
 
 
 def test_verify_of_a_missing_bucket_is_one_clear_paragraph(s3, capsys):

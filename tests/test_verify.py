@@ -90,6 +90,34 @@ def test_stray_files_are_listed(tmp_path, capsys):
     assert "0 bad file(s), 2 file(s) not in the manifest" in stdout
 
 
+def test_a_record_deleted_from_the_manifest_is_named_from_the_parquet_copy(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = make_run(out)
+    web, amazon = output_path(records, "web"), output_path(records, "amazon_main")
+    kept = [r for r in records if r["outputs"][0]["preset"] == "amazon_main"]  # the scene job's record is deleted ...
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    for output in next(r for r in records if r not in kept)["outputs"]:
+        if output["path"] != web:
+            (out / output["path"]).unlink()  # ... and all its files but one
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1
+    assert f"MISSING    {web}: its record (job id-a mug-1, sku S) was deleted from manifest.jsonl; manifest.parquet" in stdout
+    assert "the file is still here" in stdout and stdout.count("the file is gone too") == 2 and "STRAY" not in stdout
+    assert "FAILED: 1 file(s) of 1 manifest record(s)" in stdout and "3 bad file(s)" in stdout and amazon not in stdout
+
+    (out / "manifest.parquet").write_bytes(b"PAR1 not parquet")
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1 and "UNREADABLE manifest.parquet: is not a manifest.parquet zimage-batch wrote" in stdout
+
+
+def test_a_dangling_link_in_the_folder_is_a_stray(tmp_path, capsys):
+    out = tmp_path / "out"
+    make_run(out)
+    (out / "images/gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    code, stdout, _ = verify_cli(capsys, out)
+    assert code == 1 and "STRAY      images/gone.jpg: not in the manifest" in stdout
+
+
 def test_embedded_metadata_that_disagrees_with_the_manifest_is_named(tmp_path, capsys):
     out = tmp_path / "out"
     records = make_run(out)

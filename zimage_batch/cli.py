@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "provenance (XMP DigitalSourceType, A1111 parameters) agreeing with every field of "
                                         "the record (prompt, seeds, size, steps, model, ...), and a valid C2PA signature "
                                         "whose assertion agrees too, where the file is signed. Also lists files that are "
-                                        "not in the manifest. A run still in progress is named as such. Writes nothing.",
+                                        "not in the manifest, and files of records deleted from manifest.jsonl that "
+                                        "manifest.parquet still holds. A run still in progress is named as such. Writes nothing.",
                             epilog=VERIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("path", metavar="PATH", help="the --out folder of a run, or the s3://BUCKET/PREFIX it delivered to (--dest)")
     verify.add_argument("--c2pa-trust", metavar="PEM", help="trust anchors (CA certificates, PEM): every file must carry a "

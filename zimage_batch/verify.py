@@ -4,8 +4,9 @@ For every output of every record: the path stays inside the run's folder, the fi
 SHA-256 is the manifest's, its embedded XMP (IPTC DigitalSourceType) and A1111 parameters agree with
 every field of the record's stamp (prompt, seeds, settings, model, ...), and a C2PA manifest, when the
 file has one, validates and its generation assertion agrees the same way. Files that no record lists
-are reported too. A run still writing to the folder, or stopped before it finished, is refused first.
-Reads only; writes nothing.
+are reported too, and so are records deleted from a folder's manifest.jsonl that its manifest.parquet
+(written at the end of each run) still holds: zimage-batch never removes a record. A run still writing
+to the location, or stopped before it finished, is refused first. Reads only; writes nothing.
 
 Where the files are is a ``Location`` (read one file, list all files): ``LocalFolder`` for a
 run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/prefix``.
@@ -14,6 +15,7 @@ run's ``--out`` folder, ``S3Prefix`` for what a run delivered to ``s3://bucket/p
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +28,7 @@ from .signing import check_trust_anchors
 from .store import LOCK, lock_holder
 
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
+SIDECAR = ".json"  # at a destination, each delivered file's record beside it: <file>.json
 BOOKKEEPING = frozenset({MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML, LOCK})
 
 Kind = Literal["missing", "altered", "stripped", "metadata", "signature", "unreadable", "stray"]
@@ -68,15 +71,15 @@ class LocalFolder:
 
     def list(self) -> Iterator[str]:
         for path in sorted(self.root.rglob("*")):
-            if path.is_file():
+            if path.is_file() or path.is_symlink() and not path.exists():  # a dangling link is a stray too
                 yield path.relative_to(self.root).as_posix()
 
 
 class S3Prefix:
     """A run delivered to ``s3://bucket/prefix`` (``--dest``), read with the standard AWS settings.
 
-    Sidecars (``<file>.json``, one per delivered image) and journal parts are delivery bookkeeping,
-    not files of the run, so ``list`` leaves them out. A request that fails raises DeliveryError.
+    ``list`` names every object under the prefix, the delivery's bookkeeping too (sidecars
+    ``<file>.json``, ``manifest.parts/``): ``verify`` tells them apart. A request that fails raises DeliveryError.
     """
 
     def __init__(self, dest, client):
@@ -105,10 +108,7 @@ class S3Prefix:
         try:
             for page in pages:
                 for item in page.get("Contents", []):
-                    relpath = item["Key"][start:]
-                    if relpath.endswith(".json") and relpath != RUN_JSON or relpath.startswith("manifest.parts/"):
-                        continue
-                    yield relpath
+                    yield item["Key"][start:]
         except (BotoCoreError, ClientError) as exc:
             raise self.error(exc) from None
 
@@ -200,10 +200,49 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
             finding = check_output(location, record, output.path, output.sha256, trust_anchors, report)
             if finding is not None:
                 report.findings.append(finding)
+    for finding in deleted_records(location, records, listed):
+        report.findings.append(finding)
+    s3 = isinstance(location, S3Prefix)
     for path in location.list():
-        if path not in listed and path not in BOOKKEEPING:
+        sidecar = s3 and path.endswith(SIDECAR) and path.removesuffix(SIDECAR) in listed
+        if path not in listed and path not in BOOKKEEPING and not sidecar:
             report.findings.append(Finding(path, "stray", "not in the manifest"))
     return report
+
+
+def deleted_records(location: Location, records: dict[str, ManifestRecord], listed: set[str]) -> Iterator[Finding]:
+    """A finding per file of each record that manifest.parquet holds and manifest.jsonl no longer does
+    (their paths are added to ``listed``). Parquet is rewritten from manifest.jsonl when a run
+    finishes and no run removes a record, so such a record was deleted by hand since. A destination
+    has no manifest.parquet, and one that cannot be read is a finding of its own."""
+    try:
+        data = location.read(MANIFEST_PARQUET)
+    except OSError as exc:
+        yield Finding(MANIFEST_PARQUET, "unreadable", f"cannot be read ({exc.strerror or exc})")
+        return
+    if data is None:
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(io.BytesIO(data), columns=["job_id", "sku", "outputs"]).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
+        yield Finding(MANIFEST_PARQUET, "unreadable", f"is not a manifest.parquet zimage-batch wrote ({type(exc).__name__})")
+        return
+    for row in rows:
+        if row["job_id"] in records:
+            continue
+        for output in row["outputs"] or []:
+            path = output["path"]
+            listed.add(path)
+            try:
+                there = not outside(path) and location.read(path) is not None
+            except OSError:
+                there = True
+            what = "still here" if there else "gone too"
+            yield Finding(path, "missing", f"its record (job {row['job_id']}, sku {row['sku']}) was deleted from {MANIFEST}; "
+                                           f"{MANIFEST_PARQUET} still holds it and the file is {what}. Restore "
+                                           f"{MANIFEST} from a backup")
 
 
 def check_finished(location: Location) -> None:
@@ -212,10 +251,15 @@ def check_finished(location: Location) -> None:
     if holder is not None:
         raise ManifestError(f"{location.describe()} is being written by a zimage-batch run right now ({holder}; it holds "
                             f"{LOCK}). Verify once that run has finished.")
-    unfinished = [path for path in location.list() if path.startswith(PARTS)]
+    if isinstance(location, LocalFolder):
+        parts = PARTS
+    else:  # a destination's delivered records and in-flight markers not yet published
+        from .deliver import PARTS as parts
+    unfinished = [path for path in location.list() if path.startswith(parts)]
     if unfinished:
         raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
-                            f"{len(unfinished)} in all). Rerun the same `zimage-batch run` command to finish it, then verify.")
+                            f"{len(unfinished)} in all): it is still running, or it stopped before it published its "
+                            f"manifest. Rerun the same `zimage-batch run` command to finish it, then verify.")
 
 
 def check_output(location: Location, record: ManifestRecord, path: str, sha256: str, trust_anchors: bytes | None,
