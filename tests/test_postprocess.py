@@ -149,6 +149,33 @@ def test_grey_product_is_not_mistaken_for_shadow() -> None:
     assert iou_outside_edge(cut.mask, scene.truth) >= 0.97
 
 
+def light_grey_scene(label: bool, size: tuple[int, int] = (1024, 1024)) -> tuple[Image.Image, np.ndarray]:
+    """A flat RGB 200 product with a 6-px soft edge (as a lens or a resize gives), optionally with a blue
+    label: neutral, 46 levels darker than the backdrop and soft, so every pixel looks like a shadow."""
+    h, w = size
+    soft = rounded_rect(size, (h / 2, w / 2), (h * 0.35, w * 0.16), radius=w * 0.04) / 6  # a 6-px ramp, not 1 px
+    grey = np.full((*size, 3), 200.0, dtype=np.float32)
+    image, truth = compose(plain_backdrop(size), coverage(soft), grey, noise=0.0)
+    if label:
+        sticker = coverage(rounded_rect(size, (h / 2, w / 2), (h * 0.12, w * 0.1), radius=4))
+        image, _ = compose(np.asarray(image, dtype=np.float32), sticker, np.array(BOTTLE_BLUE, dtype=np.float32))
+    return image, truth
+
+
+@pytest.mark.parametrize("label", [False, True], ids=["plain", "with a label"])
+def test_a_light_grey_product_with_soft_edges_is_kept_whole(label: bool) -> None:
+    image, truth = light_grey_scene(label)
+    for keep_shadow in (False, True):
+        cut = cut_out_white(image, keep_shadow=keep_shadow)
+        assert cut.problem is None
+        assert iou_outside_edge(cut.mask, truth) >= 0.97  # not just the label, and not "no product"
+    result = process(Source(image), PRESETS["amazon_main"])
+    assert result.status == "ok" and result.fill_ratio == pytest.approx(0.85, abs=0.005)
+    pixels = np.asarray(decode(result.rendered)).astype(int)
+    body = np.abs(pixels[400, 700:1300] - 200)  # a row through the grey body, above the label
+    assert body.mean() <= 3 and body.max() <= 12  # delivered, not whitened
+
+
 def test_kept_shadow_is_soft_grey_and_white_elsewhere() -> None:
     scene = shadow_scene()
     cut = cut_out_white(scene.image, keep_shadow=True)

@@ -254,3 +254,103 @@ def test_make_photos_gives_the_readmes_postprocess_example(tmp_path, capsys) -> 
     code, out, err = run_cli(capsys, "postprocess", *shots, "-p", "amazon_main", "-p", "taobao_main", "--out", tmp_path / "delivered")
     assert code == 1 and "6 ok, 2 rejected, of 8" in out
     assert "photos/poster.png for amazon_main: backdrop_not_uniform" in err
+
+
+def test_a_picture_too_small_to_cut_out_is_rejected_and_the_batch_goes_on(photos, tmp_path, capsys) -> None:
+    tiny = tmp_path / "tiny8.png"
+    bottle_scene((8, 8)).image.save(tiny)
+    strip = tmp_path / "strip.png"
+    bottle_scene((6, 3000), half=(0.3, 0.02)).image.save(strip)
+    out = tmp_path / "o"
+    code, _, stderr = run_cli(capsys, "postprocess", photos["bottle"], tiny, strip, photos["mug"], "-p", "amazon_main",
+                              "-p", "square_1080", "--out", out)
+    assert code == 1 and "Traceback" not in stderr
+    assert f"{tiny} for amazon_main: too_small: the picture is 8x8 px" in stderr
+    assert f"{strip} for amazon_main: too_small: the picture is 3000x6 px" in stderr
+    assert f"{tiny} for square_1080: low_resolution" in stderr
+    records = report(out)
+    assert [(Path(r["input"]).stem, r["status"]) for r in records] == [
+        ("bottle", "ok"), ("bottle", "ok"), ("tiny8", "rejected"), ("tiny8", "rejected"),
+        ("strip", "rejected"), ("strip", "rejected"), ("mug", "ok"), ("mug", "ok")]  # the last input too
+
+
+def test_an_unexpected_error_on_one_picture_is_its_rejection_not_the_batchs_end(photos, tmp_path, capsys, monkeypatch) -> None:
+    import zimage_batch.postprocess_files as files
+
+    real = files.process
+
+    def flaky(source, preset, **kw):
+        if source.image.size == (512, 512):  # the noise picture
+            raise RuntimeError("simulated bug")
+        return real(source, preset, **kw)
+
+    monkeypatch.setattr(files, "process", flaky)
+    out = tmp_path / "o"
+    code, _, stderr = run_cli(capsys, "postprocess", photos["noise"], photos["bottle"], "-p", "web", "--out", out)
+    assert code == 1 and "Traceback" not in stderr
+    assert f"{photos['noise']} for web: processing_failed: processing failed with RuntimeError: simulated bug" in stderr
+    assert [r["status"] for r in report(out)] == ["rejected", "ok"]
+    assert (out / "rejected/web/noise.png").read_bytes() == photos["noise"].read_bytes()  # the input, for review
+
+
+def test_a_stopped_command_leaves_no_stale_report_and_the_next_clears_its_temp_files(photos, tmp_path, capsys, monkeypatch) -> None:
+    import zimage_batch.postprocess_files as files
+
+    out = tmp_path / "o"
+    assert run_cli(capsys, "postprocess", photos["bottle"], photos["mug"], "-p", "web", "--out", out)[0] == 0
+    left = [out / "web" / ".zb-tmp-m52y590j", out / ".zb-tmp-postprocess.jsonl.abc123"]  # as a killed command leaves them
+    for path in left:
+        path.write_bytes(b"\xff\xd8 complete-looking bytes")
+    real, calls = files._deliver, []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(files, "_deliver", interrupted)
+    assert main(["postprocess", str(photos["bottle"]), str(photos["mug"]), "-p", "web", "--out", str(out)]) == 130
+    assert not (out / "postprocess.jsonl").exists()  # the old one described files this command rewrote
+    assert not any(path.exists() for path in left) and not list(out.rglob(".zb-tmp-*"))
+    monkeypatch.setattr(files, "_deliver", real)
+    assert run_cli(capsys, "postprocess", photos["bottle"], photos["mug"], "-p", "web", "--out", out)[0] == 0
+    assert [r["status"] for r in report(out)] == ["ok", "ok"] and not (out / ".zimage-batch.lock").exists()
+
+
+def test_a_folder_another_command_writes_to_is_refused(photos, tmp_path, capsys) -> None:
+    import fcntl
+    import os
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".zimage-batch.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 1 on elsewhere")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, _, stderr = run_cli(capsys, "postprocess", photos["bottle"], "-p", "web", "--out", out)
+    finally:
+        os.close(fd)
+    assert code == 2 and "is in use by another zimage-batch run (pid 1 on elsewhere" in stderr
+    assert not (out / "web").exists()
+
+
+def test_the_report_and_rejected_names_are_reserved_for_presets() -> None:
+    from zimage_batch.postprocess_files import REJECTED, REPORT
+    from zimage_batch.presets import RESERVED_NAMES
+
+    assert {REPORT, REJECTED} == set(RESERVED_NAMES)
+
+
+def test_a_frame_larger_than_the_working_size_is_made_from_the_full_picture(tmp_path, capsys) -> None:
+    columns = np.where(np.arange(5000) % 2 == 0, 0, 255).astype(np.uint8)  # 1-px stripes: any resampling blurs them
+    striped = tmp_path / "striped.png"
+    Image.fromarray(np.repeat(np.tile(columns, (40, 1))[..., None], 3, axis=2)).save(striped)
+    mine = tmp_path / "big.toml"
+    mine.write_text('[wide]\nextends = "png"\nlong_side = 5000\n', encoding="utf-8")
+    out = tmp_path / "o"
+    assert run_cli(capsys, "postprocess", striped, "-p", "wide", "-p", "png", "--presets-file", mine, "--out", out)[0] == 0
+    with Image.open(out / "wide/striped.png") as wide:
+        assert np.array_equal(np.asarray(wide.convert("RGB")), np.asarray(Image.open(striped)))  # not 4096 and back up
+    with Image.open(out / "png/striped.png") as png:
+        assert png.size == (5000, 40)  # the reduction is shared by every preset of the command

@@ -21,7 +21,7 @@ from scenes import (
     shadow_scene,
     shadow_to_edge_scene,
 )
-from zimage_batch.postprocess import PRESETS, SRGB_ICC, REASONS, Source, encode, frame, process
+from zimage_batch.postprocess import PRESETS, SRGB_ICC, REASONS, Processed, Source, encode, frame, process
 
 WHITE_PRESETS = [name for name, preset in PRESETS.items() if preset.white]
 SIZE = (1024, 1024)
@@ -178,6 +178,37 @@ def test_a_product_too_small_to_enlarge_to_the_fill_is_rejected_where_fill_is_bo
     assert process(small, PRESETS["jd_main"]).fill_ratio == pytest.approx(0.85, abs=0.005)  # 800 px: 3.3x is enough
 
 
+@pytest.mark.parametrize("size", [(8, 8), (1, 2), (6, 3000)], ids=["8x8", "2x1", "strip 3000x6"])
+def test_a_picture_too_small_to_have_a_backdrop_ring_is_rejected_not_an_error(size: tuple[int, int]) -> None:
+    source = Source(bottle_scene(size, half=(0.3, 0.02) if size[1] > 100 else (0.35, 0.15)).image)
+    result = process(source, PRESETS["amazon_main"])
+    assert result.reasons == ("too_small",) and result.rendered is None
+    assert f"{size[1]}x{size[0]} px, too small" in result.explain()[0]
+    assert process(source, PRESETS["square_1080"]).reasons == ("low_resolution",)  # its subject() cuts out too
+
+
+def test_enlarging_more_than_max_upscale_is_rejected_for_every_fit() -> None:
+    tiny = Source(bottle_scene((12, 12)).image)
+    for name in ("square_1080", "web", "banner_1200x628"):
+        result = process(tiny, PRESETS[name])
+        assert result.reasons[0] == "low_resolution" and result.rendered is not None  # kept for review
+        explanation = result.explain()[0]
+        assert f"12x12 px; preset {name} would enlarge it" in explanation and "max_upscale of 4x" in explanation
+    assert process(tiny, PRESETS["png"]).status == "ok"  # original size: nothing enlarged
+    at_the_cap = Source(bottle_scene((256, 256)).image)  # 1024 px is exactly 4x
+    assert process(at_the_cap, PRESETS["web"]).status == "ok"
+    assert process(at_the_cap, PRESETS["web"].model_copy(update={"max_upscale": 3.9})).reasons == ("low_resolution",)
+
+
+def test_fill_bounds_that_cannot_be_measured_are_a_rejection_not_a_pass() -> None:
+    poster = Source(Image.fromarray(np.random.default_rng(1).integers(0, 256, (*SIZE, 3), dtype=np.uint8)))
+    strict = PRESETS["square_1080"].model_copy(update={"fill_min": 0.5})
+    result = process(poster, strict)
+    assert result.reasons == ("fill_unmeasured",) and result.fill_ratio is None
+    assert "needs the product to fill 50%-100%" in result.explain()[0]
+    assert process(poster, PRESETS["square_1080"]).status == "ok"  # no bounds asked: nothing to measure
+
+
 def test_fill_bounds_apply_to_resize_presets_too(clean: dict[str, Source]) -> None:
     strict = PRESETS["web"].model_copy(update={"background": "white", "fill_min": 0.8})
     result = process(clean["bottle"], strict)
@@ -216,10 +247,26 @@ def test_a_size_cap_that_cannot_be_met_is_rejected() -> None:
     assert process(textured, png).reasons == ("over_size_cap",)
 
 
+def test_a_noisy_product_over_the_cap_steps_down_instead_of_breaking_the_encoder() -> None:
+    """Pillow gives its optimising JPEG encoder one byte per pixel below quality 95: a noisy product over
+    a 1 MB cap at 1000x1000 broke the encoder ("broken data stream") before the cap was ever tried."""
+    noisy = Source(bottle_scene((1000, 1000), half=(0.425, 0.425), texture=120).image)
+    jd = PRESETS["jd_main"].model_copy(update={"width": 1000, "height": 1000})  # 1 MB: one byte per pixel
+    result = process(noisy, jd)
+    assert result.status == "ok" and result.rendered.quality == 85 and len(result.rendered.data) <= jd.max_bytes
+    at_90 = process(noisy, jd.model_copy(update={"min_quality": 90}))
+    assert at_90.reasons == ("over_size_cap",) and len(at_90.rendered.data) > jd.max_bytes
+    web = process(noisy, PRESETS["web"].model_copy(update={"quality": 92}))  # no cap: just encodes
+    assert web.status == "ok" and len(web.rendered.data) > 1024 * 1000
+
+
 def test_every_reason_has_an_explanation() -> None:
-    codes = {"black", "blank", "non_finite", "backdrop_not_uniform", "no_product", "product_touches_edge",
-             "product_cropped", "fill_out_of_bounds", "border_not_white", "over_size_cap", "unreadable_image"}
+    codes = {"black", "blank", "non_finite", "too_small", "backdrop_not_uniform", "no_product", "product_touches_edge",
+             "product_cropped", "low_resolution", "fill_out_of_bounds", "fill_unmeasured", "border_not_white",
+             "over_size_cap", "unreadable_image", "processing_failed"}
     assert set(REASONS) == codes
+    every = Processed(PRESETS["amazon_main"], tuple(REASONS), None, source_size=(12, 12), upscale=90.0, error="E: x")
+    assert len(every.explain()) == len(codes)  # each sentence formats with the values a record has
 
 
 # --- inputs: orientation, colour spaces, transparency, big pictures ---------------------------
@@ -253,6 +300,16 @@ def test_cmyk_and_16_bit_inputs_become_srgb_pictures() -> None:
     source = Source(grey16)
     assert source.problem is None and np.asarray(source.image).mean() == pytest.approx(
         np.asarray(bottle_scene(SIZE).image.convert("L")).mean(), abs=1)
+
+
+def test_float_and_32_bit_integer_pictures_are_read_in_their_usual_ranges() -> None:
+    grey = np.asarray(bottle_scene(SIZE).image.convert("L")).astype(np.float32)
+    for image in (Image.fromarray(grey / 255.0, "F"), Image.fromarray((grey * 257).astype(np.int32), "I")):  # 0..1, 16-bit
+        source = Source(image)
+        assert source.problem is None and np.asarray(source.image).mean() == pytest.approx(grey.mean(), abs=1)
+        assert process(source, PRESETS["jd_main"]).status == "ok"
+    as_bytes = Source(Image.fromarray(grey, "F"))  # already 0..255: kept as it is
+    assert np.asarray(as_bytes.image).mean() == pytest.approx(grey.mean(), abs=1)
 
 
 def test_big_pictures_are_reduced_to_the_working_size_first() -> None:

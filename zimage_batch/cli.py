@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     post = sub.add_parser("postprocess", help="make marketplace files from existing images (no model)",
                           description="Cut each image out onto pure white where a preset asks for it, fit it to each "
                                       "preset's frame, encode it, and check it against the quality gates (plain backdrop, "
-                                      "product inside the frame, fill ratio, pure-white border, file-size cap, not "
+                                      "product inside the frame, enlargement within max_upscale, fill ratio, pure-white "
+                                      "border, file-size cap, not "
                                       "black/blank). Works on generated images and on a studio's own photos.",
                           epilog=POSTPROCESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     post.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, AVIF, TIFF, ...)")

@@ -265,6 +265,8 @@ class Engine:
         first = jobs[0]
         length = first.max_sequence_length
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        if self.device == "cpu":
+            torch.set_flush_denormal(True)  # per thread, and shards run on their own threads (see _load_pipeline)
         with self._gpu, torch.inference_mode():  # one shard at a time on the GPU; the next one's CPU work overlaps
             self._encode_missing(jobs)
             negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None

@@ -5,8 +5,10 @@ Pure functions of their inputs (no torch, no file I/O):
 * `cut_out_white` turns a plain light backdrop into RGB (255, 255, 255) with the classical border
   flood fill (reference colour from the border ring, tolerance on the largest channel difference,
   enclosed backdrop holes, soft contact shadows removed or kept, opening, largest component, 1-px
-  inward feather). Without a plain light backdrop or without a product it returns the image
-  unchanged with a `problem`; a product touching the frame is cut out but flagged.
+  inward feather). A shadow must lie under the product and be smaller than it: a light-grey product
+  is never flooded away as one. Without a plain light backdrop, without a product, or on a picture
+  too small to have a border ring, it returns the image unchanged with a `problem`; a product
+  touching the frame is cut out but flagged.
   `cut_out_alpha` does the same from a learned backend's alpha matte (see `matting.py`).
 * `frame` fits a picture to a `Preset` (pad on white around the product, crop around the subject,
   or resize by the long side); `encode` writes sRGB bytes with an embedded sRGB ICC profile and no
@@ -30,21 +32,29 @@ from scipy import ndimage
 from .presets import PRESETS, Preset, UnknownPresetError, format_bytes, get_preset  # noqa: F401  (PRESETS, get_preset,
 # UnknownPresetError are re-exported for callers of the stage; presets live in presets.py)
 
-Problem = Literal["backdrop_not_uniform", "no_product", "product_touches_edge"]
+Problem = Literal["too_small", "backdrop_not_uniform", "no_product", "product_touches_edge"]
 
 REASONS = {
     "black": "the image is black",
     "blank": "the image is blank (one flat colour)",
     "non_finite": "the image has NaN or infinite pixel values",
+    "too_small": "the picture is {width}x{height} px, too small to find a product in (both sides must be more "
+                 "than 8 px)",
     "backdrop_not_uniform": "the backdrop is not a plain light colour, so the product cannot be cut out onto white "
                             "(use a seamless light backdrop, a learned --matting backend, or a preset that keeps the background)",
     "no_product": "no product was found on the backdrop",
     "product_touches_edge": "the product touches the edge of the picture, so it is cropped",
     "product_cropped": "the product does not fit the preset's frame and would be cut off",
+    "low_resolution": "the picture is {width}x{height} px; preset {preset} would enlarge it {upscale:.1f}x, more than "
+                      "its max_upscale of {max_upscale:g}x (use a larger picture, or a preset with a higher max_upscale)",
     "fill_out_of_bounds": "the product fills {fill:.0%} of the frame; the preset needs {low:.0%}-{high:.0%}",
+    "fill_unmeasured": "the preset needs the product to fill {low:.0%}-{high:.0%} of the frame, but no product could "
+                       "be found to measure it (no plain light backdrop: use a learned --matting backend, or a preset "
+                       "without fill_min/fill_max)",
     "border_not_white": "the border is not pure white after processing (only {border:.2%} of it is RGB 255)",
     "over_size_cap": "the file is {size} even at quality {quality}; the preset allows {cap}",
     "unreadable_image": "the file could not be decoded (truncated or corrupt)",
+    "processing_failed": "processing failed with {error} (a bug in zimage-batch: please report it with this image)",
 }
 
 _WHITE = 255
@@ -60,6 +70,7 @@ _MIN_PART_FRACTION = 0.05  # product parts smaller than this share of the larges
 _MIN_PRODUCT_FRACTION = 0.001  # less product than this share of the image means "no_product"
 _ALPHA_SNAP = 1 / 32  # a learned matte below this is backdrop, above 1 - this is product
 _FILL_SLACK = 0.005  # rounding to whole pixels may move the measured fill by this much
+_SCALE_SLACK = 0.001  # rounding a frame side to whole pixels may enlarge by this much more
 _CROP_SLACK = 0.5  # px: a subject box this close to the crop window still fits
 _LANCZOS_SUPPORT = 3  # source pixels on each side that a Lanczos-3 output pixel reads (when enlarging)
 _COVER_FIT = 0.9  # a product too big for a crop on white is fitted at this share of the frame instead
@@ -145,6 +156,7 @@ class Framed:
     image: Image.Image
     box: Box | None
     cropped: bool = False
+    scale: float = 1.0  # how much the picture was enlarged (> 1) or reduced to make the frame
 
     @property
     def fill(self) -> float | None:
@@ -165,6 +177,9 @@ class Processed:
     rendered: Rendered | None
     fill_ratio: float | None = None
     border_white_fraction: float | None = None
+    source_size: tuple[int, int] | None = None  # the picture's (width, height) as processed
+    upscale: float | None = None  # how much the picture was enlarged for the frame
+    error: str | None = None  # what went wrong, for "processing_failed"
 
     @property
     def status(self) -> Literal["ok", "rejected"]:
@@ -173,9 +188,12 @@ class Processed:
     def explain(self) -> list[str]:
         """One sentence per reason, with the measured values."""
         low, high = self.preset.fill_bounds() or (0.0, 1.0)
+        width, height = self.source_size or ("?", "?")
         values = {"fill": self.fill_ratio or 0.0, "low": low, "high": high, "border": self.border_white_fraction or 0.0,
                   "size": format_bytes(len(self.rendered.data)) if self.rendered else "?",
-                  "quality": self.rendered.quality if self.rendered else None, "cap": format_bytes(self.preset.max_bytes)}
+                  "quality": self.rendered.quality if self.rendered else None, "cap": format_bytes(self.preset.max_bytes),
+                  "width": width, "height": height, "preset": self.preset.name, "upscale": self.upscale or 0.0,
+                  "max_upscale": self.preset.max_upscale, "error": self.error}
         return [f"{code}: {REASONS.get(code, code).format(**values)}" for code in self.reasons]
 
 
@@ -248,25 +266,30 @@ def process(source: Source, preset: Preset, *, white: bool = False, reserve: int
     """Frame, encode and check `source` for `preset`; `white` cuts out onto white whatever the preset says.
     `reserve`: bytes the caller adds to the file afterwards (embedded provenance, a signature), kept
     free under the preset's size cap."""
+    size = source.image.size
     if source.problem is not None:
-        return Processed(preset, (source.problem,), None)
+        return Processed(preset, (source.problem,), None, source_size=size)
     white = white or preset.white
     reasons: list[str] = []
     picture, mask = source.image, None
     if white:
         cut = source.cut(keep_shadow=preset.shadow == "keep")
-        if cut.problem in ("backdrop_not_uniform", "no_product"):
-            return Processed(preset, (cut.problem,), None)
+        if cut.problem in ("too_small", "backdrop_not_uniform", "no_product"):
+            return Processed(preset, (cut.problem,), None, source_size=size)
         if cut.problem is not None:
             reasons.append(cut.problem)
         picture, mask = cut.image, cut.mask
     elif preset.fit != "long_side" or preset.fill_bounds():
         mask = source.subject()
     framed = frame(picture, preset, mask, white=white)
+    if framed.scale > preset.max_upscale * (1 + _SCALE_SLACK):  # pad caps its scale; cover and long_side cannot
+        reasons.append("low_resolution")
     if framed.cropped:
         reasons.append("product_cropped")
     bounds = preset.fill_bounds()
-    if bounds and framed.fill is not None and not bounds[0] - _FILL_SLACK <= framed.fill <= bounds[1] + _FILL_SLACK:
+    if bounds and framed.fill is None:  # no product found to measure: the bound cannot be vouched for
+        reasons.append("fill_unmeasured")
+    elif bounds and framed.fill is not None and not bounds[0] - _FILL_SLACK <= framed.fill <= bounds[1] + _FILL_SLACK:
         reasons.append("fill_out_of_bounds")
     data, quality = encode(framed.image, preset, reserve)
     if preset.max_bytes is not None and len(data) + reserve > preset.max_bytes:
@@ -275,7 +298,7 @@ def process(source: Source, preset: Preset, *, white: bool = False, reserve: int
     if white and border < 1.0:
         reasons.append("border_not_white")
     rendered = Rendered(preset.name, data, framed.image.width, framed.image.height, preset.format, preset.extension, quality)
-    return Processed(preset, tuple(reasons), rendered, framed.fill, border)
+    return Processed(preset, tuple(reasons), rendered, framed.fill, border, size, framed.scale)
 
 
 def render(image: Image.Image, preset: Preset, mask: np.ndarray | None = None) -> Rendered:
@@ -304,8 +327,8 @@ def cut_out_white(image: Image.Image, *, tolerance: int = 18, keep_shadow: bool 
     # Channel planes (3, H, W): per-pixel reductions over channels are ~20x faster than over the last axis.
     planes = np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1)).astype(np.int16)
     height, width = planes.shape[1:]
-    if min(height, width) <= 2 * _RING:
-        raise ValueError(f"image is {width}x{height}; cut_out_white needs both sides > {2 * _RING} px")
+    if min(height, width) <= 2 * _RING:  # no border ring to read the backdrop from
+        return CutOut(rgb, np.zeros((height, width), dtype=bool), "too_small")
     reference = _backdrop_reference(planes, tolerance)
     if reference is None:
         return CutOut(rgb, np.ones((height, width), dtype=bool), "backdrop_not_uniform")
@@ -315,6 +338,15 @@ def cut_out_white(image: Image.Image, *, tolerance: int = 18, keep_shadow: bool 
     shadow = _shadow_band(planes, reference, darkening)
     outside = _connected_to_border(near | shadow)
     mask = _main_product(~(outside | _large_holes(near & ~outside)))
+    # A light-grey product with a soft edge looks like a shadow pixel by pixel, and the flood runs over
+    # it. What the shadow band took is checked part by part: only parts that can be a contact shadow of
+    # what is left stay backdrop; the flood runs again without the others, which are product.
+    flooded = outside & ~near
+    if flooded.any():
+        shadows = _contact_shadows(flooded, mask)
+        if not np.array_equal(shadows, flooded):  # most shots: a real shadow or none, nothing to redo
+            outside = _connected_to_border(near | shadows)
+            mask = _main_product(~(outside | _large_holes(near & ~outside)))
     if mask.sum() < _MIN_PRODUCT_FRACTION * height * width:
         return CutOut(rgb, np.zeros((height, width), dtype=bool), "no_product")
 
@@ -381,6 +413,22 @@ def _shadow_band(planes: np.ndarray, reference: np.ndarray, darkening: np.ndarra
     neutral = chroma <= int(reference.max() - reference.min()) + _SHADOW_EXTRA_CHROMA
     soft = _largest_step(darkening) <= _SHADOW_MAX_STEP
     return neutral & soft & (darkening >= 0) & (darkening <= _SHADOW_MAX_DARKENING)
+
+
+def _contact_shadows(flooded: np.ndarray, product: np.ndarray) -> np.ndarray:
+    """The parts of `flooded` that can be a contact shadow of `product`: each starts at or below the
+    product's vertical centre (a shadow lies on the floor under it) and is no larger than the product.
+    Without a product nothing is a shadow: a shadow alone is a grey product."""
+    box = _mask_box(product)
+    if box is None:
+        return np.zeros_like(flooded)
+    labels, count = ndimage.label(flooded, structure=_EIGHT_CONNECTED)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = np.zeros(count + 1, dtype=bool)
+    centre, area = (box[1] + box[3]) / 2, int(product.sum())
+    for index, where in enumerate(ndimage.find_objects(labels), start=1):
+        keep[index] = where is not None and where[0].start >= centre and sizes[index] <= area
+    return keep[labels]
 
 
 def _largest_step(values: np.ndarray) -> np.ndarray:
@@ -452,7 +500,15 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8), "L")
     elif image.mode in ("I", "F"):
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8), "L")
+        values = np.asarray(image, dtype=np.float32)
+        peak = float(values.max()) if values.size else 0.0
+        # Float pictures are mostly 0..1 (as `image_problem` reads them) and 32-bit integer ones often
+        # hold 16-bit samples: read as 0..255 they came out black or white.
+        if image.mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        elif image.mode == "I" and peak > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         flat = Image.new("RGBA", image.size, (_WHITE, _WHITE, _WHITE, 255))
         flat.alpha_composite(image.convert("RGBA"))
@@ -520,7 +576,8 @@ def frame(image: Image.Image, preset: Preset, mask: np.ndarray | None = None, *,
             return _pad_to_frame(image, preset.model_copy(update={"fill": _COVER_FIT}), box)
         return framed
     resized = _resize_long_side(image, preset.long_side)
-    return Framed(resized, _scaled(box, resized.width / image.width, (0.0, 0.0), resized.size))
+    scale = max(resized.size) / max(image.size)
+    return Framed(resized, _scaled(box, resized.width / image.width, (0.0, 0.0), resized.size), scale=scale)
 
 
 def _scaled(box: tuple[int, int, int, int] | None, scale: float, origin: tuple[float, float],
@@ -557,7 +614,7 @@ def _pad_to_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, 
             src = (max(centre_x + (x0 - frame_w / 2) / scale, 0.0), max(centre_y + (y0 - frame_h / 2) / scale, 0.0),
                    min(centre_x + (x1 - frame_w / 2) / scale, image.width), min(centre_y + (y1 - frame_h / 2) / scale, image.height))
             canvas.paste(image.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS, box=src, reducing_gap=2.0), (x0, y0))
-    return Framed(canvas, _scaled(box, scale, (centre_x, centre_y), canvas.size, (frame_w / 2, frame_h / 2)))
+    return Framed(canvas, _scaled(box, scale, (centre_x, centre_y), canvas.size, (frame_w / 2, frame_h / 2)), scale=scale)
 
 
 def _cover_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, int] | None) -> Framed:
@@ -573,7 +630,7 @@ def _cover_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, i
     resized = image.resize((frame_w, frame_h), Image.Resampling.LANCZOS, box=window, reducing_gap=2.0)
     cropped = box is not None and (left < x - _CROP_SLACK or upper < y - _CROP_SLACK
                                    or right > window[2] + _CROP_SLACK or lower > window[3] + _CROP_SLACK)
-    return Framed(resized, _scaled(box, scale, (x, y), resized.size), cropped)
+    return Framed(resized, _scaled(box, scale, (x, y), resized.size), cropped, scale)
 
 
 def _resize_long_side(image: Image.Image, long_side: int | None) -> Image.Image:
@@ -607,7 +664,13 @@ def _save(image: Image.Image, fmt: str, quality: int | None) -> bytes:
     buffer = io.BytesIO()
     if fmt == "JPEG":
         subsampling = "4:4:4" if quality is not None and quality >= 90 else "4:2:0"
-        image.save(buffer, "JPEG", quality=quality, optimize=True, subsampling=subsampling, icc_profile=SRGB_ICC)
+        try:
+            image.save(buffer, "JPEG", quality=quality, optimize=True, subsampling=subsampling, icc_profile=SRGB_ICC)
+        except OSError:
+            # Pillow gives the optimising encoder a buffer of one byte per pixel below quality 95, and a
+            # noisy picture needs more ("broken data stream"); without optimize the encoder streams.
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=quality, subsampling=subsampling, icc_profile=SRGB_ICC)
     elif fmt == "WEBP":
         image.save(buffer, "WEBP", quality=quality, method=4, icc_profile=SRGB_ICC)
     elif fmt == "AVIF":

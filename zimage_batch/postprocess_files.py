@@ -7,9 +7,13 @@
 
 Everything is checked before the first file is written: the presets file, the preset names,
 every input (exists, is an image within Pillow's hard pixel limit, no two share a stem) and the
-matting backend. Files are written atomically and the report replaces the previous one when the
-command finishes; a file that changes from delivered to rejected (or back) leaves no stale copy
-in the other folder.
+matting backend. While it writes, the command holds OUT's lock (as `run` does) and first removes
+temp files a killed earlier command left. Files are written atomically; the previous report is
+removed before the first file is written (it would describe files this command rewrites) and the
+new one takes its place when the command finishes, so a command that stops early leaves no report.
+A file that changes from delivered to rejected (or back) leaves no stale copy in the other folder.
+A picture that fails to process for an unexpected reason is rejected as ``processing_failed`` with
+the error; the batch goes on.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from typing import Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from .errors import ImageInputError, PresetError
+from .errors import ImageInputError, OutputError, PresetError, ZImageBatchError
 from .matting import load_matting
 from .postprocess import Matting, Processed, Source, process
 from .presets import Preset, load_presets, select_presets, unsupported
-from .store import TEMP_PREFIX, LocalStore
+from .store import TEMP_PREFIX, LocalStore, Written, locked
 
-REPORT = "postprocess.jsonl"
+REPORT = "postprocess.jsonl"  # REPORT and REJECTED are presets.RESERVED_NAMES: no preset folder may take them
 REJECTED = "rejected"
 WORK_MAX_SIDE = 4096  # larger inputs are reduced to this long side first (JPEGs while decoding)
 MAX_LISTED = 50
@@ -156,12 +160,29 @@ def postprocess_files(
     backend = load_matting(matting)
     store = LocalStore(out)
     summary = PostprocessSummary(Path(out), len(paths), [p.name for p in presets])
-    store.root.mkdir(parents=True, exist_ok=True)
+    with locked(out):  # a second command (or a run) into OUT stops here with a clear message
+        _write_all(inputs, paths, presets, backend, store, summary, on_record, _work_side(presets))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _work_side(presets: list[Preset]) -> int:
+    """The long side inputs are reduced to: WORK_MAX_SIDE, or more where a preset's frame needs it
+    (so a long_side of 6000 is not made by enlarging a 4096 copy)."""
+    sides = [side for p in presets for side in (p.width, p.height, p.long_side) if side is not None]
+    return max([WORK_MAX_SIDE, *sides])
+
+
+def _write_all(inputs: Sequence[str], paths: list[Path], presets: list[Preset], backend: Matting, store: LocalStore,
+               summary: PostprocessSummary, on_record: Callable[[FileRecord], None] | None, max_side: int) -> None:
+    """Process every input into `store` and publish the report; the caller holds the folder's lock."""
+    store.remove_stale_temp_files()  # what a killed command left: complete-looking hidden files
+    (store.root / REPORT).unlink(missing_ok=True)  # it would describe files this command rewrites
     fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{REPORT}.", dir=store.root)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as report:
             for given, path in zip(inputs, paths):
-                for record in _process_file(given, path, presets, backend, store):
+                for record in _process_file(given, path, presets, backend, store, max_side):
                     report.write(record.model_dump_json() + "\n")
                     if record.status == "ok":
                         summary.ok += 1
@@ -177,17 +198,35 @@ def postprocess_files(
     except BaseException:
         Path(spool).unlink(missing_ok=True)
         raise
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
-def _process_file(given: str, path: Path, presets: list[Preset], backend: Matting, store: LocalStore) -> list[FileRecord]:
-    """All presets of one input; an input whose pixels cannot be decoded is rejected for each preset."""
+def _process_file(given: str, path: Path, presets: list[Preset], backend: Matting, store: LocalStore,
+                  max_side: int = WORK_MAX_SIDE) -> list[FileRecord]:
+    """All presets of one input; an input whose pixels cannot be decoded is rejected for each preset,
+    and so is one that fails to process (``processing_failed``, with the error), so the batch goes on."""
     try:
-        source = Source(open_image(path), backend, max_side=WORK_MAX_SIDE)
+        source = Source(open_image(path, max_side), backend, max_side=max_side)
+    except ZImageBatchError:
+        raise
     except (OSError, SyntaxError, ValueError):  # truncated or corrupt after a good header
         return [_deliver(given, path, Processed(preset, ("unreadable_image",), None), store) for preset in presets]
-    return [_deliver(given, path, process(source, preset), store) for preset in presets]
+    except Exception as exc:  # our bug, on this picture only: say so in its record, go on with the others
+        return [_deliver(given, path, _failed(preset, exc), store) for preset in presets]
+    return [_deliver(given, path, _process_safely(source, preset), store) for preset in presets]
+
+
+def _process_safely(source: Source, preset: Preset) -> Processed:
+    """`process`; an unexpected error becomes a ``processing_failed`` rejection of this file only."""
+    try:
+        return process(source, preset)
+    except ZImageBatchError:
+        raise
+    except Exception as exc:
+        return _failed(preset, exc)
+
+
+def _failed(preset: Preset, exc: Exception) -> Processed:
+    return Processed(preset, ("processing_failed",), None, error=f"{type(exc).__name__}: {exc}")
 
 
 def _deliver(given: str, path: Path, processed: Processed, store: LocalStore) -> FileRecord:
@@ -198,13 +237,13 @@ def _deliver(given: str, path: Path, processed: Processed, store: LocalStore) ->
               "input": f"{rejected}{path.suffix}", "reasons": f"{rejected}.reasons.txt"}
     if rendered is not None:
         target = places["delivered" if processed.status == "ok" else "rendered"]
-        written, size = store.write(target, rendered.data), (rendered.width, rendered.height, rendered.format)
+        written, size = _write(store, target, rendered.data), (rendered.width, rendered.height, rendered.format)
     else:  # nothing could be framed: keep the input itself for review
         target = places["input"]
-        written, size = store.write(target, path.read_bytes()), _original_size(path)
+        written, size = _write(store, target, path.read_bytes()), _original_size(path)
     keep = {target}
     if processed.status == "rejected":
-        store.write(places["reasons"], ("\n".join(processed.explain()) + "\n").encode("utf-8"))
+        _write(store, places["reasons"], ("\n".join(processed.explain()) + "\n").encode("utf-8"))
         keep.add(places["reasons"])
     _remove(store, *(set(places.values()) - keep))
     return FileRecord(
@@ -213,6 +252,15 @@ def _deliver(given: str, path: Path, processed: Processed, store: LocalStore) ->
         bytes=written.bytes, sha256=written.sha256, quality=rendered.quality if rendered else None,
         fill_ratio=_rounded(processed.fill_ratio), border_white_fraction=_rounded(processed.border_white_fraction),
     )
+
+
+def _write(store: LocalStore, relpath: str, data: bytes) -> Written:
+    """``store.write``; a folder that cannot take the file (full disk, permissions) is an OutputError."""
+    try:
+        return store.write(relpath, data)
+    except OSError as exc:
+        raise OutputError(f"--out {store.root}: {relpath} cannot be written ({exc.strerror or exc}). Free space or fix "
+                          f"the folder's permissions, then run the same command again.") from None
 
 
 def _original_size(path: Path) -> tuple[int, int, str]:

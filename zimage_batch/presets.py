@@ -9,6 +9,7 @@ fields. ``load_presets`` returns the merged set; every problem in a file is repo
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,11 @@ from .errors import PresetError
 EXTENSIONS = {"JPEG": ("jpg", "jpeg"), "WEBP": ("webp",), "AVIF": ("avif",), "PNG": ("png",)}
 MAX_SIDE = 8192
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# `zimage-batch postprocess` writes OUT/<preset>/ beside its own OUT/rejected/ and OUT/postprocess.jsonl
+# (postprocess_files.REJECTED, REPORT): a preset of either name would write into them.
+RESERVED_NAMES = ("rejected", "postprocess.jsonl")
+_WHOLE_NUMBERS = ("width", "height", "long_side", "quality", "min_quality")
+_NUMBERS = ("fill", "fill_min", "fill_max", "max_upscale")
 _BYTES = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB)?\s*", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 
@@ -63,10 +69,28 @@ class Preset(BaseModel):
             data = {**data, "extension": EXTENSIONS[data["format"]][0]}
         return data
 
+    @field_validator(*_WHOLE_NUMBERS, mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """Only a whole number: lax coercion would read `true` as 1 and let 1000.0 or "1000" pass."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"must be a whole number such as 1000, got {_shown(value)}")
+        return value
+
+    @field_validator(*_NUMBERS, mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        """Only a finite number: lax coercion would read `true` as 1.0."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"must be a finite number such as 0.85, got {_shown(value)}")
+        return value
+
     @field_validator("max_bytes", mode="before")
     @classmethod
     def _parse_bytes(cls, value: Any) -> Any:
         """Accept a byte count or a size such as "3 MB" (decimal units: 1 MB = 1,000,000 bytes)."""
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"must be a whole byte count or a size such as '1 MB' or '1.5 MB', got {_shown(value)}")
         if isinstance(value, str):
             match = _BYTES.fullmatch(value)
             if match is None:
@@ -94,14 +118,22 @@ class Preset(BaseModel):
         return (self.fill_min or 0.0, self.fill_max or 1.0)
 
 
+def _shown(value: Any) -> str:
+    """A value as the presets file wrote it (TOML and YAML write true/false)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 _NOT_FOR_FIT = {"long_side": ("width", "height", "fill"), "cover": ("long_side", "fill"), "pad": ("long_side",)}
 
 
 def _problems(p: Preset) -> list[str]:
     """Everything inconsistent in a preset, as fixes a user can act on."""
     problems = []
-    if not _NAME.fullmatch(p.name) or p.name == "rejected":
-        problems.append("a name is 1-64 letters, digits, '_', '.' or '-', and not 'rejected' (it names an output folder)")
+    if not _NAME.fullmatch(p.name):
+        problems.append("a name is 1-64 letters, digits, '_', '.' or '-' (it names an output folder); rename the preset")
+    elif p.name.lower() in RESERVED_NAMES:  # lower: a case-insensitive file system mixes up Rejected and rejected
+        problems.append(f"the name {p.name!r} is taken by postprocess's own OUT/{p.name.lower()} (names "
+                        f"{' and '.join(RESERVED_NAMES)} are reserved); rename the preset")
     if p.fit in ("pad", "cover"):
         if not (p.width and p.height and 0 < p.width <= MAX_SIDE and 0 < p.height <= MAX_SIDE):
             problems.append(f"fit={p.fit!r} needs width and height in 1..{MAX_SIDE}, got {p.width}x{p.height}")
@@ -191,6 +223,10 @@ def _merge(data: Mapping[str, Any], presets: dict[str, Preset]) -> list[str]:
             continue
         base = fields.pop("extends", None)
         if base is not None:
+            if not isinstance(base, str):
+                problems.append(f"{where}: extends names one preset, e.g. extends = \"web\"; got {base!r} (to combine "
+                                f"presets, extend one and set the other fields yourself)")
+                continue
             if base not in presets:
                 problems.append(f"{where}: extends unknown preset {base!r}; known: {', '.join(sorted(presets))}")
                 continue
