@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import S3_SECRET_KEY
+from conftest import S3_SECRET_KEY, write_template
 from s3server import FaultProxy, free_port
 from test_generate import job
 from zimage_batch import deliver
@@ -506,6 +506,17 @@ def test_verify_checks_a_delivered_prefix_and_names_what_is_wrong(dest_config, s
     assert main(["verify", target]) == 2  # a delivery still running, or stopped before it published
     err = capsys.readouterr().err
     assert "holds manifest parts of a run that has not finished (manifest.parts/run-000000.open" in err
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_verify_of_a_delivery_with_rejected_jobs_expects_only_the_delivered_files(dest_config, tmp_path, s3, capsys):
+    from zimage_batch.cli import main
+
+    white = write_template(tmp_path / "white.j2", "A {{ color }} {{ kind }} on white.", "size: 256x256\npresets: [amazon_main]")
+    summary = run_flow(dest_config.model_copy(update={"templates": [*dest_config.templates, str(white)]}))
+    assert (summary.generated, summary.rejected) == (3, 3)  # tiny-random's noise has no white backdrop
+    assert main(["verify", f"s3://{s3.bucket}/{PREFIX}"]) == 0, capsys.readouterr().out
+    assert "OK: 3 file(s) of 6 manifest record(s)" in capsys.readouterr().out
 
 
 def test_verify_of_a_missing_bucket_is_one_clear_paragraph(s3, capsys):

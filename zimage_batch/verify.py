@@ -193,7 +193,10 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     records = read_manifest(location)
     report = Report(location.describe(), len(records))
     listed = set()
+    s3 = isinstance(location, S3Prefix)
     for record in records.values():
+        if s3 and record.status != "ok":  # rejected images stay in the run's folder: never uploaded
+            continue
         for output in record.outputs:
             listed.add(output.path)
             report.files += 1
@@ -202,7 +205,6 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
                 report.findings.append(finding)
     for finding in deleted_records(location, records, listed):
         report.findings.append(finding)
-    s3 = isinstance(location, S3Prefix)
     for path in location.list():
         sidecar = s3 and path.endswith(SIDECAR) and path.removesuffix(SIDECAR) in listed
         if path not in listed and path not in BOOKKEEPING and not sidecar:
