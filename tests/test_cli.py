@@ -251,6 +251,40 @@ def test_the_model_loads_after_planning_and_only_when_there_is_something_to_make
     assert generate._ENGINES == {}
 
 
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_after_the_batch_in_progress_and_twice_at_once(presses, tmp_path):
+    import signal
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_LOGGING_LEVEL")
+    args = [str(Path(sys.executable).parent / "zimage-batch"), "run", str(CATALOGS / "demo.csv"), "-t",
+            str(TEMPLATES / "lifestyle_scene.j2"), "--size", "256x256", "--batch-size", "1", "--out", str(out)]
+    run = subprocess.Popen([*args, "--model", "simulated:0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, cwd=ROOT)  # 28 jobs of 0.5 s in one shard of 64
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("images/*/*/*.jpg")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(presses):
+            run.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "press Ctrl-C again to stop at once" in err, err
+    assert ("Stopped at once" in err) == (presses == 2)
+    assert "Traceback" not in err and "terminate called" not in err
+    made = [json.loads(line)["job_id"] for part in out.glob(".parts/*.jsonl") for line in part.read_text().splitlines()]
+    assert 1 <= len(made) < 28  # the shard stopped early; what it finished is recorded
+    done = subprocess.run([*args, "--model", "simulated:0", "-q"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0 and f"{28 - len(made)} generated, {len(made)} skipped" in done.stdout, done.stdout + done.stderr
+
+
 def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsys):
     cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
     odd = write_template(tmp_path / "odd.j2", "{{ title }}", "steps: 2")

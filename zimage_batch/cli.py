@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -410,10 +412,43 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with prefect_api(), progress.listening(bar.on_event), bar:
+    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c():
         summary = run_catalog(config, device)
     print_summary(summary)
     return summary.exit_code
+
+
+@contextmanager
+def stopping_on_ctrl_c() -> Iterator[None]:
+    """A first Ctrl-C lets this process's shards finish the batch in progress (its images are kept and
+    recorded), then the run ends with exit 130; a second one ends the process at once. Without this,
+    Ctrl-C waited for whole shards in silence, and a second one aborted Python mid-shutdown."""
+    import signal
+    import threading
+
+    from .shard import STOP
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def on_ctrl_c(signum, frame) -> None:
+        if STOP.is_set():
+            print("\nStopped at once: the images finished so far are kept; run the same command again to resume.",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
+        STOP.set()
+        print("\nStopping after the batch in progress (its images are kept); press Ctrl-C again to stop at once.",
+              file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    STOP.clear()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        if not STOP.is_set():  # after a Ctrl-C the handler stays: a second one while the shards wind down ends the process
+            signal.signal(signal.SIGINT, previous)
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import socket
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,13 @@ from .postprocess import Processed, Rendered, Source, image_problem, process, re
 from .presets import PRESETS, Preset, get_preset
 from .provenance import Sealer, Stamp, software_name
 from .store import LocalStore, safe_name
+
+
+STOP = threading.Event()  # set by a first Ctrl-C: every shard of this process ends after its batch in progress
+
+
+class Interrupted(Exception):
+    """A shard stopped early because ``STOP`` was set; its finished jobs are in its manifest part."""
 
 
 @dataclass
@@ -289,6 +297,8 @@ def process_shard(
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
             for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
+                if STOP.is_set():
+                    raise Interrupted("stopped by Ctrl-C")  # the batches before this one are finished and recorded
                 start = time.perf_counter()
                 generated = generate_batch(engine, batch, max_attempts)
                 result.seconds["generate"] += time.perf_counter() - start
