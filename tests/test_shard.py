@@ -176,3 +176,45 @@ def test_a_seal_that_fails_leaves_no_file_behind(tmp_path):
     rec = manifest.records[j.job_id]
     assert rec.status == "failed" and "post-processing failed" in rec.reasons[0] and result.failed == 1
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")]
+
+
+def test_a_folder_that_takes_no_more_files_stops_the_shard_with_the_images_so_far_recorded(tmp_path, monkeypatch):
+    import errno
+
+    from zimage_batch.errors import OutputError
+
+    jobs = [job("a mug", seed) for seed in range(6)]
+    real, writes = LocalStore.write, []
+
+    def fills_up(self, relpath, data):  # the disk is full from the 3rd file on, as a real ENOSPC reads
+        writes.append(relpath)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.root / relpath))
+        return real(self, relpath, data)
+
+    monkeypatch.setattr(LocalStore, "write", fills_up)
+    with pytest.raises(OutputError, match=r"takes no more files \(No space left on device: .*run the same command again"):
+        run(tmp_path / "out", jobs, RecordingEngine(noise), batch_size=1)
+    records = Manifest(tmp_path / "out").records
+    assert [r.status for r in records.values()] == ["ok", "ok"]  # no 'failed' record for the jobs after: they were not made
+    assert len(writes) <= 4  # it stopped at the first file that did not fit (the next batch may have been finishing)
+
+
+def test_a_file_that_cannot_be_stored_for_another_reason_fails_that_job_only(tmp_path, monkeypatch):
+    import errno
+
+    real = LocalStore.write
+
+    def too_long(self, relpath, data):  # the first file only
+        if too_long.first:
+            too_long.first = False
+            raise OSError(errno.ENAMETOOLONG, "File name too long", relpath)
+        return real(self, relpath, data)
+
+    too_long.first = True
+    monkeypatch.setattr(LocalStore, "write", too_long)
+    result, manifest = run(tmp_path / "out", [job("a mug", 1), job("a cup", 2)], RecordingEngine(noise), batch_size=1)
+    statuses = sorted(r.status for r in manifest.records.values())
+    assert statuses == ["failed", "ok"] and result.failed == 1
+    failed = next(r for r in manifest.records.values() if r.status == "failed")
+    assert failed.reasons[0].startswith("storing failed: OSError: [Errno 36] File name too long")

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .deliver import DeliveryReport
+from .errors import OutputError
 from .generate import Engine
 from .manifest import Attempt, ManifestPart, ManifestRecord, OutputFile, library_versions
 from .plan import Job, derive_seed
 from .postprocess import Processed, Rendered, Source, image_problem, process, render
 from .presets import PRESETS, Preset, get_preset
 from .provenance import Sealer, Stamp, software_name
-from .store import LocalStore, safe_name
+from .store import LocalStore, safe_name, stops_when_unwritable
 
 
 STOP = threading.Event()  # set by a first Ctrl-C: every shard of this process ends after its batch in progress
@@ -269,14 +270,19 @@ def process_shard(
     def finish_all(items: list[Generated]) -> None:
         for item in items:
             try:
-                record, seconds = finish(item, store, engine.device, presets, sealer, precision)
-            except Exception as exc:  # one bad image must not stop the shard
-                reason = f"post-processing failed: {type(exc).__name__}: {str(exc)[:300]}"
+                with stops_when_unwritable(store.root):  # a full or read-only --out stops the shard ...
+                    record, seconds = finish(item, store, engine.device, presets, sealer, precision)
+            except OutputError:
+                raise
+            except Exception as exc:  # ... but one bad image must not
+                stage = "storing" if isinstance(exc, OSError) else "post-processing"
+                reason = f"{stage} failed: {type(exc).__name__}: {str(exc)[:300]}"
                 record = ManifestRecord.for_job(item.job, status="failed", reasons=[reason], image_seed=None, outputs=[],
                                                 attempts=item.attempts, batch_size=item.batch_size, device=engine.device,
                                                 precision=precision, worker=worker_name(), seconds=round(item.seconds, 4))
                 seconds = {}
-            manifest.append(record)
+            with stops_when_unwritable(store.root):
+                manifest.append(record)
             for stage, value in seconds.items():
                 result.seconds[stage] += value
             if record.status == "ok":

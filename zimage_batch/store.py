@@ -158,6 +158,24 @@ def check_folder(folder: str | Path, option: str = "--out") -> Path:
     return folder
 
 
+UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def stops_when_unwritable(root: str | Path) -> Iterator[None]:
+    """Turn an OSError saying the folder takes no more files (full, over quota, read-only, no
+    permission) into an OutputError that stops the run: every later image would fail the same way."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        raise OutputError(f"--out {root} takes no more files ({exc.strerror or exc}{where}). Free space, or fix the "
+                          f"folder's permissions or mount, then run the same command again: the images finished so far "
+                          f"are kept and recorded.") from None
+
+
 @contextmanager
 def locked(root: str | Path) -> Iterator[None]:
     """Hold the folder's lock (``ROOT/.zimage-batch.lock``, there while a run writes to the folder).
