@@ -120,7 +120,8 @@ def test_serve_keeps_an_s3_catalog_a_uri(tmp_path, capsys, s3):
 
 
 @pytest.mark.parametrize("flags, phrase", [(["--vram", "8"], "--vram 8 is out of range: use 12..200"),
-                                           (["--precision", "fp8", "--device", "cpu"], "--precision fp8 needs an NVIDIA GPU")])
+                                           (["--precision", "fp8", "--device", "cpu"], "--precision fp8 needs an NVIDIA GPU"),
+                                           (["--limit", "5"], "serve has no --limit: --concurrency 5 sets the flow runs at once")])
 def test_serve_checks_the_engine_options_before_serving(tmp_path, capsys, flags, phrase):
     from zimage_batch.cli import main
 
@@ -153,8 +154,7 @@ def test_the_nightly_run_takes_the_run_options_with_absolute_paths(tmp_path, mon
     assert config.catalogs == [str(tmp_path / "c.csv"), "s3://bucket/c.csv"] and config.out == str(tmp_path / "nightly")
     assert (config.dest, config.size, config.steps, config.batch_size) == ("s3://assets/nightly", "768x768", 9, 8)
     assert config.presets_file == str(tmp_path / "my_presets.toml") and config.c2pa_cert == str(tmp_path / "certs/chain.pem")
-    assert args.concurrency == 2 and build_parser().parse_args(["serve", "--catalog", "c.csv", "-t", "t.j2", "--out", "o",
-                                                                "--limit", "3"]).concurrency == 3  # the old name still works
+    assert args.concurrency == 2
 
 
 def test_serve_on_its_own_local_server_runs_the_nightly_on_its_cron(tmp_path):

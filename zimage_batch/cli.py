@@ -83,7 +83,7 @@ delivering to S3 (--dest s3://BUCKET/PREFIX):
 
 SERVE_EXAMPLES = """\
 examples:
-  zimage-batch serve --catalog 'catalogs/*.csv' -t templates/product_white.j2 --out /data/nightly \\
+  zimage-batch serve --catalog 'catalogs/demo*.csv' -t templates/product_white.j2 --out /data/nightly \\
       --model Tongyi-MAI/Z-Image-Turbo --cron "0 2 * * *" --timezone Europe/Berlin
   prefect deployment run catalog-run/campaign \\
       --param config='{"catalogs": ["spring.csv"], "templates": ["templates/poster_text.j2"], "out": "/data/spring"}'
@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="when the nightly run starts (default '0 2 * * *': 02:00)")
     serve.add_argument("--timezone", default="UTC", help="the cron's time zone, e.g. Europe/Berlin (default UTC)")
-    serve.add_argument("--concurrency", "--limit", dest="concurrency", type=int, default=1, metavar="N",
+    serve.add_argument("--concurrency", dest="concurrency", type=int, default=1, metavar="N",
                        help="flow runs at once, nightly and campaigns together (default 1: one GPU)")
+    serve.add_argument("--limit", dest="old_limit", type=int, help=argparse.SUPPRESS)  # its old name: refused, see cmd_serve
 
     plan = sub.add_parser("plan", help="dry run: expand and check the plan without loading a model",
                           description="Expand catalog rows x templates into jobs and check everything, without "
@@ -532,6 +533,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems.append(f"--cron {args.cron!r} is not a cron expression; use five fields, e.g. '0 2 * * *' (02:00 daily).")
     if args.concurrency < 1:
         problems.append(f"--concurrency {args.concurrency} is out of range: use 1 or more.")
+    if args.old_limit is not None:  # run --limit plans the first N jobs; serve's meant flow runs at once
+        problems.append(f"serve has no --limit: --concurrency {args.old_limit} sets the flow runs at once (its old name was "
+                        f"--limit); to try the nightly on the first N jobs, use `zimage-batch run ... --limit N`.")
     if problems:
         raise ZImageBatchError(" ".join(problems))
     config = serve_config(args)
