@@ -10,16 +10,22 @@ Trigger the campaign deployment from the Prefect UI, or from a shell::
         "templates": ["templates/poster_text.j2"], "out": "/data/campaigns/spring", "model": "Tongyi-MAI/Z-Image-Turbo"}'
 
 The flow's one parameter is the run's ``RunConfig`` (catalogs, templates, out, model, ...), so the UI
-shows it as a form. The nightly deployment carries its config as default parameters.
+shows it as a form. The nightly deployment carries its config as default parameters. Its paths are
+read on the machine ``serve`` runs on, relative to the folder it runs in: give absolute ones.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import sys
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.states import Failed, State
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.catalog_images import run_catalog
+from zimage_batch.errors import ZImageBatchError
 from zimage_batch.generate import pick_device
 from zimage_batch.run import RunConfig, RunSummary
 
@@ -28,12 +34,26 @@ CAMPAIGN = "campaign"
 
 
 @flow(name="catalog-run", log_prints=False)
-def catalog_run(config: RunConfig) -> RunSummary:
-    """One catalog-images run, on the task runner its config asks for (in-process or Dask)."""
-    summary = run_catalog(config, pick_device(config.device))  # --workers on a GPU host: one CUDA worker per GPU
+def catalog_run(config: RunConfig) -> RunSummary | State:
+    """One catalog-images run, on the task runner its config asks for (in-process or Dask).
+
+    A problem with its inputs or setup (a catalog that is not there, a full --out, ...) fails the run
+    with that one paragraph as the state's message, in the Prefect UI and in serve's terminal,
+    rather than a traceback only the flow run's logs show."""
+    try:
+        summary = run_catalog(config, pick_device(config.device))  # --workers on a GPU host: one CUDA worker per GPU
+    except ZImageBatchError as exc:
+        return _failed(f"{type(exc).__name__}: {exc}")
     if summary.failed:
-        raise RuntimeError(f"{summary.failed} job(s) failed; see {summary.out}/manifest.jsonl. Run again to retry them.")
+        return _failed(f"{summary.failed} job(s) failed; see {summary.out}/manifest.jsonl. Run again to retry them.")
     return summary
+
+
+def _failed(message: str) -> State:
+    name = FlowRunContext.get().flow_run.name if FlowRunContext.get() else "catalog-run"
+    print(f"catalog-run {name!r} failed: {message}", file=sys.stderr, flush=True)  # serve's terminal (its child's stderr)
+    get_run_logger().error(message)
+    return Failed(message=message)
 
 
 def deployments(nightly: RunConfig, cron: str = "0 2 * * *", timezone: str = "UTC") -> list[RunnerDeployment]:

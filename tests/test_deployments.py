@@ -46,8 +46,9 @@ def wait_for_deployments(client, proc, names: list[str]) -> dict:
             time.sleep(0.5)
 
 
-def flow_run_logs(flow_run_id) -> list[str]:
-    """The messages a flow run sent to the Prefect server (they arrive in batches: wait for some)."""
+def flow_run_logs(flow_run_id, until: str) -> list[str]:
+    """The messages a flow run sent to the Prefect server, once one holds ``until`` (they arrive in
+    batches), or all there are after 30 s."""
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -55,7 +56,7 @@ def flow_run_logs(flow_run_id) -> list[str]:
     with get_client(sync_client=True) as client:
         while True:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            if logs or time.monotonic() > deadline:
+            if any(until in log.message for log in logs) or time.monotonic() > deadline:
                 return [log.message for log in logs]
             time.sleep(0.5)
 
@@ -85,14 +86,21 @@ def test_serve_registers_nightly_and_campaign_and_runs_them(tmp_path):
 
         run = run_deployment("catalog-run/nightly-catalog", timeout=300, poll_interval=1, as_subflow=False)
         assert run.state.is_completed(), run.state
-        assert "Finished in state Completed" in " ".join(flow_run_logs(run.id))  # its logs reach the Prefect UI
+        assert "Finished in state Completed" in " ".join(flow_run_logs(run.id, "Finished in state"))  # its logs reach the Prefect UI
         spring = {"catalogs": [str(campaign)], "templates": [str(template)], "out": str(tmp_path / "spring"),
                   "model": "simulated:0", "device": "cpu"}
         run = run_deployment("catalog-run/campaign", parameters={"config": spring}, timeout=300, poll_interval=1,
                              as_subflow=False)
         assert run.state.is_completed(), run.state
+        wrong = {**spring, "catalogs": ["autumn.csv"], "out": str(tmp_path / "autumn")}
+        run = run_deployment("catalog-run/campaign", parameters={"config": wrong}, timeout=300, poll_interval=1,
+                             as_subflow=False)
+        assert run.state.is_failed() and "Catalog autumn.csv does not exist" in run.state.message, run.state
+        assert f"(it is relative to {tmp_path})" in run.state.message  # the folder serve runs in
     finally:
         stop_serving(proc)
+    served = proc.stderr.read()
+    assert f"catalog-run {run.name!r} failed: PlanError: " in served and "Traceback" not in served, served[-3000:]
     assert sorted(r["sku"] for r in read_jsonl(tmp_path / "nightly/manifest.jsonl")) == ["N-1", "N-2"]
     assert [r["sku"] for r in read_jsonl(tmp_path / "spring/manifest.jsonl")] == ["S-1"]
     assert json.loads((tmp_path / "spring/run.json").read_text())["generated"] == 1
