@@ -40,9 +40,11 @@ def test_malformed_row_is_reported_with_its_row_and_line_and_others_still_read(t
     items = list(Catalog(path).rows())
     assert isinstance(items[0], Row) and items[0].values["title"] == "multi\nline title"
     assert isinstance(items[1], RowProblem) and items[1].row == 2
-    assert "3 fields but the header has 2" in items[1].message and "line 4" in items[1].message
+    assert "3 fields but the header has 2" in items[1].message and items[1].line == 4  # the multi-line row took 2-3
+    assert str(items[1]).startswith(f"{path}, line 4 (sku S2): the row has 3 fields")
     assert isinstance(items[2], Row) and items[2].sku == "S3" and items[2].row == 3
     assert isinstance(items[3], RowProblem) and "sku" in items[3].message and items[3].row == 4
+    assert str(items[3]).startswith(f"{path}, line 6: the 'sku' column is empty")  # no sku to name
 
 
 def test_parquet_is_read_in_batches(tmp_path):
@@ -143,7 +145,7 @@ def test_a_multi_line_row_with_the_wrong_field_count_is_a_row_problem_as_on_one_
     items = list(Catalog(path).rows())
     assert [i.sku for i in items if not isinstance(i, RowProblem)] == ["S1", "S3"]
     (problem,) = [i for i in items if isinstance(i, RowProblem)]
-    assert problem.row == 2 and "2 fields" in problem.message
+    assert problem.row == 2 and "2 fields" in problem.message and problem.line == 3  # named by the line it starts on
 
 
 def test_an_unclosed_quote_that_keeps_the_field_count_is_caught_at_the_end_of_the_file(tmp_path):
@@ -175,7 +177,7 @@ def test_legit_multi_line_quoted_values_and_doubled_quotes_still_read(tmp_path):
 def test_a_single_line_row_with_the_wrong_field_count_is_still_only_a_row_problem(tmp_path):
     path = _write_lines(tmp_path / "c.csv", ["sku,title,color", "S1,Mug", "S2,Cup,red"])
     items = list(Catalog(path).rows())
-    assert isinstance(items[0], RowProblem) and "line 2" in items[0].message and items[0].sku == "S1"
+    assert isinstance(items[0], RowProblem) and "line 2 (sku S1)" in str(items[0]) and items[0].sku == "S1"
     assert isinstance(items[1], Row) and items[1].sku == "S2"
 
 
@@ -353,7 +355,7 @@ def test_a_repeated_header_is_a_row_problem_and_a_bom_starting_any_line_is_remov
     assert [(i.row, i.values) for i in items if isinstance(i, Row)] == [(1, {"sku": "A1", "title": "red"}),
                                                                         (3, {"sku": "B1", "title": "green mug"})]
     (problem,) = [i for i in items if isinstance(i, RowProblem)]
-    assert str(problem) == (f"{path}, row 2: line 3 repeats the header (the column names): were files concatenated? "
+    assert str(problem) == (f"{path}, line 3: the line repeats the header (the column names): were files concatenated? "
                             f"Delete the line, or join exports without their header lines (e.g. `tail -n +2 FILE`).")
 
 

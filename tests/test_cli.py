@@ -33,7 +33,7 @@ def bad_inputs(tmp_path):
     return {
         "missing catalog": ([tmp_path / "nope.csv", "-t", WHITE], 2, ["nope.csv does not exist"]),
         "missing column": ([no_col, "-t", WHITE], 2, ["product_white.j2 uses {{ color }}", "nocolor.csv", "no column 'color'"]),
-        "malformed row, strict": ([malformed, "-t", WHITE, "--strict"], 2, ["malformed.csv, row 2", "4 fields but the header has 5"]),
+        "malformed row, strict": ([malformed, "-t", WHITE, "--strict"], 2, ["malformed.csv, line 3 (sku S2)", "4 fields but the header has 5"]),
         "undefined variable": ([good, "-t", undefined], 2, ["undefined.j2 uses {{ colour_name }}", "good.csv"]),
         "jinja syntax error": ([good, "-t", syntax], 2, ["syntax.j2, line 1: Jinja syntax error"]),
         "size not multiple of 16": ([good, "-t", size], 2, ["size.j2", "1000 is not a multiple of 16", "use 992 or 1008"]),
@@ -87,7 +87,7 @@ def test_plan_lists_row_problems_without_failing(tmp_path, capsys):
                     [["S1", "Mug", "red", "mug", "clay"], ["S2", "Cup", "", "mug", "clay"]])
     code, out, err = run_cli(capsys, "plan", cat, "-t", WHITE)
     assert code == 0 and "1 jobs from 1 rows" in out
-    assert "c.csv, row 2: column 'color' is empty" in err
+    assert "c.csv, line 3 (sku S2): column 'color' is empty" in err
 
 
 def test_help_shows_real_examples(capsys):
@@ -111,7 +111,7 @@ def test_run_in_process_with_row_problems_and_summary(tmp_path, capsys):
     scene = write_template(tmp_path / "scene.j2", "{{ color }} {{ title }}", "size: 256x256")
     code, out, err = run_cli(capsys, "run", cat, "-t", scene, "--model", "tiny-random", "--device", "cpu", "--out", tmp_path / "o", "-q")
     assert code == 0, err
-    assert "1 generated, 0 skipped" in out and "Manifest:" in out and "row 2: column 'color' is empty" in err
+    assert "1 generated, 0 skipped" in out and "Manifest:" in out and "line 3 (sku S2): column 'color' is empty" in err
     run = json.loads((tmp_path / "o/run.json").read_text())
     assert run["row_problems"] == 1 and run["generated"] == 1
 

@@ -107,17 +107,19 @@ def test_the_same_problem_on_many_rows_is_listed_once_with_its_rows(tmp_path, ca
     from zimage_batch.cli import main
     from zimage_batch.plan import RowProblems
 
-    rows = [[f"S{i}", "red" if i % 100 == 50 else ""] for i in range(300)]  # data row 52 has a color
+    rows = [[f"S{i}", "red" if i % 100 == 50 else ""] for i in range(300)]  # data rows 51, 151, 251 (lines 52, ...) have a color
     cat = write_csv(tmp_path / "cat.csv", ["sku", "color"], rows)
     broken = write_template(tmp_path / "broken.j2", "A mug, {{ 1 / 0 }}")
     summary = summarize(plan_jobs(check_inputs([str(cat)], [str(broken)], "tiny-random", PRESETS)))
     assert summary.problem_count == 300 and summary.problems == [
-        f"{cat}, rows 1-300 (300 rows): template {broken} failed to render: ZeroDivisionError: division by zero."]
+        f"{cat}, lines 2-301 (300 rows; skus S0, S1, S2, ...): template {broken} failed to render: ZeroDivisionError: "
+        f"division by zero."]
 
     colored = write_template(tmp_path / "colored.j2", "A {{ color }} mug")
     assert main(["plan", str(cat), "-t", str(colored)]) == 0
     err = capsys.readouterr().err
-    assert "297 row problem(s)" in err and f"{cat}, rows 1-50, 52-150, 152-250, 252-300 (297 rows): column 'color'" in err
+    assert "297 row problem(s)" in err
+    assert f"{cat}, lines 2-51, 53-151, 153-251, 253-301 (297 rows; skus S0, S1, S2, ...): column 'color'" in err
     assert err.count("column 'color' is empty") == 1
 
     problems = RowProblems()

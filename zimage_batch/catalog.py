@@ -1,11 +1,14 @@
 """Catalogs: CSV (UTF-8, with or without BOM) and Parquet, streamed in batches of rows.
 
-A catalog argument is a file, a glob pattern (``catalogs/*.csv``, expanded by ``expand_sources``) or
-an ``s3://bucket/key`` object, read in blocks with pyarrow's S3 file system (standard AWS settings:
-``AWS_ENDPOINT_URL``, keys or profile).
+A catalog argument is a file, a glob pattern (``catalogs/*.csv``, expanded by ``expand_sources``;
+local paths only) or an ``s3://bucket/key`` object named in full (S3 patterns are not expanded),
+read in blocks with pyarrow's S3 file system (standard AWS settings: ``AWS_ENDPOINT_URL``, keys or
+profile).
 
 Each row keeps the file it came from and its 1-based data row number (the header is not
-counted; in a spreadsheet that is the row number minus one). Parquet is read with pyarrow,
+counted), which the manifest and job ids use, and for CSV the line of the file it starts on (what an
+editor or Excel shows: the header is line 1, and a quoted value over several lines moves the rows
+after it down), which messages name with the sku. Parquet is read with pyarrow,
 batch by batch. CSV is read with the standard library's streaming reader: unlike pyarrow's
 CSV reader, it reports the exact position of a malformed row (pyarrow's
 ``InvalidRow.number`` is ``None``), which users need to fix their file.
@@ -58,11 +61,13 @@ _GB_PAIRS = re.compile(b"(?:[\x00-\x7f]|[\x81-\xfe][\x80-\xfe])*")  # GB18030 te
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One catalog row: its source, its 1-based data row number and its non-empty values."""
+    """One catalog row: its source, its 1-based data row number, its non-empty values and, for CSV,
+    the line of the file it starts on (None for Parquet, which has no lines)."""
 
     catalog: str
     row: int
     values: dict[str, Any]
+    line: int | None = None
 
     @property
     def sku(self) -> str:
@@ -77,9 +82,25 @@ class RowProblem:
     row: int
     message: str
     sku: str = ""  # when the row names one: it is still in the catalog, even if it cannot run
+    line: int | None = None  # CSV: the line of the file the row starts on; None for Parquet
 
     def __str__(self) -> str:
-        return f"{self.catalog}, row {self.row}: {self.message}"
+        return f"{self.catalog}, {row_place(self.row, self.line)}{sku_note(self.sku)}: {self.message}"
+
+
+def row_place(row: int, line: int | None) -> str:
+    """Where a row is for a person: the file's line (what an editor or Excel shows) for CSV, else the row."""
+    return f"line {line}" if line is not None else f"row {row}"
+
+
+def sku_label(sku: str) -> str:
+    """A sku as a message shows it: quoted only when spaces or invisible characters would hide its ends."""
+    return sku if sku.isprintable() and sku.strip() == sku and " " not in sku else repr(sku)
+
+
+def sku_note(sku: str) -> str:
+    """`` (sku MUG-002)`` after a row's place, or nothing for a row without a sku."""
+    return f" (sku {sku_label(sku)})" if sku else ""
 
 
 def expand_sources(sources: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -128,6 +149,8 @@ class Catalog:
                 f"Catalog {self.name}: reading catalogs from a URL ({self.name.split('://')[0]}://) is not supported. "
                 f"Use a local file, a glob, or s3://BUCKET/KEY."
             )
+        if self.s3 and glob.has_magic(self.name) and suffix not in FORMATS:  # s3://bucket/catalogs/*
+            raise CatalogError(s3_pattern_problem(self.name, _s3_matches(self.name)))
         if suffix not in FORMATS:
             raise CatalogError(
                 f"Catalog {self.name}: unknown file type {suffix or '(no extension)'!r}. "
@@ -140,6 +163,7 @@ class Catalog:
             )
         self.format = FORMATS[suffix]
         self.not_text: dict[str, str] = {}  # Parquet columns of lists, structs, maps or bytes: name -> type
+        self.text_typed: set[str] | None = None  # Parquet columns of strings; None for CSV (every value is text)
         self.columns = self._read_columns()
         if "sku" in self.not_text:
             raise CatalogError(self.not_text_problem({"sku"}))
@@ -151,6 +175,12 @@ class Catalog:
                 f"Every catalog needs a 'sku' column: it names the output folders and seeds the images."
                 f"{self._separator_hint()}"
             )
+
+    @property
+    def text_columns(self) -> set[str]:
+        """Columns whose values reach a template as text: every CSV column (values are never converted, so a
+        sku ``00123`` keeps its zeros), and Parquet columns of strings."""
+        return set(self.columns) if self.text_typed is None else set(self.text_typed)
 
     def not_text_problem(self, used: set[str]) -> str:
         """Why these columns (lists, structs, maps or bytes) cannot go into a prompt, and the fix."""
@@ -184,6 +214,7 @@ class Catalog:
                 ) from None
             names = list(schema.names)
             self.not_text = {field.name.strip(): str(field.type) for field in schema if _not_text(field.type)}
+            self.text_typed = {field.name.strip() for field in schema if _string(field.type)}
         else:
             try:
                 with self._open() as f:
@@ -269,25 +300,25 @@ class Catalog:
                     if all(not field.strip() for field in fields):
                         continue  # a blank line, or one of blank cells (",,", "  ,  ")
                     number += 1
+                    first = reader.line_num - len(text) + 1  # the line the record starts on
                     if lines.ended or (len(text) > 1 and not self._sound(text)):
-                        first = reader.line_num - len(text) + 1
                         raise self._unclosed_quote(number, fields, first, reader.line_num, lines.ended)
                     if [field.strip() for field in fields] == self.columns:
-                        yield RowProblem(self.name, number, f"line {reader.line_num} repeats the header (the column "
-                                         f"names): were files concatenated? Delete the line, or join exports without "
-                                         f"their header lines (e.g. `tail -n +2 FILE`).")
+                        yield RowProblem(self.name, number, "the line repeats the header (the column names): were "
+                                         "files concatenated? Delete the line, or join exports without their header "
+                                         "lines (e.g. `tail -n +2 FILE`).", line=first)
                         continue
                     if len(fields) != len(self.columns):
                         yield RowProblem(
                             self.name,
                             number,
-                            f"has {len(fields)} fields but the header has {len(self.columns)} "
-                            f"(line {reader.line_num} of the file). Check for an unquoted comma "
-                            f"or a missing field; quote values that contain commas.",
+                            f"the row has {len(fields)} fields but the header has {len(self.columns)}. Check for an "
+                            f"unquoted comma or a missing field; quote values that contain commas.",
                             fields[sku_at].strip() if sku_at < len(fields) else "",
+                            first,
                         )
                         continue
-                    yield self._make_row(number, dict(zip(self.columns, fields)))
+                    yield self._make_row(number, dict(zip(self.columns, fields)), first)
             except csv.Error as exc:
                 if "field larger than field limit" in str(exc):
                     read = sum(len(line) for line in lines.taken)
@@ -332,20 +363,23 @@ class Catalog:
         """A binary file object: the local file, or the S3 object streamed in blocks (never downloaded whole)."""
         if not self.s3:
             return open(self.path, "rb")
-        import pyarrow.fs
-
         endpoint = os.environ.get("AWS_ENDPOINT_URL")  # the standard AWS variable, as boto3 reads it
         try:
-            fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+            fs = _s3_file_system()
             where = self.name[len("s3://"):]
             stream = fs.open_input_file(where) if random_access else fs.open_input_stream(where)
         except FileNotFoundError:
+            if glob.has_magic(self.name):
+                raise CatalogError(s3_pattern_problem(self.name, _s3_matches(self.name))) from None
             raise CatalogError(f"Catalog {self.name} does not exist (no such object{f' at {endpoint}' if endpoint else ''}). "
                                f"Check the bucket and key, e.g. `aws s3 ls {self.name}`.") from None
         except OSError as exc:
             reason = str(exc).splitlines()[0][:200]
+            pattern = (" Patterns (*, ?, [...]) are expanded only for local paths: name each S3 catalog in full."
+                       if glob.has_magic(self.name) else "")
             raise CatalogError(f"Catalog {self.name} cannot be read from S3{f' at {endpoint}' if endpoint else ''} ({reason}). "
-                               f"Check the bucket, the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE) and AWS_ENDPOINT_URL.") from None
+                               f"Check the bucket, the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE) and AWS_ENDPOINT_URL."
+                               f"{pattern}") from None
         return stream if random_access else _LineReader(stream)
 
     def _decoded_lines(self, f) -> Iterator[str]:
@@ -376,7 +410,7 @@ class Catalog:
                     f"converted file before using it)."
                 ) from None
 
-    def _make_row(self, number: int, values: dict[str, Any]) -> Row | RowProblem:
+    def _make_row(self, number: int, values: dict[str, Any], line: int | None = None) -> Row | RowProblem:
         clean = {}
         for key, value in values.items():
             if isinstance(value, str):
@@ -392,13 +426,57 @@ class Catalog:
                     value = int(value)  # an int column pandas made float because of a gap: 1002.0 -> 1002
             clean[key] = value
         if "sku" not in clean:
-            return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.")
+            return RowProblem(self.name, number, "the 'sku' column is empty; every row needs a sku.", line=line)
         if isinstance(clean["sku"], str) and _SCIENTIFIC.fullmatch(clean["sku"]):
-            return RowProblem(self.name, number, f"sku {clean['sku']!r} looks like a number Excel turned into "
-                              f"scientific notation, which also rounds it (two products can end up with one sku). "
-                              f"Format the sku column as Text in Excel, re-enter those skus and export again.",
-                              clean["sku"])
-        return Row(self.name, number, clean)
+            return RowProblem(self.name, number, "the sku looks like a number Excel turned into scientific notation, "
+                              "which also rounds it (two products can end up with one sku). Format the sku column "
+                              "as Text in Excel, re-enter those skus and export again.", clean["sku"], line)
+        return Row(self.name, number, clean, line)
+
+
+def s3_pattern_problem(source: str, matches: list[str] | None = None) -> str:
+    """Why ``s3://bucket/*.csv`` found nothing: patterns are expanded only for local paths. ``matches``
+    (the objects the pattern would match, when they could be listed) are named so they can be passed."""
+    folder = _s3_folder(source)
+    if matches:
+        shown_matches = " ".join(matches[:10]) + (f" (and {len(matches) - 10} more)" if len(matches) > 10 else "")
+        example = f"it would match {shown_matches}: pass them one by one"
+    else:
+        example = f"e.g. {folder}a.csv {folder}b.csv (list them with `aws s3 ls {folder}`)"
+    return (f"Catalog {source}: no S3 object has this name, and patterns (*, ?, [...]) are expanded only for local "
+            f"paths, not on S3. Name each S3 catalog in full: {example}; or copy them to a local folder and use the "
+            f"pattern there.")
+
+
+def _s3_folder(source: str) -> str:
+    """``s3://bucket/catalogs/`` for ``s3://bucket/catalogs/*.csv``: up to the last ``/`` before the pattern starts."""
+    return source[: source.rfind("/", 0, min(source.find(c) for c in "*?[" if c in source)) + 1]
+
+
+def _s3_file_system():
+    """pyarrow's S3 file system with the standard AWS settings (``AWS_ENDPOINT_URL``, keys or profile, region)."""
+    import pyarrow.fs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return pyarrow.fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL"), region=region)
+
+
+def _s3_matches(source: str) -> list[str]:
+    """The catalogs (.csv, .parquet) an S3 pattern would match, for the message; empty when they cannot be listed."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    folder = _s3_folder(source)
+    if folder == "s3://":  # a pattern in the bucket's name: not listed (that would list every bucket)
+        return []
+    deeper = "/" in source[len(folder):]  # list below the folder only when the pattern goes there
+    try:
+        infos = _s3_file_system().get_file_info(pyarrow.fs.FileSelector(folder[len("s3://"):], recursive=deeper))
+    except Exception:  # no such bucket, no permission to list, ...: the message names a placeholder instead
+        return []
+    names = sorted(f"s3://{info.path}" for info in infos if info.type == pyarrow.fs.FileType.File)
+    return [name for name in names if fnmatch.fnmatchcase(name, source) and Path(name).suffix.lower() in FORMATS]
 
 
 def shown(names: Iterable[str]) -> str:
@@ -428,6 +506,15 @@ def _not_text(type_) -> bool:
         type_ = type_.value_type
     binary = (types.is_binary, types.is_large_binary, types.is_fixed_size_binary, types.is_binary_view)
     return types.is_nested(type_) or any(check(type_) for check in binary)
+
+
+def _string(type_) -> bool:
+    """Whether a Parquet column type holds strings (values that reach a template as text)."""
+    import pyarrow.types as types
+
+    if types.is_dictionary(type_):
+        type_ = type_.value_type
+    return types.is_string(type_) or types.is_large_string(type_) or getattr(types, "is_string_view", lambda t: False)(type_)
 
 
 class _Lines:

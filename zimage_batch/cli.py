@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("catalogs", nargs="+", metavar="CATALOG",
                        help="CSV (UTF-8) or Parquet catalog file(s), a quoted glob pattern such as 'catalogs/*.csv' "
-                            "(expanded at each run, in name order), or s3://BUCKET/KEY; each needs a 'sku' column")
+                            "(local paths only; expanded at each run, in name order), or s3://BUCKET/KEY named in "
+                            "full; each needs a 'sku' column")
         p.add_argument("-t", "--template", dest="templates", action="append", required=True, metavar="FILE",
                        help="a prompt template (.j2); repeat for several: every template runs over every row")
         p.add_argument("--model", default=DEFAULT_MODEL,

@@ -17,12 +17,12 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 from pydantic import TypeAdapter
 
-from .catalog import Catalog, Row, RowProblem, expand_sources, shown
+from .catalog import Catalog, Row, RowProblem, expand_sources, row_place, shown, sku_label
 from .errors import CatalogError, PlanError, TemplateError
 from .models import resolve_model
 from .presets import unsupported
@@ -117,11 +117,13 @@ class PlanInputs:
         if "turbo" not in self.model.lower():
             return []
         found = []
+        few_steps = "Z-Image-Turbo is distilled for 8 (8-9 are fine): fewer give soft, unfinished or dark images."
+        if self.steps is not None and self.steps < 6:  # the command line's value, for every template
+            found.append(f"--steps {self.steps} (given on the command line, for every template): {few_steps}")
         for template in self.templates:
-            steps, guidance = self.steps or template.settings.steps, template.settings.guidance_scale
-            if steps < 6:
-                found.append(f"{template.path}: {steps} step(s); Z-Image-Turbo is distilled for 8 (8-9 are fine): "
-                             f"fewer give soft, unfinished or dark images.")
+            steps, guidance = template.settings.steps, template.settings.guidance_scale
+            if self.steps is None and steps < 6:
+                found.append(f"{template.path}: {steps} step(s) (its front matter's steps); {few_steps}")
             if guidance > 1.0:
                 found.append(f"{template.path}: guidance_scale {guidance}; Z-Image-Turbo is made for 0.0: more costs a "
                              f"second forward per step and tends to burn colours and text.")
@@ -182,6 +184,7 @@ def check_inputs(catalogs: Sequence[str], templates: Sequence[str], model: str, 
                 )
         for catalog in opened:
             problems.extend(_hidden_columns(catalog, template))
+            problems.extend(_text_used_as_number(catalog, template))
             not_text = template.required_columns() & set(catalog.not_text)
             if not_text:
                 problems.append(f"Template {template.path} uses {', '.join(sorted(not_text))}. " + catalog.not_text_problem(not_text))
@@ -223,9 +226,30 @@ def _hidden_columns(catalog: Catalog, template: Template) -> list[str]:
     return found
 
 
+def _text_used_as_number(catalog: Catalog, template: Template) -> list[str]:
+    """Template expressions that use a column of text as a number (``price * 2``, ``stock > 0``). CSV values
+    are text and are never converted (a sku ``00123`` keeps its zeros), so ``'24.90' * 2`` renders
+    ``24.9024.90``, ``'0' == 0`` is false and ``'9' > '10'``: wrong prompts, silently, or a failure on every row."""
+    own = {key for mapping in template.settings.variant_contexts() for key in mapping}
+    found = []
+    for use in template.number_uses:
+        text = [c for c in use.columns if c in catalog.text_columns and c not in own]
+        if not text:
+            continue
+        kind = ("CSV values are text, never converted to numbers (a sku 00123 keeps its zeros)"
+                if catalog.format == "csv" else "the Parquet file stores that column as text (strings)")
+        found.append(
+            f"Template {template.path}, {use.at}: `{use.expression}` uses column {shown(text)} of catalog "
+            f"{catalog.name} as a number, but {kind}. On text, arithmetic repeats or joins it ('24.90' * 2 gives "
+            f"'24.9024.90') and comparisons compare text ('0' == 0 is false), or the row fails. Convert the value "
+            f"in the template: `{use.fixed}` (or `| int` for whole numbers)."
+        )
+    return found
+
+
 def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
     """Expand rows x templates x variants into jobs, streaming; bad rows come out as RowProblems."""
-    first_seen: dict[str, tuple[str, int]] = {}
+    first_seen: dict[str, tuple[str, int, int | None]] = {}
     for catalog in inputs.catalogs:
         for item in catalog.rows():
             if isinstance(item, RowProblem):
@@ -234,9 +258,10 @@ def plan_jobs(inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             sku = item.sku
             if sku in first_seen:
                 where = first_seen[sku]
-                yield RowProblem(item.catalog, item.row, f"sku {sku!r} already appeared in {where[0]}, row {where[1]}; skus must be unique.", sku)
+                yield RowProblem(item.catalog, item.row, f"this sku already appeared in {where[0]}, "
+                                 f"{row_place(where[1], where[2])}; skus must be unique.", sku, item.line)
                 continue
-            first_seen[sku] = (item.catalog, item.row)
+            first_seen[sku] = (item.catalog, item.row, item.line)
             yield from _row_jobs(item, inputs)
 
 
@@ -246,7 +271,7 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
         whole = _WHOLE_NUMBER.fullmatch(str(row.values[SEED_COLUMN]).strip())
         base_seed = int(whole[1]) if whole else None
         if base_seed is None or not 0 <= base_seed < 2**32:
-            yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.", row.sku)
+            yield RowProblem(row.catalog, row.row, f"column 'seed' is {row.values[SEED_COLUMN]!r}; it must be a whole number from 0 to 4294967295, or empty.", row.sku, row.line)
             return
     for template in inputs.templates:
         settings = template.settings
@@ -256,19 +281,19 @@ def _row_jobs(row: Row, inputs: PlanInputs) -> Iterator[Job | RowProblem]:
             try:
                 prompt, negative = template.render(row.values, variant)
             except jinja2.UndefinedError as exc:
-                yield RowProblem(row.catalog, row.row, _undefined_message(exc, template), row.sku)
+                yield RowProblem(row.catalog, row.row, _undefined_message(exc, template), row.sku, row.line)
                 break
             except Exception as exc:  # sandbox SecurityError, a filter's TypeError, ...
-                yield RowProblem(row.catalog, row.row, f"template {template.path} failed to render: {type(exc).__name__}: {exc}.", row.sku)
+                yield RowProblem(row.catalog, row.row, f"template {template.path} failed to render: {type(exc).__name__}: {exc}.", row.sku, row.line)
                 break
             if not prompt:
-                yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.", row.sku)
+                yield RowProblem(row.catalog, row.row, f"template {template.path} rendered an empty prompt for this row.", row.sku, row.line)
                 break
             control = _CONTROL.search(prompt + negative)
             if control:
                 yield RowProblem(row.catalog, row.row, f"the prompt from template {template.path} holds the invisible control "
                                  f"character U+{ord(control[0]):04X}, which the images' embedded metadata cannot carry. "
-                                 f"Remove it from this row's values.", row.sku)
+                                 f"Remove it from this row's values.", row.sku, row.line)
                 break
             seed = (base_seed + variant) % 2**32 if base_seed is not None else derive_seed(row.sku, template.name, variant)
             job_id = compute_job_id(row.sku, template.name, variant, prompt, negative, seed, width, height, steps,
@@ -301,16 +326,19 @@ class RowProblems:
     """The row problems of a planning pass, for people: one line per (catalog, message), with its rows.
 
     A template that fails on every row (``{{ 1/0 }}``, a sandbox violation) or a column empty in
-    thousands of rows is one line naming the rows ("rows 2-301 (300 rows)"), not 300 near-copies.
-    Memory stays bounded: at most ``limit`` distinct lines and ``MAX_RANGES`` row ranges per line
-    are kept; ``count`` counts every problem."""
+    thousands of rows is one line naming where they are ("lines 2-301 (300 rows; skus S0, S1, S2,
+    ...)" for CSV, by the file's lines; "rows 1-300 ..." for Parquet), not 300 near-copies. A range is
+    a run of consecutive data rows, shown from the line the first starts on to the line the last
+    starts on. Memory stays bounded: at most ``limit`` distinct lines, ``MAX_RANGES`` row ranges and
+    ``MAX_SKUS`` skus per line are kept; ``count`` counts every problem."""
 
     MAX_RANGES = 12
+    MAX_SKUS = 3
 
     def __init__(self, limit: int = 1000):
         self.limit = limit
         self.count = 0
-        self._rows: dict[tuple[str, str], list] = {}  # (catalog, message) -> [problems, [first, last], ...]
+        self._rows: dict[tuple[str, str], _Problems] = {}  # (catalog, message) -> where the problem is
 
     def add(self, problem: RowProblem) -> None:
         self.count += 1
@@ -319,26 +347,45 @@ class RowProblems:
         if entry is None:
             if len(self._rows) >= self.limit:
                 return
-            entry = self._rows[key] = [0]
-        entry[0] += 1
-        ranges = entry[1:]
+            entry = self._rows[key] = _Problems()
+        entry.count += 1
+        if problem.sku and len(entry.skus) < self.MAX_SKUS:
+            entry.skus.append(problem.sku)
+        ranges = entry.ranges
         if ranges and problem.row in (ranges[-1][1], ranges[-1][1] + 1):
-            ranges[-1][1] = problem.row
+            ranges[-1][1], ranges[-1][3] = problem.row, problem.line
         elif len(ranges) < self.MAX_RANGES:
-            entry.append([problem.row, problem.row])
+            ranges.append([problem.row, problem.row, problem.line, problem.line])
 
     def listed(self) -> list[str]:
         """One line per distinct problem, in the order first seen."""
         lines = []
-        for (catalog, message), (problems, *ranges) in self._rows.items():
-            if problems == 1:
-                lines.append(str(RowProblem(catalog, ranges[0][0], message)))
+        for (catalog, message), entry in self._rows.items():
+            first_row, _, first_line, _ = entry.ranges[0]
+            if entry.count == 1:
+                lines.append(str(RowProblem(catalog, first_row, message, entry.skus[0] if entry.skus else "", first_line)))
                 continue
-            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-            if sum(b - a + 1 for a, b in ranges) < problems:
+            by_line = first_line is not None  # CSV: the file's lines; Parquet: data rows
+            spans = [(a, b) if not by_line else (c, d) for a, b, c, d in entry.ranges]
+            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+            if sum(b - a + 1 for a, b, _, _ in entry.ranges) < entry.count:
                 shown += ", ..."
-            lines.append(f"{catalog}, rows {shown} ({problems} rows): {message}")
+            skus = ""
+            if entry.skus:
+                more = ", ..." if entry.count > len(entry.skus) else ""
+                skus = f"; skus {', '.join(sku_label(sku) for sku in entry.skus)}{more}"
+            lines.append(f"{catalog}, {'lines' if by_line else 'rows'} {shown} ({entry.count} rows{skus}): {message}")
         return lines
+
+
+@dataclass(slots=True)
+class _Problems:
+    """Where one distinct row problem is: its count, its first skus, and ranges of consecutive data rows
+    as [first row, last row, first row's line, last row's line] (lines None for Parquet)."""
+
+    count: int = 0
+    skus: list[str] = field(default_factory=list)
+    ranges: list[list] = field(default_factory=list)
 
 
 @dataclass

@@ -9,7 +9,10 @@
     {{ title }}, {{ color }} {{ material }}, product photo on a pure white background
 
 Bodies render in a sandboxed environment with strict undefined variables. Catalog values
-are passed as data: a value that looks like ``{{ 7*7 }}`` stays that text. The rendered
+are passed as data: a value that looks like ``{{ 7*7 }}`` stays that text. CSV values are text, never
+converted (a sku ``00123`` keeps its zeros): ``{{ price * 2 }}`` would repeat the text, so planning
+refuses a template that uses a text column as a number (``NumberUse``) and names the fix,
+``{{ price | float * 2 }}``. The rendered
 prompt has its whitespace collapsed (none kept between two CJK characters), so a template
 can be laid out over several lines.
 Besides the catalog's columns a template sees ``row`` (all values of the row, for column
@@ -20,6 +23,7 @@ mapping when ``variants`` is a list. A template is one file: ``{% include %}``, 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -37,6 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import TemplateError
 
 BUILTIN_NAMES = frozenset({"row", "variant"})
+_ARITHMETIC = {nodes.Mul: "*", nodes.Div: "/", nodes.FloorDiv: "//", nodes.Sub: "-", nodes.Pow: "**", nodes.Mod: "%",
+               nodes.Add: "+"}
+_COMPARISONS = {"eq": "==", "ne": "!=", "gt": ">", "gteq": ">=", "lt": "<", "lteq": "<="}
 _OTHER_FILES = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from", nodes.Extends: "extends"}
 
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
@@ -99,7 +106,7 @@ class TemplateSettings(BaseModel):
 
 
 def parse_size(size: str) -> tuple[int, int]:
-    """Parse ``WIDTHxHEIGHT``; both must be multiples of 16 between 256 and 2048."""
+    """Parse ``WIDTHxHEIGHT``; both must be multiples of 16 between 256 and 2048 (one error names every problem)."""
     parts = str(size).lower().replace("×", "x").split("x")
     if len(parts) == 1 and parts[0].strip().isdigit():
         side = parts[0].strip()
@@ -107,16 +114,29 @@ def parse_size(size: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
     width, height = (int(p) for p in parts)
+    problems = []
     for name, value in (("width", width), ("height", height)):
         if not 256 <= value <= 2048:
-            raise ValueError(f"size {size}: {name} {value} is outside 256..2048")
-        if value % 16:
+            problems.append(f"{name} {value} is outside 256..2048")
+        elif value % 16:
             lower = value // 16 * 16
-            raise ValueError(
-                f"size {size}: {name} {value} is not a multiple of 16 (the model works on 16-pixel "
-                f"patches); use {lower} or {lower + 16}"
-            )
+            problems.append(f"{name} {value} is not a multiple of 16 (use {lower} or {lower + 16})")
+    if problems:
+        why = ", as the model works on 16-pixel patches" if any("multiple" in p for p in problems) else ""
+        raise ValueError(f"size {size}: {', and '.join(problems)}{why}")
     return width, height
+
+
+@dataclass(frozen=True)
+class NumberUse:
+    """Values used as numbers in a template (``price * 2``, ``stock > 0``): ``columns`` names the catalog
+    columns (a bare name, ``row.x`` or ``row['x']``), ``expression`` is the expression as written (roughly),
+    ``fixed`` the same with ``| float`` after each column, and ``at`` where it is (``line 5``)."""
+
+    columns: tuple[str, ...]
+    expression: str
+    fixed: str
+    at: str
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,7 @@ class Template:
     _body: jinja2.Template
     _negative: jinja2.Template | str  # a plain string when it has no Jinja tags
     optional: frozenset[str] = frozenset()  # variables the template guards (is defined, | default)
+    number_uses: tuple[NumberUse, ...] = ()  # values used as numbers: wrong when the catalog's values are text
 
     @cached_property
     def dimensions(self) -> tuple[int, int]:
@@ -189,6 +210,67 @@ def _optional(parsed: nodes.Template) -> frozenset[str]:
     return frozenset(node.name for node in tested + defaulted if isinstance(node, nodes.Name))
 
 
+def _column(node: nodes.Node, undeclared: set[str]) -> tuple[str, str] | None:
+    """(column, how it is written) for a bare catalog value: a name the template does not set, ``row.x``
+    or ``row['x']``; None for anything else (a filter such as ``price | float``, a constant, ...)."""
+    if isinstance(node, nodes.Name) and node.name in undeclared and node.name not in BUILTIN_NAMES:
+        return node.name, node.name
+    if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.name == "row":
+        return node.attr, f"row.{node.attr}"
+    if (isinstance(node, nodes.Getitem) and isinstance(node.node, nodes.Name) and node.node.name == "row"
+            and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str)):
+        return node.arg.value, f"row[{node.arg.value!r}]"
+    return None
+
+
+def _is_number(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Const) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+
+
+def _number_uses(parsed: nodes.Template, at) -> list[NumberUse]:
+    """Catalog values the template uses as numbers: arithmetic on them (``price * 2``: a text value is
+    repeated, ``'24.90' * 2`` is ``'24.9024.90'``, or the row fails) and comparisons with a number or
+    ordering (``stock == 0`` is never true for the text ``'0'``; ``'9' > '10'``). ``text + text`` and a
+    comparison with a text constant are what text does, and not listed. ``at(lineno)`` names the place."""
+    undeclared = jinja2.meta.find_undeclared_variables(parsed)
+    found: list[NumberUse] = []
+
+    def shown(node: nodes.Node, fix: bool) -> str:
+        column = _column(node, undeclared)
+        if column is not None:
+            return f"{column[1]} | float" if fix else column[1]
+        return repr(node.value) if isinstance(node, nodes.Const) else "..."
+
+    def add(columns: list[tuple[str, str] | None], left: nodes.Node, op: str, right: nodes.Node, lineno: int) -> None:
+        named = tuple(dict.fromkeys(c[0] for c in columns if c))
+        if named:
+            found.append(NumberUse(named, f"{shown(left, False)} {op} {shown(right, False)}",
+                                   f"{shown(left, True)} {op} {shown(right, True)}", at(lineno)))
+
+    for node in parsed.find_all(tuple(_ARITHMETIC)):
+        op = _ARITHMETIC[type(node)]
+        left, right = _column(node.left, undeclared), _column(node.right, undeclared)
+        if isinstance(node, nodes.Add):  # text + text joins text (as ~ does); text + a number fails on every row
+            add([left if _is_number(node.right) else None, right if _is_number(node.left) else None],
+                node.left, op, node.right, node.lineno)
+        elif isinstance(node, nodes.Mod):  # '%s' % price formats text; price % 2 does no arithmetic
+            add([left], node.left, op, node.right, node.lineno)
+        else:
+            add([left, right], node.left, op, node.right, node.lineno)
+    for node in parsed.find_all(nodes.Compare):
+        left = node.expr
+        for operand in node.ops:
+            op, right = _COMPARISONS.get(operand.op), operand.expr
+            if op is not None:  # a column against a number, or ordered against anything but a text constant
+                columns = [_column(left, undeclared), _column(right, undeclared)]
+                other = right if columns[0] else left
+                text = isinstance(other, nodes.Const) and isinstance(other.value, str)
+                if _is_number(other) or (op not in ("==", "!=") and not text):
+                    add(columns, left, op, right, node.lineno)
+            left = right
+    return found
+
+
 def _syntax_error(where: str, at: str, exc: jinja2.TemplateSyntaxError) -> TemplateError:
     return TemplateError(f"Template {where}, {at}: Jinja syntax error: {(exc.message or '').rstrip('.')}. "
                          f"Check the {{{{ }}}} and {{% %}} tags near that line.")
@@ -208,6 +290,25 @@ def _front_matter_line(front: str, key: str) -> int | None:
         if line.startswith(f"{key}:"):
             return number
     return None
+
+
+def _front_matter_problems(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    """Every front-matter problem: pydantic's, a close match for an unknown key, and a bad size (which is
+    otherwise checked only once the rest is valid), so one message names them all."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(field, TemplateSettings.model_fields, n=1)
+            problems.append(f"{field}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        else:
+            problems.append(f"{field or 'front matter'}: {error['msg'].removeprefix('Value error, ')}")
+    if isinstance(data.get("size"), str) and not any(error["loc"][:1] == ("size",) for error in exc.errors()):
+        try:
+            parse_size(data["size"])
+        except ValueError as size_problem:
+            problems.append(str(size_problem))
+    return problems
 
 
 def load_template(path: str | Path) -> Template:
@@ -236,8 +337,8 @@ def load_template(path: str | Path) -> Template:
     try:
         settings = TemplateSettings(**data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'front matter'}: {e['msg']}" for e in exc.errors())
         known = ", ".join(TemplateSettings.model_fields)
+        problems = "; ".join(_front_matter_problems(exc, data))
         raise TemplateError(f"Template {where}: invalid front matter ({problems}). Known keys: {known}.") from None
     if not body.strip():
         raise TemplateError(f"Template {where} has no prompt body after its front matter.")
@@ -264,6 +365,8 @@ def load_template(path: str | Path) -> Template:
             f"file ({{% macro name() %}}...{{% endmacro %}})."
         )
     variables = jinja2.meta.find_undeclared_variables(parsed) | jinja2.meta.find_undeclared_variables(parsed_negative)
+    number_uses = (_number_uses(parsed, lambda lineno: f"line {lineno + body_line - 1}")
+                   + _number_uses(parsed_negative, lambda lineno: negative_at))
     return Template(
         name=path.stem,
         path=where,
@@ -271,6 +374,7 @@ def load_template(path: str | Path) -> Template:
         settings=settings,
         variables=frozenset(variables),
         optional=_optional(parsed) | _optional(parsed_negative),
+        number_uses=tuple(number_uses),
         _body=compiled,
         _negative=negative,
     )
