@@ -216,6 +216,17 @@ def test_fill_bounds_apply_to_resize_presets_too(clean: dict[str, Source]) -> No
     assert process(clean["bottle"], strict.model_copy(update={"fill_min": 0.6})).status == "ok"
 
 
+def test_a_kept_shadow_wider_than_the_product_stays_inside_the_white_border() -> None:
+    """The README's amazon_tight (fill 0.9, shadow kept) on the lamp shot: at 90% the shadow, wider
+    than the product, reached the border ring and the shot was rejected; the product is now scaled
+    so the shadow fits, and the fill says how much that cost."""
+    source = Source(shadow_scene((1024, 1024)).image)
+    tight = PRESETS["amazon_main"].model_copy(update={"name": "amazon_tight", "fill": 0.9, "fill_min": 0.88, "shadow": "keep"})
+    result = process(source, tight)
+    assert result.status == "ok" and result.border_white_fraction == 1.0, result.explain()
+    assert 0.88 <= result.fill_ratio < 0.9
+
+
 def test_a_kept_shadow_running_into_the_border_is_rejected() -> None:
     source = Source(shadow_to_edge_scene(SIZE).image)
     kept = process(source, PRESETS["amazon_main"].model_copy(update={"shadow": "keep"}))

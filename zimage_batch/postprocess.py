@@ -51,7 +51,9 @@ REASONS = {
     "fill_unmeasured": "the preset needs the product to fill {low:.0%}-{high:.0%} of the frame, but no product could "
                        "be found to measure it (no plain light backdrop: use a learned --matting backend, or a preset "
                        "without fill_min/fill_max)",
-    "border_not_white": "the border is not pure white after processing (only {border:.2%} of it is RGB 255)",
+    "border_not_white": "the border is not pure white after processing (only {border:.2%} of it is RGB 255): the "
+                        "product or a kept shadow reaches the frame's edge, or the picture cuts its shadow off (lower "
+                        "the preset's fill, or set shadow = \"remove\")",
     "over_size_cap": "the file is {size} even at quality {quality}; the preset allows {cap}",
     "unreadable_image": "the file could not be decoded (truncated or corrupt)",
     "processing_failed": "processing failed with {error} (a bug in zimage-batch: please report it with this image)",
@@ -72,6 +74,7 @@ _ALPHA_SNAP = 1 / 32  # a learned matte below this is backdrop, above 1 - this i
 _FILL_SLACK = 0.005  # rounding to whole pixels may move the measured fill by this much
 _SCALE_SLACK = 0.001  # rounding a frame side to whole pixels may enlarge by this much more
 _CROP_SLACK = 0.5  # px: a subject box this close to the crop window still fits
+_JPEG_BLOCK = 8  # px: how far JPEG's 8x8 blocks may carry an edge's ringing
 _LANCZOS_SUPPORT = 3  # source pixels on each side that a Lanczos-3 output pixel reads (when enlarging)
 _COVER_FIT = 0.9  # a product too big for a crop on white is fitted at this share of the frame instead
 _QUALITY_STEP = 5
@@ -311,12 +314,17 @@ def render(image: Image.Image, preset: Preset, mask: np.ndarray | None = None) -
 def border_white_fraction(image: Image.Image) -> float:
     """Share of the pixels in the outer ring (0.5% of the short side, >= 2 px) that are exactly RGB 255."""
     width, height = image.size
-    k = min(max(2, round(min(width, height) / 200)), min(width, height) // 2)  # a frame 3 px thin: 1 px
+    k = _border_ring(width, height)
     if k == 0:  # 1 px thin: every pixel is border
         return float((np.asarray(image.convert("RGB")).reshape(-1, 3) == _WHITE).all(axis=1).mean())
     strips = [(0, 0, width, k), (0, height - k, width, height), (0, k, k, height - k), (width - k, k, width, height - k)]
     ring = np.concatenate([np.asarray(image.crop(strip).convert("RGB")).reshape(-1, 3) for strip in strips])
     return float((ring == _WHITE).all(axis=1).mean())
+
+
+def _border_ring(width: int, height: int) -> int:
+    """How many pixels wide the border ring ``border_white_fraction`` reads is (a frame 3 px thin: 1)."""
+    return min(max(2, round(min(width, height) / 200)), min(width, height) // 2)
 
 
 def cut_out_white(image: Image.Image, *, tolerance: int = 18, keep_shadow: bool = False) -> CutOut:
@@ -569,11 +577,11 @@ def frame(image: Image.Image, preset: Preset, mask: np.ndarray | None = None, *,
     """
     box = _product_box(image, mask)
     if preset.fit == "pad":
-        return _pad_to_frame(image, preset, box)
+        return _pad_to_frame(image, preset, box, white=white)
     if preset.fit == "cover":
         framed = _cover_frame(image, preset, box)
         if framed.cropped and white:
-            return _pad_to_frame(image, preset.model_copy(update={"fill": _COVER_FIT}), box)
+            return _pad_to_frame(image, preset.model_copy(update={"fill": _COVER_FIT}), box, white=True)
         return framed
     resized = _resize_long_side(image, preset.long_side)
     scale = max(resized.size) / max(image.size)
@@ -591,9 +599,12 @@ def _scaled(box: tuple[int, int, int, int] | None, scale: float, origin: tuple[f
     return xs[0], ys[0], xs[1], ys[1]
 
 
-def _pad_to_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, int] | None) -> Framed:
+def _pad_to_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, int] | None, *,
+                  white: bool = False) -> Framed:
     """Scale so the product box fills `preset.fill` of the frame (enlarging at most `max_upscale`x),
-    centre it, and pad with white. Without a box the whole image is the product."""
+    centre it, and pad with white. Without a box the whole image is the product. With `white` (the
+    picture is on pure white) whatever else is not white, a kept shadow, must fit inside the frame's
+    white border too: the product is made smaller when it would not (the fill check then says so)."""
     assert preset.width and preset.height and preset.fill  # guaranteed by Preset validation
     frame_w, frame_h = preset.width, preset.height
     left, upper, right, lower = box or (0, 0, image.width, image.height)
@@ -604,6 +615,13 @@ def _pad_to_frame(image: Image.Image, preset: Preset, box: tuple[int, int, int, 
     # is white already, and a resampled white area stays exactly white. Map the whole visible content,
     # not just the product box, so a kept shadow is not clipped.
     content = ImageChops.invert(image).getbbox()
+    inside = content is not None and 0 < content[0] and 0 < content[1] and content[2] < image.width and content[3] < image.height
+    if white and box is not None and inside:  # (a shadow the picture itself cuts off would show its cut: left to the border check)
+        # frame pixels the content keeps clear: the ring the check reads, what resampling and a JPEG block smear
+        room = _border_ring(frame_w, frame_h) + _LANCZOS_SUPPORT + _JPEG_BLOCK
+        reach_x = max(centre_x - content[0], content[2] - centre_x)
+        reach_y = max(centre_y - content[1], content[3] - centre_y)
+        scale = min(scale, (frame_w / 2 - room) / max(reach_x, 1), (frame_h / 2 - room) / max(reach_y, 1))
     if content is not None:
         margin = _LANCZOS_SUPPORT / min(scale, 1.0) + 1  # source pixels that reach into the content
         x0, x1 = (min(max(round(frame_w / 2 + (x - centre_x) * scale), 0), frame_w)
