@@ -123,6 +123,15 @@ def test_report_opens_in_chromium_with_every_image_and_a_working_filter(tmp_path
     assert seen["filtered"]["no-such-thing"] == [] and seen["groups"]["no-such-thing"] == 0
     assert seen["shown"]["no-such-thing"] == "0" and len(seen["filtered"][""]) == len(records)
 
+    again = catalog_images(config)  # nothing left to make: the rejected jobs still wait for a person
+    rejected = {j for j, r in records.items() if r["status"] == "rejected"}
+    assert (again.generated, again.skipped, again.still_rejected) == (0, len(records), len(rejected))
+    assert json.loads((Path(config.out) / "run.json").read_text())["still_rejected"] == len(rejected)
+    seen = probe_in_chromium(report, ["rejected"], tmp_path)
+    assert sorted(i["job"] for i in seen["items"]) == sorted(rejected) and all(i["width"] > 0 for i in seen["items"])
+    html = report.read_text(encoding="utf-8")
+    assert f"Rejected by earlier runs, still rejected: {len(rejected)}</h2>" in html
+
 
 def test_right_to_left_text_in_a_sku_does_not_turn_the_heading_around():
     html = render_html([record(job(sku="RTL-\u202eabc"))], summary(), {})

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -416,7 +419,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
     with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c():
         summary = run_catalog(config, device)
-    print_summary(summary)
+    print_summary(summary, args.started)
     return summary.exit_code
 
 
@@ -615,18 +618,24 @@ def print_notes(notes: list[str]) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def print_summary(summary) -> None:
+def print_summary(summary, started: float | None = None) -> None:
+    """The run's outcome on stdout; ``started`` (perf_counter at the command's start) adds the time with start-up."""
     out = Path(summary.out)
+    overall = f" ({time.perf_counter() - started:.1f} s with start-up)" if started is not None else ""
     print(
-        f"\nDone in {summary.seconds:.1f} s: {summary.generated} generated, {summary.skipped} skipped (already done), "
-        f"{summary.rejected} rejected, {summary.failed} failed, of {summary.planned} planned jobs "
+        f"\nDone in {summary.seconds:.1f} s{overall}: {summary.generated} generated, {summary.skipped} skipped (already "
+        f"done), {summary.rejected} rejected, {summary.failed} failed, of {summary.planned} planned jobs "
         f"({summary.pipeline_loads} pipeline load(s))."
     )
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in summary.stage_seconds.items())
     print(f"Time per stage: {stages}.")
-    print(f"Images:   {out / 'images'}")
-    if summary.rejected:
+    if (out / "images").is_dir():
+        print(f"Images:   {out / 'images'}")
+    if summary.rejected or summary.still_rejected:
         print(f"Rejected: {out / 'rejected'} (kept for review, never delivered)")
+    if summary.still_rejected:
+        print(f"Still rejected: {summary.still_rejected} job(s) rejected by earlier runs are not made again; report.html "
+              f"lists them (fix the template or preset and rerun, or accept them)")
     if (out / "manifest.jsonl").is_file():
         print(f"Manifest: {out / 'manifest.jsonl'} (and manifest.parquet)")
     print(f"Summary:  {out / 'run.json'}")

@@ -3,8 +3,9 @@
 One self-contained file: thumbnails are small JPEGs embedded as ``data:`` URIs, styles and a
 plain-JS text filter are inline, and a Content-Security-Policy forbids any network request.
 It shows this run's records (the work to review), grouped by product and template, failed and
-rejected groups first, each with its prompt, seed, status and quality-gate reasons; the run's
-statistics (counts, images per hour, seconds per image, images per worker) and the products
+rejected groups first, then the jobs of this plan that earlier runs rejected (still waiting for a
+person: a rerun with nothing new would otherwise show none), each with its prompt, seed, status and
+quality-gate reasons; the run's statistics (counts, images per hour, seconds per image, images per worker) and the products
 removed from the catalog since earlier runs. Big runs are capped: the first ``MAX_ITEMS`` records
 are listed and the first ``MAX_THUMBNAILS`` of those get a thumbnail; the page says so.
 
@@ -66,10 +67,12 @@ def smallest_output(record: ManifestRecord) -> str | None:
     return min(record.outputs, key=lambda o: o.width * o.height).path
 
 
-def write_report(out: str | Path, records: Sequence[ManifestRecord], summary: RunSummary) -> Path:
-    """Make thumbnails for the listed records and write ``OUT/report.html``; return its path."""
+def write_report(out: str | Path, records: Sequence[ManifestRecord], summary: RunSummary,
+                 earlier: Sequence[ManifestRecord] = ()) -> Path:
+    """Make thumbnails for the listed records (this run's, then ``earlier`` rejections still standing)
+    and write ``OUT/report.html``; return its path."""
     out = Path(out)
-    listed = ordered(records)[:MAX_ITEMS]
+    listed = [*ordered(records)[:MAX_ITEMS], *ordered(earlier)[:MAX_ITEMS]]
     thumbnails = {}
     for record in listed[:MAX_THUMBNAILS]:
         path = smallest_output(record)
@@ -77,7 +80,7 @@ def write_report(out: str | Path, records: Sequence[ManifestRecord], summary: Ru
         if uri:
             thumbnails[record.job_id] = uri
     target = out / REPORT_HTML
-    write_atomic(target, render_html(records, summary, thumbnails).encode("utf-8"))
+    write_atomic(target, render_html(records, summary, thumbnails, earlier).encode("utf-8"))
     return target
 
 
@@ -88,10 +91,13 @@ def rate_figures(summary: RunSummary, images: int) -> tuple[str, str]:
     return f"{images / summary.seconds * 3600:,.0f}", f"{summary.seconds / images:.2f}"
 
 
-def render_html(records: Sequence[ManifestRecord], summary: RunSummary, thumbnails: dict[str, str]) -> str:
-    """The report page for this run's ``records`` (pure: no I/O)."""
+def render_html(records: Sequence[ManifestRecord], summary: RunSummary, thumbnails: dict[str, str],
+                earlier: Sequence[ManifestRecord] = ()) -> str:
+    """The report page for this run's ``records`` and the ``earlier`` rejections this run's plan still
+    holds (skipped as done; a rerun or a night with nothing new would otherwise show none) (pure: no I/O)."""
     listed = ordered(records)
     shown = listed[:MAX_ITEMS]
+    before = ordered(earlier)[:MAX_ITEMS]
     images = len(records)
     per_hour, per_image = rate_figures(summary, images)
     workers = Counter(r.worker or "?" for r in records)
@@ -105,10 +111,12 @@ def render_html(records: Sequence[ManifestRecord], summary: RunSummary, thumbnai
     if len(listed) > len(shown):
         notes.append(f"This run made {len(listed):,} images; the first {len(shown):,} are listed (failed and rejected "
                      f"first). All are in manifest.jsonl.")
-    if len(shown) > MAX_THUMBNAILS:
+    if len(shown) + len(before) > MAX_THUMBNAILS:
         notes.append(f"Thumbnails are included for the first {MAX_THUMBNAILS:,} listed images only.")
     if summary.skipped:
-        notes.append(f"{summary.skipped:,} planned jobs were already done by earlier runs and are not listed.")
+        again = (f"; the {summary.still_rejected:,} of them that were rejected are listed again below"
+                 if summary.still_rejected else "")
+        notes.append(f"{summary.skipped:,} planned jobs were already done by earlier runs and are not listed{again}.")
     parts = [_HEAD.format(title=escape(f"zimage-batch run report: {summary.out}"))]
     parts.append(f"<h1>Run report <small>{escape(summary.out)}</small></h1>")
     parts.append(f"<p class=meta>{escape(summary.started_at)} to {escape(summary.finished_at)} · model "
@@ -124,9 +132,16 @@ def render_html(records: Sequence[ManifestRecord], summary: RunSummary, thumbnai
                      + ", ".join(f"<code>{escape(s)}</code>" for s in summary.removed) + "</p></details>")
     for note in notes:
         parts.append(f"<p class=note>{escape(note)}</p>")
+    total = len(shown) + len(before)
     parts.append(f"<p><input id=filter type=search placeholder='filter: sku, template, status, prompt words...' "
-                 f"autofocus> <span id=shown>{len(shown)}</span> of {len(shown)} shown</p>")
+                 f"autofocus> <span id=shown>{total}</span> of {total} shown</p>")
     parts.append(_groups(shown, thumbnails))
+    if before:
+        more = f" (the first {len(before):,} listed)" if summary.still_rejected > len(before) else ""
+        parts.append(f"<h2 id=earlier>Rejected by earlier runs, still rejected: {summary.still_rejected:,}{more}</h2>"
+                     f"<p class=note>Not made again: fix the template or preset and rerun, or accept them. Their files "
+                     f"are in rejected/.</p>")
+        parts.append(_groups(before, thumbnails))
     parts.append(_TAIL)
     return "".join(parts)
 

@@ -38,7 +38,7 @@ from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
 from .provenance import Sealer
-from .report import write_report
+from .report import MAX_ITEMS, write_report
 from .shard import ShardResult, default_sealer, image_prefix, process_shard
 from .store import TEMP_PREFIX, LocalStore, check_folder, write_atomic
 
@@ -97,6 +97,8 @@ class RunPlan:
     recovered: int = 0  # jobs an interrupted run delivered but never journaled: adopted from their sidecars
     re_signed: int = 0  # jobs done earlier but signed otherwise (or not): made again to be signed as this run signs
     kept_signature: int = 0  # jobs delivered earlier, signed otherwise: delivered files are never overwritten
+    still_rejected: int = 0  # planned jobs an earlier run rejected (done: not made again); their files are in rejected/
+    still_rejected_ids: list[str] = field(default_factory=list)  # the first MAX_ITEMS of them, for the report
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -161,7 +163,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     uploader = open_uploader(config, manifest)
     remote = uploader.read_records() if uploader is not None else {}
     recovered = uploader.recover() if uploader is not None else 0  # before planning: those jobs count as done
-    planned = skipped = pending = rows = to_deliver = re_signed = kept_signature = 0
+    planned = skipped = pending = rows = to_deliver = re_signed = kept_signature = still_rejected = 0
+    still_rejected_ids: list[str] = []
     waiting: list[tuple[Job, ManifestRecord]] = []
     signed_by = sealer_for(config).signed_by
     problems = RowProblems(MAX_LISTED_PROBLEMS)
@@ -192,6 +195,10 @@ def plan_run(config: RunConfig) -> RunPlan:
                 continue
             if manifest.is_done(item, store, config.verify_files, signed_by):
                 skipped += 1
+                if local.status == "rejected":  # still waiting for a person: the report lists it again
+                    still_rejected += 1
+                    if len(still_rejected_ids) < MAX_ITEMS:
+                        still_rejected_ids.append(item.job_id)
                 if uploader is not None and local.status == "ok":
                     waiting.append((item, local))  # done here, never delivered: uploaded now, not made again
                     to_deliver += 1
@@ -210,7 +217,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         uploader.close()
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
-                   time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature)
+                   time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature,
+                   still_rejected, still_rejected_ids)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
@@ -336,6 +344,7 @@ class RunSummary(BaseModel):
     recovered: int = 0  # jobs an interrupted run had delivered without journaling them: adopted, not made again
     re_signed: int = 0  # jobs done earlier, signed otherwise (or unsigned): made again to be signed as this run signs
     kept_signature: int = 0  # jobs delivered earlier, signed otherwise: they keep it (delivered files are never overwritten)
+    still_rejected: int = 0  # skipped jobs an earlier run rejected (their files are in rejected/; report.html lists them)
     delivery_conflicts: int = 0
     delivery_failed: int = 0
     uploaded_files: int = 0
@@ -386,9 +395,10 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),
         versions=library_versions(), removed=plan.removed, report=str(Path(config.out) / REPORT_HTML),
         prompts_cut=total.prompts_cut, recovered=plan.recovered, re_signed=plan.re_signed,
-        kept_signature=plan.kept_signature,
+        kept_signature=plan.kept_signature, still_rejected=plan.still_rejected,
     )
-    report = write_report(config.out, this_run, summary)
+    earlier = [manifest.records[job_id] for job_id in plan.still_rejected_ids if job_id in manifest.records]
+    report = write_report(config.out, this_run, summary, earlier)
     if config.dest:
         summary = publish(config, summary, total.delivery, manifest, report)
     else:
