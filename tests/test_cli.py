@@ -292,7 +292,7 @@ def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsy
     code, out, err = run_cli(capsys, "plan", cat, "-t", odd, "--model", "Tongyi-MAI/Z-Image-Turbo")
     assert code == 0 and "1 jobs from 1 rows" in out and "note: " in err and "Z-Image-Turbo is distilled for 8" in err
     code, _, err = run_cli(capsys, "plan", cat, "-t", odd, "--limit", "0")
-    assert code == 2 and "--limit 0 is out of range" in err
+    assert code == 2 and "--limit 0 is out of range: use 1 or more." in err
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -318,3 +318,9 @@ def test_a_run_in_progress_is_named_before_its_missing_manifest(tmp_path, capsys
 def test_a_malformed_s3_uri_is_a_bad_path(capsys):
     code, stdout, stderr = verify_cli(capsys, "s3://")
     assert code == 2 and stdout == "" and stderr.startswith("error: Cannot verify s3://: ") and "bucket name" in stderr
+
+
+def test_an_s3_prefix_without_a_manifest_is_named_as_a_prefix(s3, capsys):
+    code, _, stderr = verify_cli(capsys, f"s3://{s3.bucket}/no-run-here")
+    assert code == 2 and f"s3://{s3.bucket}/no-run-here/manifest.jsonl does not exist" in stderr
+    assert "Pass the s3:// prefix a run delivered to (its --dest)" in stderr and "--out folder" not in stderr

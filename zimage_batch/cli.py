@@ -298,7 +298,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         target = Path(args.jobs)
         if target.is_dir():
             raise OutputError(f"--jobs {target} is a folder. Pass a file path, e.g. {target / 'jobs.jsonl'}.")
-        check_folder(target.parent, "--jobs")  # the file itself may exist: it is replaced
+        check_folder(target.parent, f"--jobs {target}: its folder")  # the file itself may exist: it is replaced
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -608,7 +608,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _out_of_range(flag: str, value: int | None, low: int, high: int | None) -> str | None:
     if value is not None and (value < low or (high is not None and value > high)):
-        return f"{flag} {value} is out of range: use {low}..{high if high else 'any'}."
+        return f"{flag} {value} is out of range: use {f'{low}..{high}' if high else f'{low} or more'}."
     return None
 
 

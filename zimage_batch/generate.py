@@ -10,6 +10,7 @@ same on every device. bf16 on CUDA (fp16 gives black images), fp32 on the CPU.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -538,6 +539,7 @@ def _load_pipeline(ref: ModelRef, device: str):
 
 def _load_failure(ref: ModelRef, exc: Exception) -> str:
     reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = re.sub(r"\s*[^.(]*local_files_only[^.)]*\.?", "", reason)  # diffusers' advice is for its own API, not ours
     if len(reason) > 300:
         reason = reason[:300].rsplit(" ", 1)[0] + " ..."
     if ref.kind == "hub":

@@ -153,7 +153,9 @@ def read_manifest(location: Location) -> dict[str, ManifestRecord]:
         raise ManifestError(f"{source} cannot be read ({exc.strerror or exc}). Check its permissions, or pass the "
                             "--out folder of a `zimage-batch run`.") from None
     if data is None:
-        raise ManifestError(f"{source} does not exist. Pass the --out folder of a `zimage-batch run`.")
+        what = ("the s3:// prefix a run delivered to (its --dest), and check the spelling" if isinstance(location, S3Prefix)
+                else "the --out folder of a `zimage-batch run`")
+        raise ManifestError(f"{source} does not exist. Pass {what}.")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
