@@ -286,6 +286,34 @@ def test_ctrl_c_stops_after_the_batch_in_progress_and_twice_at_once(presses, tmp
     assert done.returncode == 0 and f"{28 - len(made)} generated, {len(made)} skipped" in done.stdout, done.stdout + done.stderr
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_an_interrupted_run_leaves_no_stop_flag_or_ctrl_c_handler_behind(tmp_path, capsys):
+    import signal
+    import threading
+    import time
+
+    from flows.catalog_images import run_catalog
+    from zimage_batch.run import RunConfig
+    from zimage_batch.shard import STOP
+
+    out, before = tmp_path / "out", signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_after_the_first_image() -> None:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("images/*/*/*.jpg")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_the_first_image, daemon=True).start()
+    code, _, err = run_cli(capsys, "run", CATALOGS / "demo.csv", "-t", TEMPLATES / "lifestyle_scene.j2", "--model",
+                           "simulated:0.3", "--size", "256x256", "--batch-size", "1", "--out", out, "-q")
+    assert code == 130 and "Stopping after the batch in progress" in err
+    assert not STOP.is_set() and signal.getsignal(signal.SIGINT) is before
+    summary = run_catalog(RunConfig(catalogs=[str(CATALOGS / "demo.csv")], templates=[str(TEMPLATES / "lifestyle_scene.j2")],
+                                    out=str(tmp_path / "api"), model="simulated:0", size="256x256", limit=4))
+    assert summary.generated == 4  # an API run in the same process is not stopped by the earlier Ctrl-C
+
+
 def test_plan_notes_turbo_settings_and_refuses_a_limit_below_one(tmp_path, capsys):
     cat = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S1", "Mug"]])
     odd = write_template(tmp_path / "odd.j2", "{{ title }}", "steps: 2")

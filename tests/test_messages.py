@@ -159,6 +159,18 @@ def test_converted_values_text_operations_and_parquet_numbers_pass(tmp_path):
     assert Catalog(numbers).text_columns == {"sku", "title"}
 
 
+@pytest.mark.parametrize("body, prompt", [
+    ("{% set price = price | float %}{{ title }} for {{ '%.2f' | format(price * 1.1) }}", "Mug for 27.39"),
+    ("{% macro twice(price) %}{{ price * 2 }}{% endmacro %}{{ title }} {{ twice(price | float) }}", "Mug 49.8"),
+    ("{% for price in [1, 2] %}{{ price * 2 }}{% endfor %} {{ title }} {{ price }}", "24 Mug 24.90"),
+    ("{% with price = price | float %}{{ title }} {{ price * 2 }}{% endwith %}", "Mug 49.8"),
+])
+def test_a_name_the_template_binds_itself_is_not_taken_for_the_raw_column(tmp_path, body, prompt):
+    cat = write_csv(tmp_path / "c.csv", ["sku", "title", "price"], [["007", "Mug", "24.90"]])
+    (job,) = _plan(cat, write_template(tmp_path / "t.j2", body))
+    assert job.prompt == prompt
+
+
 # 6. S3 catalogs: patterns are not expanded there
 
 

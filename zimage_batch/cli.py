@@ -417,17 +417,18 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c():
+    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c(local=not (config.workers or config.cluster)):
         summary = run_catalog(config, device)
     print_summary(summary, args.started)
     return summary.exit_code
 
 
 @contextmanager
-def stopping_on_ctrl_c() -> Iterator[None]:
-    """A first Ctrl-C lets this process's shards finish the batch in progress (its images are kept and
-    recorded), then the run ends with exit 130; a second one ends the process at once. Without this,
-    Ctrl-C waited for whole shards in silence, and a second one aborted Python mid-shutdown."""
+def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
+    """A first Ctrl-C lets this process's shards (``local``) finish the batch in progress (its images
+    are kept and recorded), then the run ends with exit 130; Dask workers' shards are cancelled. A
+    second Ctrl-C ends the process at once. Without this, Ctrl-C waited for whole shards in silence,
+    and a second one aborted Python mid-shutdown."""
     import signal
     import threading
 
@@ -443,17 +444,18 @@ def stopping_on_ctrl_c() -> Iterator[None]:
                   file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
         STOP.set()
-        print("\nStopping after the batch in progress (its images are kept); press Ctrl-C again to stop at once.",
-              file=sys.stderr, flush=True)
+        what = ("after the batch in progress (its images are kept)" if local else
+                "the Dask workers' shards (the images they finished are kept)")
+        print(f"\nStopping {what}; press Ctrl-C again to stop at once.", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     STOP.clear()
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield
+        yield  # an interrupted run returns here once its shards have wound down (the task runner waits for them)
     finally:
-        if not STOP.is_set():  # after a Ctrl-C the handler stays: a second one while the shards wind down ends the process
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
+        STOP.clear()
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:

@@ -232,7 +232,11 @@ def _number_uses(parsed: nodes.Template, at) -> list[NumberUse]:
     repeated, ``'24.90' * 2`` is ``'24.9024.90'``, or the row fails) and comparisons with a number or
     ordering (``stock == 0`` is never true for the text ``'0'``; ``'9' > '10'``). ``text + text`` and a
     comparison with a text constant are what text does, and not listed. ``at(lineno)`` names the place."""
-    undeclared = jinja2.meta.find_undeclared_variables(parsed)
+    # A name the template binds anywhere ({% set %}, a for target, a macro's or call block's argument,
+    # {% with %}) may hold a converted value where it is used: `{% set price = price | float %}` is the fix
+    # itself. Without tracking scopes, such names are left out.
+    bound = {node.name for node in parsed.find_all(nodes.Name) if node.ctx in ("store", "param")}
+    undeclared = jinja2.meta.find_undeclared_variables(parsed) - bound
     found: list[NumberUse] = []
 
     def shown(node: nodes.Node, fix: bool) -> str:
