@@ -236,3 +236,41 @@ def test_the_engine_counts_prompts_longer_than_their_token_limit(engine):
     finally:
         engine.release([short, long])
     assert engine.prompts_cut([long]) == 0  # forgotten with the shard's prompts
+
+
+def test_a_load_that_fails_is_not_tried_again_by_a_caller_that_waited_for_it(monkeypatch):
+    """Two shards in flight both need the pipeline: when the first one's load fails, the second gets the
+    same error instead of a second (with a real model: minutes long) load; a later call tries again."""
+    import threading
+    import time
+
+    from zimage_batch import generate
+
+    monkeypatch.setattr(generate, "_ENGINES", {})
+    monkeypatch.setattr(generate, "_FAILED", {})
+    loads = []
+
+    def broken(ref, device):
+        loads.append(threading.current_thread().name)
+        time.sleep(0.5)  # the second caller arrives while this one loads
+        raise ModelError("Model folder broken could not be loaded (a test)")
+
+    monkeypatch.setattr(generate, "_load_pipeline", broken)
+    errors = []
+
+    def shard():
+        try:
+            load_engine("tiny-random", "cpu")
+        except ModelError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=shard) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1 and len(errors) == 2 and len(set(errors)) == 1
+    with pytest.raises(ModelError):
+        load_engine("tiny-random", "cpu")
+    assert len(loads) == 2  # asked after the failure: tried again
