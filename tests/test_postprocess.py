@@ -176,6 +176,22 @@ def test_a_light_grey_product_with_soft_edges_is_kept_whole(label: bool) -> None
     assert body.mean() <= 3 and body.max() <= 12  # delivered, not whitened
 
 
+def test_a_floor_shadow_wider_than_a_thin_product_is_still_removed() -> None:
+    """Larger than the product, but flat: a shadow seen from the front, not a grey part of the product."""
+    size = (1024, 1024)
+    h, w = size
+    ys, xs = grid(size)
+    floor = (((xs - w / 2) / (w * 0.3)) ** 2 + ((ys - h * 0.85) / (h * 0.035)) ** 2 <= 1).astype(np.float32)
+    strength = ndimage.gaussian_filter(floor, sigma=6)
+    strength /= strength.max()
+    backdrop = plain_backdrop(size) * (1 - 0.18 * strength[..., None])
+    bar = rounded_rect(size, (h * 0.675, w / 2), (h * 0.175, w * 0.03), radius=w * 0.015)  # 6% wide, 35% tall
+    image, truth = compose(backdrop, coverage(bar), shaded(size, BOTTLE_BLUE))
+    assert (strength > 0.1).sum() > truth.sum()  # the shadow is the larger of the two
+    cut = cut_out_white(image)
+    assert cut.problem is None and iou_outside_edge(cut.mask, truth) >= 0.97
+
+
 def test_kept_shadow_is_soft_grey_and_white_elsewhere() -> None:
     scene = shadow_scene()
     cut = cut_out_white(scene.image, keep_shadow=True)

@@ -132,10 +132,10 @@ def test_a_yaml_file_works_the_same(tmp_path) -> None:
         ("extends_yaml.yaml", 'a:\n  extends: [web, png]\n', ["preset 'a': extends names one preset"]),
         ("bool_width.toml", '[a]\nfit = "pad"\nwidth = true\nheight = true\nfill = 1\nformat = "JPEG"\n',
          ["width: must be a whole number such as 1000, got true", "height: must be a whole number"]),
-        ("float_width.toml", '[a]\nextends = "amazon_main"\nwidth = 1000.0\n', ["width: must be a whole number such as 1000, got 1000.0"]),
+        ("float_width.toml", '[a]\nextends = "amazon_main"\nwidth = 1000.5\n', ["width: must be a whole number such as 1000, got 1000.5"]),
         ("text_quality.yaml", 'a:\n  extends: web\n  quality: "90"\n', ["quality: must be a whole number such as 1000, got '90'"]),
         ("bool_bytes.toml", '[a]\nextends = "web"\nmax_bytes = true\n', ["max_bytes: must be a whole byte count or a size such as '1 MB'"]),
-        ("float_bytes.toml", '[a]\nextends = "web"\nmax_bytes = 1.5e6\n', ["max_bytes: must be a whole byte count", "got 1500000.0"]),
+        ("float_bytes.toml", '[a]\nextends = "web"\nmax_bytes = 1500000.5\n', ["max_bytes: must be a whole byte count", "got 1500000.5"]),
         ("bool_fill.toml", '[a]\nextends = "jd_main"\nfill = true\n', ["fill: must be a finite number such as 0.85, got true"]),
         ("inf_upscale.toml", '[a]\nextends = "web"\nmax_upscale = inf\n', ["max_upscale: must be a finite number", "got inf"]),
         ("format.toml", '[a]\nextends = "web"\nformat = "GIF"\n', ["format: Input should be 'JPEG', 'WEBP', 'AVIF' or 'PNG'"]),
@@ -196,6 +196,13 @@ def test_the_table_lists_every_rule() -> None:
     assert "crop to subject" in next(line for line in text.splitlines() if line.startswith("story_1080x1920"))
     assert len(text.splitlines()) == len(PRESETS) + 1
     assert (format_bytes(3 * MB), format_bytes(500_000), format_bytes(1234), format_bytes(None)) == ("3 MB", "500 KB", "1234 B", "-")
+
+
+def test_whole_numbers_written_as_floats_are_taken(tmp_path) -> None:
+    mine = tmp_path / "p.toml"
+    mine.write_text('[big]\nextends = "web"\nmax_bytes = 2e6\nlong_side = 2048.0\n', encoding="utf-8")
+    big = load_presets(mine)["big"]
+    assert (big.max_bytes, big.long_side) == (2_000_000, 2048) and isinstance(big.long_side, int)
 
 
 def test_the_readme_shows_the_current_presets_table() -> None:

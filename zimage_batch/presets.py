@@ -72,7 +72,10 @@ class Preset(BaseModel):
     @field_validator(*_WHOLE_NUMBERS, mode="before")
     @classmethod
     def _whole_number(cls, value: Any) -> Any:
-        """Only a whole number: lax coercion would read `true` as 1 and let 1000.0 or "1000" pass."""
+        """Only a whole number (1000, or 1000.0 and 1e3 as TOML and YAML may write it): lax coercion
+        would read `true` as 1 and "1000" or 1000.5 as numbers."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"must be a whole number such as 1000, got {_shown(value)}")
         return value
@@ -89,6 +92,8 @@ class Preset(BaseModel):
     @classmethod
     def _parse_bytes(cls, value: Any) -> Any:
         """Accept a byte count or a size such as "3 MB" (decimal units: 1 MB = 1,000,000 bytes)."""
+        if isinstance(value, float) and value.is_integer():  # 2e6
+            value = int(value)
         if isinstance(value, bool) or isinstance(value, float):
             raise ValueError(f"must be a whole byte count or a size such as '1 MB' or '1.5 MB', got {_shown(value)}")
         if isinstance(value, str):
