@@ -57,3 +57,14 @@ def test_only_new_and_changed_products_are_made_and_removed_ones_are_reported(tm
 
     third, made = nightly(config)  # the same catalog again: nothing to do, C still reported
     assert made == [] and (third.skipped, third.removed) == (8, ["C"])
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "manifest.parquet", columns=["job_id", "sku", "prompt", "current"]).to_pylist()
+    current = sorted((r["sku"], r["prompt"]) for r in rows if r["current"])
+    assert current == sorted([("A", "A navy Steel bottle XL on a table")] * 2 + [("B", "A white Mug on a table")] * 2
+                             + [("D", "A green Tote on a table")] * 2 + [("E", "A red Kettle on a table")] * 2)
+    assert sorted(r["sku"] for r in rows if not r["current"]) == ["A", "A", "C", "C"]  # the old A and the removed C
+
+    limited, _ = nightly(config.model_copy(update={"limit": 2}))  # a partial plan cannot say what is current
+    assert limited.skipped == 2 and {r["current"] for r in pq.read_table(out / "manifest.parquet").to_pylist()} == {None}

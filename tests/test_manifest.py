@@ -130,7 +130,7 @@ PARQUET_COLUMNS = [
                                     ("checksum_crc32", pa.string()), ("mtime_ns", pa.int64())]))),
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()), ("worker", pa.string()), ("seconds", pa.float64()),
     ("versions", pa.map_(pa.string(), pa.string())), ("created_at", pa.string()),
-    ("delivery", pa.string()), ("delivery_error", pa.string()), ("c2pa_signer", pa.string()),
+    ("delivery", pa.string()), ("delivery_error", pa.string()), ("c2pa_signer", pa.string()), ("current", pa.bool_()),
 ]
 
 # A record as schema version 1 wrote it (before 'background'), from a run of the core pipeline.

@@ -36,6 +36,9 @@ from .store import LocalStore, fsync_dir, write_atomic
 
 MANIFEST = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
+# manifest.parquet's extra column: whether a record's job is one the last run planned, i.e. the catalog's
+# image now (not one of a product since changed or removed, whose files are kept)
+CURRENT = "current"
 PARTS = ".parts"
 RUN_JSON = "run.json"  # the run's summary, beside the manifest
 REPORT_HTML = "report.html"  # the run's contact sheet
@@ -298,11 +301,12 @@ class Manifest:
             pass
         self.part_records = {}
 
-    def finalize(self) -> None:
-        """Compact, then write the Parquet copy."""
+    def finalize(self, current: set[str] | None = None) -> None:
+        """Compact, then write the Parquet copy; ``current``: the job ids of the catalog as the run planned
+        it (its ``current`` column), None when the run planned only part of it (--limit)."""
         self.compact()
         if self.records:
-            write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values())))
+            write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), current))
 
 
 def parquet_schema():
@@ -323,11 +327,13 @@ def parquet_schema():
             ann = info.annotation
             kind = pa.int64() if ann in (int, int | None) else pa.float64() if ann is float else pa.string()
         fields.append((name, kind))
+    fields.append((CURRENT, pa.bool_()))  # not a record field: the run's view of which records are the catalog's now
     return pa.schema(fields)
 
 
-def to_parquet_bytes(records: list[ManifestRecord]) -> bytes:
-    """Records as a Parquet file (bytes), with the fixed schema."""
+def to_parquet_bytes(records: list[ManifestRecord], current: set[str] | None = None) -> bytes:
+    """Records as a Parquet file (bytes), with the fixed schema; the ``current`` column is True for the
+    job ids in ``current`` (null throughout when it is None)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -335,6 +341,7 @@ def to_parquet_bytes(records: list[ManifestRecord]) -> bytes:
     for record in records:
         row = record.model_dump()
         row["versions"] = list(row["versions"].items())
+        row[CURRENT] = None if current is None else record.job_id in current
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=parquet_schema())
     sink = io.BytesIO()

@@ -99,6 +99,7 @@ class RunPlan:
     kept_signature: int = 0  # jobs delivered earlier, signed otherwise: delivered files are never overwritten
     still_rejected: int = 0  # planned jobs an earlier run rejected (done: not made again); their files are in rejected/
     still_rejected_ids: list[str] = field(default_factory=list)  # the first MAX_ITEMS of them, for the report
+    current: set[str] | None = None  # every planned job id (manifest.parquet's current column); None with --limit
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -170,6 +171,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
     skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
+    current: set[str] | None = set() if config.limit is None else None  # the catalog's jobs as of now
     Path(config.out).mkdir(parents=True, exist_ok=True)
     # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
     fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
@@ -183,6 +185,8 @@ def plan_run(config: RunConfig) -> RunPlan:
                 break
             planned += 1
             skus.add(item.sku)
+            if current is not None:
+                current.add(item.job_id)
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
@@ -218,7 +222,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
                    time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature,
-                   still_rejected, still_rejected_ids)
+                   still_rejected, still_rejected_ids, current)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
@@ -380,7 +384,7 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
             f"storage that every worker and this machine share, under the same absolute path, and run again."
         )
     statuses = Counter(r.status for r in this_run)
-    manifest.finalize()
+    manifest.finalize(plan.current)
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
     LocalStore(config.out).remove_stale_temp_files()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
