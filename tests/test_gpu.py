@@ -30,6 +30,25 @@ def full():
     return engine, engine.generate(JOBS, [j.seed for j in JOBS])
 
 
+def test_a_pipeline_loaded_in_one_thread_generates_in_another(full, monkeypatch):
+    """A run loads the pipeline in its first shard's thread (a Prefect task thread) and the next shard
+    generates on another thread: the same images as an engine loaded and used on the main thread."""
+    import threading
+
+    from zimage_batch import generate
+
+    monkeypatch.setattr(generate, "_ENGINES", {})  # a fresh load, as in a new run
+    _, reference = full
+    done = {}
+    loader = threading.Thread(target=lambda: done.setdefault("engine", load_engine("tiny-random", "cuda")))
+    loader.start()
+    loader.join()
+    user = threading.Thread(target=lambda: done.setdefault("images", done["engine"].generate(JOBS, [j.seed for j in JOBS])))
+    user.start()
+    user.join()
+    assert done["engine"] is not full[0] and all(levels(a, b) < 13 for a, b in zip(done["images"], reference))
+
+
 def test_streamed_text_encoder_stays_off_the_gpu_and_keeps_the_images(full):
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
