@@ -242,17 +242,32 @@ def test_a_load_that_fails_is_not_tried_again_by_a_caller_that_waited_for_it(mon
     """Two shards in flight both need the pipeline: when the first one's load fails, the second gets the
     same error instead of a second (with a real model: minutes long) load; a later call tries again."""
     import threading
-    import time
 
     from zimage_batch import generate
 
+    class Watched:
+        """The engines' lock, telling when a second caller waits on it."""
+
+        def __init__(self):
+            self.lock, self.waiting = threading.Lock(), threading.Event()
+
+        def __enter__(self):
+            if self.lock.locked():
+                self.waiting.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    lock = Watched()
+    monkeypatch.setattr(generate, "_LOCK", lock)
     monkeypatch.setattr(generate, "_ENGINES", {})
     monkeypatch.setattr(generate, "_FAILED", {})
     loads = []
 
     def broken(ref, device):
         loads.append(threading.current_thread().name)
-        time.sleep(0.5)  # the second caller arrives while this one loads
+        assert lock.waiting.wait(30)  # the second shard asks while this one loads
         raise ModelError("Model folder broken could not be loaded (a test)")
 
     monkeypatch.setattr(generate, "_load_pipeline", broken)
@@ -267,7 +282,6 @@ def test_a_load_that_fails_is_not_tried_again_by_a_caller_that_waited_for_it(mon
     threads = [threading.Thread(target=shard) for _ in range(2)]
     for thread in threads:
         thread.start()
-        time.sleep(0.1)
     for thread in threads:
         thread.join()
     assert len(loads) == 1 and len(errors) == 2 and len(set(errors)) == 1

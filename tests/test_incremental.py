@@ -66,5 +66,15 @@ def test_only_new_and_changed_products_are_made_and_removed_ones_are_reported(tm
                              + [("D", "A green Tote on a table")] * 2 + [("E", "A red Kettle on a table")] * 2)
     assert sorted(r["sku"] for r in rows if not r["current"]) == ["A", "A", "C", "C"]  # the old A and the removed C
 
-    limited, _ = nightly(config.model_copy(update={"limit": 2}))  # a partial plan cannot say what is current
-    assert limited.skipped == 2 and {r["current"] for r in pq.read_table(out / "manifest.parquet").to_pylist()} == {None}
+    def flags() -> dict[str, bool | None]:
+        return {r["job_id"]: r["current"] for r in pq.read_table(out / "manifest.parquet", columns=["job_id", "current"]).to_pylist()}
+
+    full = flags()
+    limited, _ = nightly(config.model_copy(update={"limit": 2}))  # a partial plan says nothing new about what is current
+    assert limited.skipped == 2 and flags() == full
+    other = write_template(tmp_path / "other.j2", "A {{ title }} in a studio", "size: 256x256\npresets: [web]")
+    alone, made = nightly(config.model_copy(update={"templates": [str(other)]}))  # another template, run alone
+    assert len(made) == 4 and {j: f for j, f in flags().items() if j in full} == full  # shot.j2's images keep their flags
+    write_csv(catalog, HEADER, [])  # tonight's export came out empty: it must not make every image old
+    empty, _ = nightly(config)
+    assert empty.planned == 0 and {j: f for j, f in flags().items() if j in full} == full

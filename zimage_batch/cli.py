@@ -445,7 +445,7 @@ def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
             os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
         STOP.set()
         what = ("after the batch in progress (its images are kept)" if local else
-                "the Dask workers' shards (the images they finished are kept)")
+                "once Dask has ended the workers' shards (what they finish until then is kept)")
         print(f"\nStopping {what}; press Ctrl-C again to stop at once.", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 

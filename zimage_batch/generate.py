@@ -30,7 +30,7 @@ from .plan import Job
 
 _LOCK = threading.Lock()
 _ENGINES: dict[tuple[str, str, EngineOptions], Engine] = {}
-_FAILED: dict[tuple[str, str, EngineOptions], tuple[float, Exception]] = {}  # when each key last failed to load, and why
+_FAILED: dict[tuple[str, str, EngineOptions], tuple[float, str]] = {}  # when each key last failed to load, and why
 _LOADS = 0
 _SIMULATED_GPU = threading.Lock()  # the simulated GPU, like a real one, runs one batch at a time
 
@@ -482,15 +482,16 @@ def load_engine(model: str = DEFAULT_MODEL, device: str = "auto", options: Engin
     with _LOCK:
         failed = _FAILED.get(key)
         if failed is not None and failed[0] >= asked:  # it failed while this caller waited (the other shard in
-            raise failed[1]                               # flight): the same error, not a second long load
+            raise ModelError(failed[1])                   # flight): the same error, not a second long load
         if key not in _ENGINES:
             progress.emit("loading", f"{model} on {device}")
             start = time.perf_counter()
             try:
                 pipe = configure(_load_pipeline(ref, device), device, options)
-            except Exception as exc:
-                _FAILED[key] = (time.monotonic(), exc)  # a later call tries again: the cause may be gone by then
-                raise
+            except Exception as exc:  # only its text is kept: the exception holds the half-loaded pipeline
+                _FAILED[key] = (time.monotonic(), str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")
+                raise  # a later call tries again: the cause may be gone by then
+            _FAILED.pop(key, None)
             load_id = f"{socket.gethostname()}:{os.getpid()}:{len(_ENGINES)}"
             _ENGINES[key] = Engine(pipe, device, ref, time.perf_counter() - start, load_id, options)
             _LOADS += 1

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
@@ -301,12 +302,28 @@ class Manifest:
             pass
         self.part_records = {}
 
-    def finalize(self, current: set[str] | None = None) -> None:
-        """Compact, then write the Parquet copy; ``current``: the job ids of the catalog as the run planned
-        it (its ``current`` column), None when the run planned only part of it (--limit)."""
+    def finalize(self, current: set[str] | None = None, templates: set[str] = frozenset()) -> None:
+        """Compact, then write the Parquet copy. Its ``current`` column: for records of ``templates``,
+        whether ``current`` (the job ids the run planned from the whole catalog) holds them; for other
+        templates' records, and when ``current`` is None (a partial plan), what the last copy said."""
         self.compact()
-        if self.records:
-            write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), current))
+        if not self.records:
+            return
+        before = self._current_before()
+        flags = {job_id: (job_id in current if current is not None and record.template in templates else before.get(job_id))
+                 for job_id, record in self.records.items()}
+        write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), flags))
+
+    def _current_before(self) -> dict[str, bool | None]:
+        """The current column of the existing manifest.parquet (empty when there is none, or it is from
+        before the column, or it cannot be read: those records are then null)."""
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(self.out / MANIFEST_PARQUET, columns=["job_id", CURRENT])
+        except Exception:  # missing, an older schema, or damaged: nothing to carry over
+            return {}
+        return dict(zip(table.column("job_id").to_pylist(), table.column(CURRENT).to_pylist()))
 
 
 def parquet_schema():
@@ -331,9 +348,9 @@ def parquet_schema():
     return pa.schema(fields)
 
 
-def to_parquet_bytes(records: list[ManifestRecord], current: set[str] | None = None) -> bytes:
-    """Records as a Parquet file (bytes), with the fixed schema; the ``current`` column is True for the
-    job ids in ``current`` (null throughout when it is None)."""
+def to_parquet_bytes(records: list[ManifestRecord], current: Mapping[str, bool | None] | None = None) -> bytes:
+    """Records as a Parquet file (bytes), with the fixed schema; the ``current`` column from ``current``
+    (job id -> flag; null for a job it does not name, and throughout when it is None)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -341,7 +358,7 @@ def to_parquet_bytes(records: list[ManifestRecord], current: set[str] | None = N
     for record in records:
         row = record.model_dump()
         row["versions"] = list(row["versions"].items())
-        row[CURRENT] = None if current is None else record.job_id in current
+        row[CURRENT] = None if current is None else current.get(record.job_id)
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=parquet_schema())
     sink = io.BytesIO()

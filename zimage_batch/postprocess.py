@@ -425,9 +425,10 @@ def _shadow_band(planes: np.ndarray, reference: np.ndarray, darkening: np.ndarra
 
 def _contact_shadows(flooded: np.ndarray, product: np.ndarray) -> np.ndarray:
     """The parts of `flooded` that can be a contact shadow of `product`: each starts at or below the
-    product's vertical centre (a shadow lies on the floor under it) and is either no larger than the
-    product or flat (at most half the product's height: a floor shadow seen from the front, however
-    wide). A grey body under a small dark part (a cap, a label) is neither, and stays product.
+    product's vertical centre (a shadow lies on the floor under it) and is no larger than the product.
+    A soft grey part of the product (a body under a dark cap, a flat base under a lamp) looks the
+    same pixel by pixel, and erasing it is the worse mistake: so a shadow larger than the product
+    stays with it (delivered as part of the product; a learned --matting backend tells them apart).
     Without a product nothing is a shadow: a shadow alone is a grey product."""
     box = _mask_box(product)
     if box is None:
@@ -435,10 +436,9 @@ def _contact_shadows(flooded: np.ndarray, product: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(flooded, structure=_EIGHT_CONNECTED)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = np.zeros(count + 1, dtype=bool)
-    centre, area, height = (box[1] + box[3]) / 2, int(product.sum()), box[3] - box[1]
+    centre, area = (box[1] + box[3]) / 2, int(product.sum())
     for index, where in enumerate(ndimage.find_objects(labels), start=1):
-        if where is not None and where[0].start >= centre:
-            keep[index] = sizes[index] <= area or where[0].stop - where[0].start <= height / 2
+        keep[index] = where is not None and where[0].start >= centre and sizes[index] <= area
     return keep[labels]
 
 

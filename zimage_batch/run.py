@@ -2,7 +2,8 @@
 
 ``plan_run`` checks the inputs, expands the plan, drops jobs already done (judged by the
 manifest and the files' size and mtime or SHA-256, not by file existence) and spools the pending
-jobs to a temporary file in OUT, so a million-row catalog is never held in memory. ``run_shard`` generates
+jobs to a temporary file in OUT, so a million-row catalog is never held in memory (every planned
+job id goes to another one, for the Parquet copy's ``current`` column). ``run_shard`` generates
 one shard on the process's engine. ``finish_run`` writes the compacted manifest, its Parquet
 copy, ``report.html`` and ``run.json``.
 
@@ -99,7 +100,8 @@ class RunPlan:
     kept_signature: int = 0  # jobs delivered earlier, signed otherwise: delivered files are never overwritten
     still_rejected: int = 0  # planned jobs an earlier run rejected (done: not made again); their files are in rejected/
     still_rejected_ids: list[str] = field(default_factory=list)  # the first MAX_ITEMS of them, for the report
-    current: set[str] | None = None  # every planned job id (manifest.parquet's current column); None with --limit
+    current_file: str | None = None  # a temp file of every planned job id (manifest.parquet's current column); None with --limit
+    templates: list[str] = field(default_factory=list)  # the names of the run's templates (current says nothing of others)
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -171,11 +173,14 @@ def plan_run(config: RunConfig) -> RunPlan:
     problems = RowProblems(MAX_LISTED_PROBLEMS)
     last_row = None
     skus: set[str] = set()  # every sku the catalogs name, to tell which products were removed
-    current: set[str] | None = set() if config.limit is None else None  # the catalog's jobs as of now
     Path(config.out).mkdir(parents=True, exist_ok=True)
     # the spool is a temp file in OUT: if this run is killed, the next one removes it with the others
     fd, spool = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".jsonl", dir=config.out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f, removed_on_failure(spool):
+    # every planned job id, for manifest.parquet's current column (a file: Prefect walks a task's
+    # arguments, and a set of millions of ids took it seconds); a partial plan (--limit) says nothing
+    current = None if config.limit is not None else tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", prefix=f"{TEMP_PREFIX}current-", suffix=".txt", dir=config.out, delete=False)
+    with os.fdopen(fd, "w", encoding="utf-8") as f, removed_on_failure(spool), _closed(current):
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
                 skus.add(item.sku)
@@ -186,7 +191,7 @@ def plan_run(config: RunConfig) -> RunPlan:
             planned += 1
             skus.add(item.sku)
             if current is not None:
-                current.add(item.job_id)
+                current.write(item.job_id + "\n")
             if (item.catalog, item.row) != last_row:
                 rows += 1
                 last_row = (item.catalog, item.row)
@@ -222,10 +227,32 @@ def plan_run(config: RunConfig) -> RunPlan:
     removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
                    time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature,
-                   still_rejected, still_rejected_ids, current)
+                   still_rejected, still_rejected_ids, current.name if current is not None else None,
+                   [t.name for t in inputs.templates])
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
+
+
+@contextmanager
+def _closed(spool) -> Iterator[None]:
+    """Close ``spool`` (an open temp file, or None) after the block; delete it when the block fails."""
+    if spool is None:
+        yield
+        return
+    with spool, removed_on_failure(spool.name):
+        yield
+
+
+def _planned_ids(plan: RunPlan) -> set[str] | None:
+    """The job ids the plan named (read back and deleted), or None when it named only part of the
+    catalog (--limit) or nothing at all (a catalog that is empty today must not make every image old)."""
+    if plan.current_file is None:
+        return None
+    path = Path(plan.current_file)
+    ids = set(path.read_text(encoding="utf-8").split()) if plan.planned else None
+    path.unlink(missing_ok=True)
+    return ids
 
 
 def _hand_over(uploader: Uploader, waiting: list[tuple[Job, ManifestRecord]]) -> None:
@@ -384,7 +411,7 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
             f"storage that every worker and this machine share, under the same absolute path, and run again."
         )
     statuses = Counter(r.status for r in this_run)
-    manifest.finalize(plan.current)
+    manifest.finalize(_planned_ids(plan), set(plan.templates))
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
     LocalStore(config.out).remove_stale_temp_files()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
