@@ -54,7 +54,7 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     workers, gpu_resource = cluster.shape(config)
     limit = cluster.in_flight(config, workers)
     results, waiting = [], deque()
-    with run.removed_on_failure(the_plan.pending_file):  # e.g. a model that fails to load leaves no spool behind
+    with run.removed_on_failure(the_plan.pending_file, the_plan.current_file):  # e.g. a model that fails to load leaves no spool
         for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
             with cluster.gpu_annotation(gpu_resource):
                 waiting.append(generate_shard.submit(config, index, shard))

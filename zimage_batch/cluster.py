@@ -33,8 +33,12 @@ def cluster_workers(address: str, timeout: float = 10.0, check_timeout: float = 
     """(workers, every worker has a GPU resource) of a running scheduler whose workers can run
     this version's shards; raises ClusterError."""
     from distributed import Client
+    from distributed.comm.addressing import parse_address, parse_host_port
 
     try:
+        # checked before a Client exists: a Client that fails to connect stays the process's default
+        # client until it is collected, and a later DaskTaskRunner in this process would use its address
+        parse_host_port(parse_address(address)[1])
         client = Client(address, timeout=timeout)
     except ValueError as exc:  # e.g. "missing port number"
         raise ClusterError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): use tcp://HOST:PORT, "

@@ -265,12 +265,14 @@ def _hand_over(uploader: Uploader, waiting: list[tuple[Job, ManifestRecord]]) ->
 
 
 @contextmanager
-def removed_on_failure(path: str) -> Iterator[None]:
-    """Delete ``path`` when the block fails (e.g. a catalog line that cannot be read stops planning)."""
+def removed_on_failure(*paths: str | None) -> Iterator[None]:
+    """Delete ``paths`` (None: none) when the block fails (e.g. a catalog line that cannot be read stops planning)."""
     try:
         yield
     except BaseException:
-        Path(path).unlink(missing_ok=True)
+        for path in paths:
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
         raise
 
 
