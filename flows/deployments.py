@@ -50,7 +50,8 @@ def catalog_run(config: RunConfig) -> RunSummary | State:
 
 
 def _failed(message: str) -> State:
-    name = FlowRunContext.get().flow_run.name if FlowRunContext.get() else "catalog-run"
+    context = FlowRunContext.get()
+    name = context.flow_run.name if context else "catalog-run"
     print(f"catalog-run {name!r} failed: {message}", file=sys.stderr, flush=True)  # serve's terminal (its child's stderr)
     get_run_logger().error(message)
     return Failed(message=message)

@@ -426,8 +426,8 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 @contextmanager
 def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
     """A first Ctrl-C lets this process's shards (``local``) finish the batch in progress (its images
-    are kept and recorded), then the run ends with exit 130; Dask workers' shards are cancelled. A
-    second Ctrl-C ends the process at once. Without this, Ctrl-C waited for whole shards in silence,
+    are kept and recorded), then the run ends with exit 130; without ``local`` the run ends once Dask
+    has ended the workers' shards (they do not see the stop flag). A second Ctrl-C ends the process at once. Without this, Ctrl-C waited for whole shards in silence,
     and a second one aborted Python mid-shutdown."""
     import signal
     import threading

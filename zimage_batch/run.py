@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -180,7 +180,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     # arguments, and a set of millions of ids took it seconds); a partial plan (--limit) says nothing
     current = None if config.limit is not None else tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", prefix=f"{TEMP_PREFIX}current-", suffix=".txt", dir=config.out, delete=False)
-    with os.fdopen(fd, "w", encoding="utf-8") as f, removed_on_failure(spool), _closed(current):
+    current_file = current.name if current is not None else None
+    with os.fdopen(fd, "w", encoding="utf-8") as f, current or nullcontext(), removed_on_failure(spool, current_file):
         for item in plan_jobs(inputs):
             if not isinstance(item, Job):
                 skus.add(item.sku)
@@ -224,24 +225,14 @@ def plan_run(config: RunConfig) -> RunPlan:
         _hand_over(uploader, waiting)
         delivery = uploader.drain()
         uploader.close()
-    removed = [] if config.limit is not None else removed_skus(manifest, {t.name for t in inputs.templates}, skus)
+    templates = [t.name for t in inputs.templates]
+    removed = [] if config.limit is not None else removed_skus(manifest, set(templates), skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
                    time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature,
-                   still_rejected, still_rejected_ids, current.name if current is not None else None,
-                   [t.name for t in inputs.templates])
+                   still_rejected, still_rejected_ids, current_file, templates)
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
-
-
-@contextmanager
-def _closed(spool) -> Iterator[None]:
-    """Close ``spool`` (an open temp file, or None) after the block; delete it when the block fails."""
-    if spool is None:
-        yield
-        return
-    with spool, removed_on_failure(spool.name):
-        yield
 
 
 def _planned_ids(plan: RunPlan) -> set[str] | None:

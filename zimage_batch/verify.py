@@ -191,7 +191,8 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
     """Check every output of every record in the location's manifest, then look for unlisted files."""
     if trust_anchors is not None:
         check_trust_anchors(trust_anchors)  # an empty trust file would otherwise require no signature at all
-    check_finished(location)
+    paths = list(location.list())  # once: on S3 a listing is a request per 1,000 objects
+    check_finished(location, paths)
     records = read_manifest(location)
     report = Report(location.describe(), len(records))
     listed = set()
@@ -207,7 +208,7 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
                 report.findings.append(finding)
     for finding in deleted_records(location, records, listed):
         report.findings.append(finding)
-    for path in location.list():
+    for path in paths:
         sidecar = s3 and path.endswith(SIDECAR) and path.removesuffix(SIDECAR) in listed
         if path not in listed and path not in BOOKKEEPING and not sidecar:
             report.findings.append(Finding(path, "stray", "not in the manifest"))
@@ -249,8 +250,9 @@ def deleted_records(location: Location, records: dict[str, ManifestRecord], list
                                            f"{MANIFEST} from a backup")
 
 
-def check_finished(location: Location) -> None:
-    """ManifestError when a run is still writing to the location, or stopped before it finished."""
+def check_finished(location: Location, paths: list[str]) -> None:
+    """ManifestError when a run is still writing to the location, or stopped before it finished
+    (``paths``: what ``location.list()`` names)."""
     holder = lock_holder(location.root) if isinstance(location, LocalFolder) else None
     if holder is not None:
         raise ManifestError(f"{location.describe()} is being written by a zimage-batch run right now ({holder}; it holds "
@@ -259,7 +261,7 @@ def check_finished(location: Location) -> None:
         parts = PARTS
     else:  # a destination's delivered records and in-flight markers not yet published
         from .deliver import PARTS as parts
-    unfinished = [path for path in location.list() if path.startswith(parts)]
+    unfinished = [path for path in paths if path.startswith(parts)]
     if unfinished:
         raise ManifestError(f"{location.describe()} holds manifest parts of a run that has not finished ({unfinished[0]}, "
                             f"{len(unfinished)} in all): it is still running, or it stopped before it published its "
