@@ -308,3 +308,15 @@ def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp
         with pytest.raises(ClusterError, match=r"did not answer whether they can run .*no answer in 2 s"):
             cluster_workers(cluster.scheduler_address, check_timeout=2)
         assert time.monotonic() - started < 20
+
+
+def test_a_scheduler_lost_as_a_closed_connection_reads_the_same():
+    """Which error a lost scheduler surfaces as is a race: a closed comm (whose own text names internal
+    objects) says what the cancelled futures say."""
+    from distributed.comm import CommClosedError
+
+    from zimage_batch.cluster import lost_scheduler
+
+    config = RunConfig(catalogs=["c.csv"], templates=["t.j2"], out="o", cluster="tcp://127.0.0.1:1")
+    lost = lost_scheduler(CommClosedError("in <TCP (closed) ConnectionPool.gather local=tcp://x>: Stream is closed"), config)
+    assert "went away during the run (scheduler-connection-lost)" in str(lost) and "ConnectionPool" not in str(lost)

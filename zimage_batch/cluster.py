@@ -126,8 +126,10 @@ def lost_scheduler(exc: BaseException, config: RunConfig) -> ClusterError | None
     if not isinstance(exc, (FutureCancelledError, CommClosedError)):
         return None
     where = f"The Dask scheduler at {config.cluster}" if config.cluster else "This run's local Dask scheduler"
+    # Which of the two comes first is a race; a closed comm's own text names internal objects
+    reason = getattr(exc, "reason", None) if isinstance(exc, FutureCancelledError) else None
     return ClusterError(
-        f"{where} went away during the run ({getattr(exc, 'reason', None) or exc}). The images "
+        f"{where} went away during the run ({reason or 'scheduler-connection-lost'}). The images "
         f"finished so far are kept, with their records in {config.out}/.parts; once the scheduler and its workers "
         f"are back, run the same command again to make the rest.")
 
