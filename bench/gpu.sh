@@ -27,6 +27,7 @@ python3 -c "import torch, transformers, diffusers, pydantic, jsonschema; print('
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null | tee -a "$out/gpu.txt" || echo "torchao: not installed (fp8 and vram12 will report it)" | tee -a "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$out/gpu.txt" || true
 if [ "${ZB_GPU_TESTS:-0}" = 1 ]; then  # the CUDA-path tests (tests/test_gpu.py, tiny model; ~1-2 min)
-  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" || true
+  # ZB_GPU_TEST_ARGS narrows them, e.g. ZB_GPU_TEST_ARGS="-k thread" for one test.
+  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ${ZB_GPU_TEST_ARGS:-} 2>&1 | tee "$out/gpu-tests.log" || true
 fi
 python3 -m bench.throughput --out "$out/throughput.json" "$@" 2>&1 | tee "$out/throughput.log"
