@@ -21,7 +21,7 @@ levers runs in its base's place, in the order given):
   profile        one batch of the compiled engine under torch.profiler: device time per kind of
                  kernel (matmul, attention, Inductor's fused elementwise, copies, other), the
                  device's idle time inside the call, the costliest kernels; the Chrome trace is
-                 written beside --out (profile-trace.json.gz; profile+fused writes profile-fused-trace.json.gz).
+                 written beside --out (profile-trace.json.gz; profile+eager-vae writes profile-eager-vae-trace.json.gz).
   vram16         `--vram 16`: the text encoder streamed from CPU memory while prompts encode, batch 1.
   vram12         `--vram 12`: as vram16 plus int8 transformer weights, quantized layer by layer on
                  the way to the GPU (peak memory counted from before the quantization); eager,
@@ -31,10 +31,7 @@ levers runs in its base's place, in the order given):
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 A variant that runs the engine can leave out one of its levers, to measure each alone:
 `+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)
-and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. It can also put in
-a trial, an engine option that is not the default until it has paid here: `+fused` (q/k/v and the
-feed-forward's gate/up projections each one matmul; compiled variants) and `+tensorwise` (fp8 with
-one scale per tensor instead of per row; fp8 only), e.g. `engine+compile+fused@8`. `+varied` runs an
+and `+eager-vae` (the VAE decoder not compiled); e.g. `engine+compile+eager-vae`. `+varied` runs an
 engine variant on other jobs: the same prompts cut to 72-110 tokens, what Qwen's tokenizer makes of
 them, so two caption buckets, partial batches and more than one compiled shape, as in a real run (no
 image comparison: the plain loop's prompts are the whole ones). A batched variant
@@ -48,7 +45,7 @@ engine's generate calls; between: from one call's return to the next call, when 
 queued), images per hour, peak GPU memory, speedup over plain (sustained where measured, else
 steady), an MFU estimate, where the device time went (transformer forwards, VAE decodes) and the
 GPU's SM clock, temperature and power during each pass (nvidia-smi: so clock drift over a run shows),
-and each variant with a lever, trial, workload or batch size of its own against its base variant;
+and each variant with a lever, workload or batch size of its own against its base variant;
 writes the rows as JSON to --out after every variant, so a run cut short keeps what it measured.
 Variants not started within --budget seconds are skipped. Needs only torch, transformers,
 diffusers, accelerate (the vram variants' streaming), numpy, Pillow, scipy, pydantic, jinja2,
@@ -79,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 from bench.full_size import build_full_size, fresh, group_offloaded  # noqa: E402
 from bench.measure import (CallTimes, GpuMonitor, StageTimes, Timing, allocated_gb, free_gpu, gpu_id,  # noqa: E402
                            mean_seconds, peak_gb, reset_peak, sync)
-from bench.variants import (BATCHED, DEFAULT_VARIANTS, LEVERS, ORDER, TRIALS, VARIANT_SETS, WORKLOADS,  # noqa: E402
+from bench.variants import (BATCHED, DEFAULT_VARIANTS, LEVERS, ORDER, VARIANT_SETS, WORKLOADS,  # noqa: E402
                             configured, parse_variant)
 from zimage_batch.generate import CAPTION_BUCKET, Engine, EngineOptions, build_tiny_pipeline, quiet_libraries  # noqa: E402
 from zimage_batch.manifest import Manifest  # noqa: E402
@@ -324,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"a set ({', '.join(f'{k}: {v}' for k, v in VARIANT_SETS.items())}), or "
                              f"comma-separated, from: {', '.join(ORDER)}; an engine variant may end in "
-                             f"+{', +'.join(LEVERS)}, the trials +{', +'.join(TRIALS)} or +varied, and {', '.join(BATCHED)} in "
+                             f"+{', +'.join(LEVERS)} or +varied, and {', '.join(BATCHED)} in "
                              f"@BATCH (default {DEFAULT_VARIANTS})")
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds (from the start) after which no new variant starts (default 420: the longest, "
@@ -337,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name, variant in parsed.items() if variant is None]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: use {', '.join(ORDER)}, the engine ones optionally with "
-                     f"+{', +'.join(LEVERS)} or +varied, the compiled ones with +fused, fp8 with +tensorwise, and "
-                     f"{', '.join(BATCHED)} with @BATCH (e.g. engine+compile+fused@8)")
+                     f"+{', +'.join(LEVERS)} or +varied, and {', '.join(BATCHED)} with @BATCH "
+                     f"(e.g. engine+compile+eager-vae@8)")
     wanted.sort(key=lambda name: ORDER.index(parsed[name].base))  # stable: levers keep the order given
 
     import torch
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def engine_pass(name: str, options: EngineOptions, batch: int, runner=run_engine, peak_from_load: bool = False,
                     applied: tuple[str, ...] = ()) -> None:
-        """Configure, apply the levers and trials, warm up, time. ``peak_gpu_gb`` is the timed
+        """Configure, take the levers out, warm up, time. ``peak_gpu_gb`` is the timed
         pass's peak; ``warmup_peak_gb`` covers the warm-up (compiling) and, with ``peak_from_load``,
         configuring (quantizing) too."""
         if peak_from_load:
@@ -463,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = timed[:batch]
         with configured(pipe, device, name, EngineOptions(compile=True), applied) as engine:
             run_generate_only(engine, jobs, batch, device)  # this batch's shapes compiled before the profile
-            trace = Path(args.out).parent / f"{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}-trace.json.gz"  # profile-fused-...
+            trace = Path(args.out).parent / f"{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}-trace.json.gz"  # profile-eager-vae-...
             row = profile_batch(engine, jobs, device, trace)
         row.update(variant=name, batch=len(jobs))
         rows.append(row)
@@ -562,7 +559,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def against_base(rows: list[dict]) -> list[str]:
-    """Each variant with levers, trials, a workload or its own batch size against its base variant
+    """Each variant with levers, a workload or its own batch size against its base variant
     of the same run (sustained s per image): what the next change to the defaults rests on."""
     rates = {r["variant"]: r["sustained_s_per_image"] for r in rows if "sustained_s_per_image" in r}
     lines = []

@@ -8,20 +8,16 @@
   Inductor fuses with the q/k norms. The images are the same within float rounding (a test compares
   them). Eager, it launches more kernels than the complex form (about eight per tensor against
   three), so the engine installs it only where it compiles.
-* Fused projections (``fuse_projections``): the attention's q, k and v projections as one matmul,
-  and the feed-forward's two input projections (SwiGLU's gate and up) as one: the input is read once
-  instead of three or two times, and each GEMM is larger. The weights are the same numbers,
-  concatenated; ``unfuse_projections`` splits them back exactly. With fp8 weights each fused layer is
-  quantized as one: with per-row scales that gives the same scales as apart, with per-tensor scales
-  one scale for all its parts. Off by default until measured (``EngineOptions.fuse_projections``).
+* Tried and dropped: q/k/v, and the feed-forward's gate/up projections, each fused into one
+  matmul. On an H100 it changed nothing measurable (bf16 0.798 vs 0.800 s per image, fp8 0.574 vs
+  0.578, 0.8 GB more at the peak; bench/RESULTS.md, 2026-11-27), so the layers stay as diffusers has them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_z_image import FeedForward, ZSingleStreamAttnProcessor
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -36,19 +32,16 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 class RealRopeAttnProcessor:
     """``ZSingleStreamAttnProcessor`` with ``rotate`` in place of the complex rotation; otherwise the
     same steps in the same order (projections, q/k norms, rotation, attention through diffusers'
-    dispatcher, output projection). Takes the q, k and v projections apart or fused (``to_qkv``)."""
+    dispatcher, output projection)."""
 
     _attention_backend = None
     _parallel_config = None
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)).unbind(-3)
-        else:
-            query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-            key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-            value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -70,79 +63,3 @@ def use_real_rope(transformer) -> None:
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
             module.set_processor(RealRopeAttnProcessor())
-
-
-class FusedFeedForward(torch.nn.Module):
-    """Z-Image's SwiGLU feed-forward, ``w2(silu(w1(x)) * w3(x))``, with ``w1`` and ``w3`` stacked in
-    one linear layer ``w13`` (gate rows first, then up rows)."""
-
-    def __init__(self, w13: torch.nn.Linear, w2: torch.nn.Linear):
-        super().__init__()
-        self.w13, self.w2 = w13, w2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
-
-
-def _linear(weight: torch.Tensor, requires_grad: bool) -> torch.nn.Linear:
-    """A bias-free linear layer holding ``weight`` (no initialisation of weights to throw away)."""
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = torch.nn.Parameter(weight, requires_grad=requires_grad)
-    return layer
-
-
-def _stacked(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
-    """One linear layer whose output is the parts' outputs side by side."""
-    return _linear(torch.cat([p.weight.detach() for p in parts]), parts[0].weight.requires_grad)
-
-
-def _split(fused: torch.nn.Linear, parts: int) -> list[torch.nn.Linear]:
-    """``_stacked`` undone: ``parts`` equal linear layers."""
-    return [_linear(rows.clone(), fused.weight.requires_grad) for rows in fused.weight.detach().chunk(parts)]
-
-
-def _named(transformer, wanted) -> list[str]:
-    """The names of the modules ``wanted`` picks: looked up again one at a time, so no list holds
-    on to a layer that has been replaced (its weights are freed as the loop goes)."""
-    return [name for name, module in transformer.named_modules() if wanted(module)]
-
-
-def _parent(transformer, name: str) -> tuple[torch.nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return transformer.get_submodule(parent), child
-
-
-def fuse_projections(transformer) -> None:
-    """Fuse the feed-forward's gate/up projections in every block of a Z-Image transformer, and
-    q/k/v where the attention has the real-rotation processor (the one that reads ``to_qkv``); before
-    it is compiled or quantized. One layer at a time, so the extra memory is one layer's weights."""
-    for name in _named(transformer, lambda m: isinstance(getattr(m, "processor", None), RealRopeAttnProcessor)
-                       and not m.fused_projections):
-        attn = transformer.get_submodule(name)
-        if any(getattr(attn, part).bias is not None for part in ("to_q", "to_k", "to_v")):
-            raise ValueError("fuse_projections expects Z-Image's bias-free q/k/v projections")
-        attn.to_qkv = _stacked([attn.to_q, attn.to_k, attn.to_v])
-        del attn.to_q, attn.to_k, attn.to_v
-        attn.fused_projections = True
-    for name in _named(transformer, lambda m: type(m) is FeedForward):
-        parent, child = _parent(transformer, name)
-        ff = getattr(parent, child)
-        setattr(parent, child, FusedFeedForward(_stacked([ff.w1, ff.w3]), ff.w2))
-
-
-def unfuse_projections(transformer) -> None:
-    """Undo ``fuse_projections``: the original layers, with the very same weights."""
-    for name in _named(transformer, lambda m: getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")):
-        attn = transformer.get_submodule(name)
-        attn.to_q, attn.to_k, attn.to_v = _split(attn.to_qkv, 3)
-        del attn.to_qkv
-        attn.fused_projections = False
-    for name in _named(transformer, lambda m: isinstance(m, FusedFeedForward)):
-        parent, child = _parent(transformer, name)
-        fused = getattr(parent, child)
-        with torch.device("meta"):
-            ff = FeedForward(fused.w13.in_features, fused.w13.out_features // 2)
-        ff.w1, ff.w3 = _split(fused.w13, 2)
-        ff.w2 = fused.w2
-        setattr(parent, child, ff)

@@ -111,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "never with --vram below 16, whose int8 weights run faster eager)")
         p.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
                        help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
-                            "a shard's prompts encode and batches hold 1 image (16 GB cards: 15.3 GiB peak, 0.91 s per 1024px image on an H100); "
+                            "a shard's prompts encode and batches hold 1 image (16 GB cards: 13.75 GiB peak, 0.89 s per 1024px image on an H100); "
                             "below 16 the transformer's weights are also int8, not compiled (12 GB cards: 9.2 GiB, 1.65 s "
                             "per 1024px image on an H100; needs torchao; pixels change slightly)")
         p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
                        help="fp8: the transformer's block layers in float8 on GPUs with FP8 tensor cores (Ada, Hopper; "
-                            "needs torchao): 0.625 s per 1024px image on an H100 vs 0.817 in bf16; it changes pixels, so it is off by default "
+                            "needs torchao): 0.578 s per 1024px image on an H100 vs 0.800 in bf16; it changes pixels, so it is off by default "
                             "(the CPU always computes in fp32)")
 
     def run_options(p: argparse.ArgumentParser) -> None:  # how a run goes: the same for run and serve's nightly run

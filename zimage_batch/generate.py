@@ -79,12 +79,6 @@ class EngineOptions:
         float8 (e4m3, per-row scales, dynamic activations; torchao) on GPUs with FP8 tensor cores
         (compute capability 8.9+: Ada, Hopper). fp8 changes pixels; it is never the default.
     vram_gb: a GPU memory budget; see ``memory_profile``.
-    fuse_projections: where the transformer compiles, its q/k/v projections as one matmul and its
-        feed-forward's gate/up projections as one (``blocks.fuse_projections``; the same weights).
-        Off until measured on a GPU: the benchmark's ``+fused`` variants.
-    fp8_scales: ``row`` (per-row scales for activations and weights) or ``tensor`` (one scale per
-        tensor: faster FP8 matmuls, coarser numbers). Off the command line until measured: the
-        benchmark's ``fp8+tensorwise``.
     """
 
     compile: bool = False
@@ -92,12 +86,6 @@ class EngineOptions:
     bucket_captions: bool = True
     one_per_call: bool = False
     precision: str = "bf16"
-    fuse_projections: bool = False
-    fp8_scales: str = "row"
-
-    def __post_init__(self):
-        if self.fp8_scales not in ("row", "tensor"):
-            raise ValueError(f"fp8_scales is 'row' or 'tensor', got {self.fp8_scales!r}")
 
     @property
     def stream_text_encoder(self) -> bool:
@@ -131,7 +119,7 @@ class EngineOptions:
         """What the manifest records: the compute dtype plus any 8-bit weights, e.g. ``bf16+int8-weights``."""
         base = "bf16" if device.startswith("cuda") else "fp32"
         if self.weights == "fp8":
-            return f"{base}+fp8-e4m3-{self.fp8_scales}wise"
+            return f"{base}+fp8-e4m3-rowwise"
         if self.weights == "int8":
             return f"{base}+int8-weights"
         return base
@@ -140,7 +128,7 @@ class EngineOptions:
 def options_for(precision: str | None) -> EngineOptions:
     """Engine options that make images at a recorded precision (a manifest's ``precision``)."""
     if precision and "fp8" in precision:
-        return EngineOptions(precision="fp8", fp8_scales="tensor" if "tensorwise" in precision else "row")
+        return EngineOptions(precision="fp8")
     if precision and "int8" in precision:
         return EngineOptions(vram_gb=SMALLEST_PROFILE_GB)
     return EngineOptions()
@@ -152,7 +140,7 @@ def memory_profile(vram_gb: int | None) -> str:
         return "everything on the GPU, batches as asked"
     if vram_gb >= INT8_BELOW_GB:
         return ("transformer resident, text encoder streamed from CPU memory while a shard's prompts encode, "
-                "batch 1 (measured on an H100: 15.3 GiB peak, 0.91 s per 1024x1024 image)")
+                "batch 1 (measured on an H100: 13.75 GiB peak, 0.89 s per 1024x1024 image)")
     return ("as the 16 GB profile, plus the transformer's block weights in int8, not compiled "
             "(measured on an H100: 9.2 GiB peak, 1.65 s per 1024x1024 image)")
 
@@ -304,18 +292,16 @@ def configure(pipe, device: str, options: EngineOptions):
     weights are made layer by layer on the way to the GPU (so a 12 GB card never holds the bf16
     transformer), then compile. A transformer to be compiled gets the attention processor whose
     rotary embedding is real arithmetic (``blocks.RealRopeAttnProcessor``: the same images;
-    compiled, faster) and, if asked, fused projections (``blocks.fuse_projections``).
+    compiled, faster).
     """
     import torch
 
     cuda = device.startswith("cuda")
     check_options(options, device)
     if options.compiles:
-        from .blocks import fuse_projections, use_real_rope
+        from .blocks import use_real_rope
 
         use_real_rope(pipe.transformer)
-        if options.fuse_projections:
-            fuse_projections(pipe.transformer)
     allocator_set = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     if options.vram_gb is not None and cuda and not allocator_set:
         # Fewer stranded blocks between the encoder's streamed layers and the transformer's work;
@@ -334,7 +320,7 @@ def configure(pipe, device: str, options: EngineOptions):
             apply_group_offloading(pipe.text_encoder, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda)
     if options.weights is not None:
-        quantize_transformer(pipe.transformer, options.weights, device, options.fp8_scales)
+        quantize_transformer(pipe.transformer, options.weights, device)
     if options.stream_text_encoder:
         pipe.vae.to(device)
         pipe.transformer.to(device)
@@ -395,11 +381,12 @@ def _torchao(option: str):
     return torchao.quantization
 
 
-def quantize_transformer(transformer, weights: str, device: str, scales: str = "row") -> None:
+def quantize_transformer(transformer, weights: str, device: str) -> None:
     """Put the linear layers of the transformer's repeated blocks (nearly all of its weights and
     FLOPs) in 8-bit: ``int8`` weight-only (per channel), or ``fp8`` weights and activations
-    (e4m3, per-row scales, or per-tensor ones with ``scales="tensor"``). Embedders and the final
-    layer stay in full precision.
+    (e4m3, per-row scales). Embedders and the final layer stay in full precision. One scale per
+    tensor instead of per row was tried on an H100 and dropped: slower (0.614 vs 0.578 s per image)
+    and further from bf16 (PSNR 37.7 vs 38.4 dB; bench/RESULTS.md, 2026-11-27).
 
     ``set_inductor_config=False``: otherwise torchao turns on Inductor's coordinate-descent tuning
     (checking all directions) for the whole process, which benchmarks every compiled kernel many
@@ -409,8 +396,7 @@ def quantize_transformer(transformer, weights: str, device: str, scales: str = "
 
     quant = _torchao("--precision fp8" if weights == "fp8" else "--vram 12")
     if weights == "fp8":
-        granularity = quant.PerTensor() if scales == "tensor" else quant.PerRow()
-        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
+        config = quant.Float8DynamicActivationFloat8WeightConfig(granularity=quant.PerRow(), set_inductor_config=False)
     else:
         config = quant.Int8WeightOnlyConfig(set_inductor_config=False)
     blocks = ("layers.", "noise_refiner.", "context_refiner.")
