@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import S3_SECRET_KEY, write_template
+from conftest import S3_SECRET_KEY, write_csv, write_template
 from s3server import FaultProxy, free_port
 from test_generate import job
 from zimage_batch import deliver
@@ -388,8 +388,14 @@ def test_a_run_delivers_every_image_and_publishes_its_manifest(dest_config, s3, 
             assert s3.read(key) == (out / o["path"]).read_bytes()
             assert json.loads(s3.read(key + ".json"))["job_id"] == record["job_id"]
     assert not s3.keys(f"{PREFIX}/manifest.parts/")
-    # 3 images, 3 sidecars, an in-flight marker and a journal part per shard (2), manifest.jsonl, run.json, report.html
-    assert len(puts) == 3 + 3 + 2 + 2 + 3
+    import pyarrow.parquet as pq
+
+    def rows(source) -> list[dict]:
+        return sorted(pq.read_table(source).to_pylist(), key=lambda row: row["job_id"])
+
+    assert rows(io.BytesIO(s3.read(f"{PREFIX}/manifest.parquet"))) == rows(out / "manifest.parquet")  # one run, one --out
+    # 3 images, 3 sidecars, an in-flight marker and a journal part per shard (2), manifest.jsonl and .parquet, run.json, report.html
+    assert len(puts) == 3 + 3 + 2 + 2 + 4
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -399,7 +405,7 @@ def test_a_rerun_uploads_nothing_that_is_there(dest_config, s3, puts):
     puts.clear()
     summary = run_flow(dest_config)
     assert (summary.generated, summary.skipped, summary.delivered, summary.exit_code) == (0, 3, 0, 0)
-    assert sorted(puts) == [f"{PREFIX}/manifest.jsonl", f"{PREFIX}/report.html", f"{PREFIX}/run.json"]  # no image or sidecar
+    assert sorted(puts) == [f"{PREFIX}/{name}" for name in ("manifest.jsonl", "manifest.parquet", "report.html", "run.json")]  # no image
     assert {k: s3.client.head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in s3.keys(f"{PREFIX}/images/")} == before
 
 
@@ -436,6 +442,30 @@ def test_a_fresh_out_on_another_machine_resumes_from_the_destination(dest_config
     assert (second.generated, second.skipped, second.delivered, second.exit_code) == (2, 1, 2, 0)
     assert not set(done_key) & set(puts)  # the first machine's image was neither regenerated nor uploaded
     assert len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 3
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_destination_says_which_images_are_current(dest_config, s3, small_catalog, tmp_path):
+    """A shop that syncs from the bucket reads manifest.parquet there: records only the destination
+    holds (another machine's) are flagged by the run's plan, and a partial run keeps the flags."""
+    import pyarrow.parquet as pq
+
+    def flags() -> list[tuple[str, str, bool | None]]:
+        table = pq.read_table(io.BytesIO(s3.read(f"{PREFIX}/manifest.parquet")), columns=["sku", "prompt", "current"])
+        return sorted((r["sku"], r["prompt"].split(" called ")[1], r["current"]) for r in table.to_pylist())
+
+    run_flow(dest_config)
+    assert flags() == [("A-1", "Steel bottle in a sunny kitchen.", True), ("B/2", "咖啡杯 in a sunny kitchen.", True),
+                       ("C 3", "Runner in a sunny kitchen.", True)]
+    write_csv(small_catalog, ["sku", "title", "color", "kind", "material", "price"],  # A-1 renamed, C 3 gone
+              [["A-1", "Steel bottle XL", "navy", "bottle", "steel", "10"], ["B/2", "咖啡杯", "white", "mug", "ceramic", "12"]])
+    other_machine = run_flow(dest_config.model_copy(update={"out": str(tmp_path / "machine-b")}))
+    assert (other_machine.generated, other_machine.skipped) == (1, 1)
+    today = [("A-1", "Steel bottle XL in a sunny kitchen.", True), ("A-1", "Steel bottle in a sunny kitchen.", False),
+             ("B/2", "咖啡杯 in a sunny kitchen.", True), ("C 3", "Runner in a sunny kitchen.", False)]
+    assert flags() == today  # the old A-1 and C 3 records are only in the bucket (the first --out made them)
+    partial = run_flow(dest_config.model_copy(update={"limit": 1}))  # the first --out, which last saw yesterday's catalog
+    assert partial.exit_code == 0 and flags() == today
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 Layout under ``s3://BUCKET/PREFIX/``: ``images/<sku>/<template>/<file>`` (the same relative path as
 under ``--out``) with ``<file>.json`` beside it holding the image's manifest record, then
-``manifest.jsonl`` and ``run.json`` when the run ends. While the run goes, delivered records are
+``manifest.jsonl``, ``manifest.parquet`` (the same records with the ``current`` column) and
+``run.json`` when the run ends. While the run goes, delivered records are
 also written in small parts under ``manifest.parts/`` (the S3 counterpart of the local append-only
 manifest); ``manifest.jsonl`` absorbs them at the end, and a run that died is resumed from them.
 A shard first writes an in-flight marker there naming its jobs, and removes it once their records
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import random
 import re
@@ -46,7 +48,8 @@ from pydantic import ValidationError
 
 from . import crashpoints
 from .errors import DeliveryError
-from .manifest import MANIFEST, REPORT_HTML, RUN_JSON, SCHEMA_VERSION, ManifestRecord, OutputFile, utc_now
+from .manifest import (MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, SCHEMA_VERSION, ManifestRecord, OutputFile,
+                       current_column, utc_now)
 from .plan import Job
 
 PARTS = "manifest.parts/"
@@ -243,7 +246,7 @@ class Uploader:
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
         self._fatal: str | None = None
         self._failures_in_a_row = 0
-        self._mutable = {dest.key(MANIFEST), dest.key(RUN_JSON), dest.key(REPORT_HTML)}  # the only keys ever overwritten
+        self._mutable = {dest.key(k) for k in (MANIFEST, MANIFEST_PARQUET, RUN_JSON, REPORT_HTML)}  # the only keys ever overwritten
         # boto3's transfer manager passes no If-None-Match: add it where a multipart object comes into being.
         client.meta.events.register("before-parameter-build.s3.CompleteMultipartUpload", self._create_only)
 
@@ -390,6 +393,15 @@ class Uploader:
                 return None, None
             raise
         return response["Body"].read().decode("utf-8"), response.get("ETag")
+
+    def _current_before(self) -> dict[str, bool | None]:
+        """The current column of the destination's manifest.parquet (empty when there is none, or it
+        cannot be read: then the run's own flags stand)."""
+        try:
+            body = self.client.get_object(Bucket=self.dest.bucket, Key=self.dest.key(MANIFEST_PARQUET))["Body"].read()
+        except Exception:
+            return {}
+        return current_column(io.BytesIO(body))
 
     def submit(self, record: ManifestRecord) -> None:
         """Queue a finished "ok" record's images for upload; blocks while ``queue`` records already wait."""
@@ -596,9 +608,12 @@ class Uploader:
                 self._journal_failed = True
                 self.report.problems.append(f"journal part not written: {exc}")
 
-    def publish(self, local: Iterable[ManifestRecord], run_json: bytes, report: bytes | None = None) -> str:
-        """Write ``manifest.jsonl`` (the destination's records merged with ``local``), ``run.json`` and the
-        run's ``report.html``; drop parts.
+    def publish(self, local: Iterable[ManifestRecord], run_json: bytes, report: bytes | None = None,
+                parquet: Callable[[list[ManifestRecord], dict[str, bool | None]], bytes] | None = None) -> str:
+        """Write ``manifest.jsonl`` (the destination's records merged with ``local``), ``parquet`` of the
+        merged records and the destination's last ``current`` column as ``manifest.parquet`` (records
+        this version cannot read are only in the JSONL), ``run.json`` and the run's ``report.html``;
+        drop parts.
 
         ``manifest.jsonl`` is written only if it is still the one ``read_records`` read (If-Match, or
         If-None-Match when there was none): if another run published in between, its records are read
@@ -633,6 +648,9 @@ class Uploader:
                 raise DeliveryError(f"{self.dest.uri(MANIFEST)} was changed by other runs {PUBLISH_TRIES} times while this "
                                     f"one published it. Rerun the same command to publish; every record is also in "
                                     f"its image's sidecar.")
+            if parquet is not None:
+                body = parquet(list(merged.values()), self._current_before())
+                self._put(self.dest.key(MANIFEST_PARQUET), body, "application/vnd.apache.parquet", {}, cache_control=NO_CACHE)
             self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
             if report is not None:
                 self._put(self.dest.key(REPORT_HTML), report, "text/html; charset=utf-8", {}, cache_control=NO_CACHE)

@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
@@ -302,28 +302,36 @@ class Manifest:
             pass
         self.part_records = {}
 
-    def finalize(self, current: set[str] | None = None, templates: set[str] = frozenset()) -> None:
-        """Compact, then write the Parquet copy. Its ``current`` column: for records of ``templates``,
-        whether ``current`` (the job ids the run planned from the whole catalog) holds them; for other
-        templates' records, and when ``current`` is None (a partial plan), what the last copy said."""
+    def finalize(self, current: set[str] | None = None, templates: set[str] = frozenset()) -> dict[str, bool | None]:
+        """Compact, then write the Parquet copy, whose ``current`` column is ``current_flags`` of the
+        records, carrying over what the last copy said. Returns that column (job id -> flag)."""
         self.compact()
         if not self.records:
-            return
-        before = self._current_before()
-        flags = {job_id: (job_id in current if current is not None and record.template in templates else before.get(job_id))
-                 for job_id, record in self.records.items()}
-        write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), flags))
-
-    def _current_before(self) -> dict[str, bool | None]:
-        """The current column of the existing manifest.parquet (empty when there is none, or it is from
-        before the column, or it cannot be read: those records are then null)."""
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(self.out / MANIFEST_PARQUET, columns=["job_id", CURRENT])
-        except Exception:  # missing, an older schema, or damaged: nothing to carry over
             return {}
-        return dict(zip(table.column("job_id").to_pylist(), table.column(CURRENT).to_pylist()))
+        flags = current_flags(self.records.values(), current, templates, current_column(self.out / MANIFEST_PARQUET))
+        write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), flags))
+        return flags
+
+
+def current_column(source) -> dict[str, bool | None]:
+    """The current column of a manifest.parquet (a path or a file object): job id -> flag. Empty when
+    there is none, or it is from before the column, or it cannot be read: nothing to carry over."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(source, columns=["job_id", CURRENT])
+    except Exception:  # missing, an older schema, or damaged
+        return {}
+    return dict(zip(table.column("job_id").to_pylist(), table.column(CURRENT).to_pylist()))
+
+
+def current_flags(records: Iterable[ManifestRecord], current: set[str] | None, templates: set[str],
+                  before: Mapping[str, bool | None]) -> dict[str, bool | None]:
+    """manifest.parquet's ``current`` column: for records of ``templates``, whether ``current`` (the job
+    ids a run planned from the whole catalog) holds them; for other templates' records, and when
+    ``current`` is None (a partial plan), what ``before`` says (null where it says nothing)."""
+    return {r.job_id: (r.job_id in current if current is not None and r.template in templates else before.get(r.job_id))
+            for r in records}
 
 
 def parquet_schema():

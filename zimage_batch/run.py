@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +33,8 @@ from . import crashpoints, progress
 from .deliver import DeliveryReport, is_delivered
 from .errors import DeliveryError, OutputError, SigningError
 from .generate import VRAM_RANGE, EngineOptions, check_options, load_engine, pick_device
-from .manifest import (MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, ManifestRecord, library_versions,
-                       record_done, signed_otherwise, utc_now)
+from .manifest import (MANIFEST, REPORT_HTML, RUN_JSON, Manifest, ManifestPart, ManifestRecord, current_flags,
+                       library_versions, record_done, signed_otherwise, to_parquet_bytes, utc_now)
 from .models import DEFAULT_MODEL
 from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_check
 from .presets import load_presets
@@ -404,7 +404,8 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
             f"storage that every worker and this machine share, under the same absolute path, and run again."
         )
     statuses = Counter(r.status for r in this_run)
-    manifest.finalize(_planned_ids(plan), set(plan.templates))
+    planned_ids, templates = _planned_ids(plan), set(plan.templates)
+    flags = manifest.finalize(planned_ids, templates)
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
     LocalStore(config.out).remove_stale_temp_files()
     stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
@@ -423,16 +424,22 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     )
     earlier = [manifest.records[job_id] for job_id in plan.still_rejected_ids if job_id in manifest.records]
     report = write_report(config.out, this_run, summary, earlier)
-    if config.dest:
-        summary = publish(config, summary, total.delivery, manifest, report)
+    if config.dest:  # the destination's records, flagged by this run's plan, else as the destination or this --out last said
+        def parquet(records: list[ManifestRecord], there: dict[str, bool | None]) -> bytes:
+            before = flags | {job_id: flag for job_id, flag in there.items() if flag is not None}
+            return to_parquet_bytes(records, current_flags(records, planned_ids, templates, before))
+
+        summary = publish(config, summary, total.delivery, manifest, report, parquet)
     else:
         _write_summary(config, summary)
     Path(plan.pending_file).unlink(missing_ok=True)
     return summary
 
 
-def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest, report: Path) -> RunSummary:
-    """Write run.json here and, with the destination's records merged with ours, manifest.jsonl and run.json there."""
+def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, manifest: Manifest, report: Path,
+            parquet: Callable[[list[ManifestRecord], dict[str, bool | None]], bytes]) -> RunSummary:
+    """Write run.json here and, with the destination's records merged with ours, manifest.jsonl,
+    manifest.parquet (``parquet`` of the merged records), run.json and report.html there."""
     uploader = open_uploader(config)
     summary = summary.model_copy(update=dict(
         dest=str(uploader.dest), manifest_uri=uploader.dest.uri(MANIFEST), delivered=delivery.delivered,
@@ -441,7 +448,7 @@ def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, ma
     _write_summary(config, summary)
     try:
         uploader.read_records()  # manifest.jsonl and every journal part, this run's included
-        uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes())
+        uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes(), parquet)
     except DeliveryError as exc:  # the local run.json says so; the rerun publishes
         problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
         summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))
