@@ -239,6 +239,18 @@ def test_a_run_with_a_problem_in_every_row_fails_and_a_catalog_line_that_cannot_
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_a_compiling_first_batch_says_so_once_per_size(tmp_path, capsys):
+    """On a fresh GPU machine the first batch of a size compiles for ~50 s: the bar says why it waits."""
+    args = ["run", CATALOGS / "demo.csv", "-t", WHITE, "--model", "tiny-random", "--device", "cpu", "--limit", "3"]
+    code, _, err = run_cli(capsys, *args, "--compile", "--size", "256x256", "--out", tmp_path / "a")
+    assert code in (0, 1) and err.count("Compiled for 256x256 in") == 1, err  # three images, one size: once
+    code, _, err = run_cli(capsys, *args, "--compile", "--size", "320x256", "--out", tmp_path / "b")
+    assert code in (0, 1) and err.count("Compiled for 320x256 in") == 1 and "Compiled for 256x256" not in err, err
+    code, _, err = run_cli(capsys, *args, "--size", "384x256", "--out", tmp_path / "c")  # the CPU's default: eager
+    assert code in (0, 1) and "Compiled" not in err, err
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_the_model_loads_after_planning_and_only_when_there_is_something_to_make(tmp_path, capsys, monkeypatch):
     from zimage_batch import generate
 

@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_options(p: argparse.ArgumentParser) -> None:  # how the pipeline runs: the same for run and serve
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the transformer's repeated blocks and the VAE decoder (default: on with CUDA; ~35 s "
-                            "warm-up the first time, cached on disk; "
+                       help="torch.compile the transformer's repeated blocks and the VAE decoder (default: on with CUDA; the "
+                            "first batch of each image size compiles, ~50 s on a fresh machine, ~15 s with Inductor's "
+                            "on-disk cache; "
                             "never with --vram below 16, whose int8 weights run faster eager)")
         p.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",
                        help="fit a GPU memory budget (12..200): below 40 the text encoder streams from CPU memory while "
@@ -672,7 +673,7 @@ def print_delivery(summary) -> None:
         print(f"Recovered: {summary.recovered} job(s) an interrupted run had delivered without recording them "
               f"there: adopted from their sidecars, not made again.")
     if summary.manifest_uri:
-        print(f"Published: {summary.manifest_uri} (and run.json)")
+        print(f"Published: {summary.manifest_uri} (and manifest.parquet, run.json)")
     if summary.delivery_problems:
         print("\nDelivery problems (local outputs are kept; rerun the same command to deliver what is missing):", file=sys.stderr)
         for problem in summary.delivery_problems[:20]:

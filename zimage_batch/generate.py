@@ -67,8 +67,9 @@ class EngineOptions:
     """How the engine runs the pipeline; part of the engine's cache key.
 
     compile: regional ``torch.compile`` of the transformer's repeated blocks, and the VAE decoder
-        (CUDA; ~35 s warm-up, cached on disk by Inductor for the next process). Not with int8 weights (``--vram 12``):
-        compiled, they ran far slower than eager on an H100 (see ``compiles``).
+        (CUDA; the first call per image size compiles: ~50 s on a fresh H100 machine, ~15 s from
+        Inductor's on-disk cache). Not with int8 weights (``--vram 12``): compiled, they ran far
+        slower than eager on an H100 (see ``compiles``).
     one_per_call: one image per pipeline call. A batched image differs from the same image made
         alone by float noise (~1e-6), enough to flip a few 8-bit pixels; one per call makes every
         image's bytes independent of batching, shards and workers. The default on the CPU.
@@ -168,6 +169,7 @@ class Engine:
     _embeds: dict = field(default_factory=dict, repr=False)
     _cut: set = field(default_factory=set, repr=False)  # (prompt, max length) whose tokens did not all fit
     _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _compiled: set = field(default_factory=set, repr=False)  # (width, height) the compiled blocks have run at
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         """Encode every prompt of these jobs that is not encoded yet (the shard's prompts, up front)."""
@@ -260,6 +262,11 @@ class Engine:
         with self._gpu, torch.inference_mode():  # one shard at a time on the GPU; the next one's CPU work overlaps
             self._encode_missing(jobs)
             negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None
+            size = (first.width, first.height)
+            compiling = self.options.compiles and size not in self._compiled  # a first call per size compiles (tens of s)
+            if compiling:
+                progress.emit("compiling", f"{size[0]}x{size[1]}")
+                started = time.perf_counter()
             out = self.pipe(
                 prompt_embeds=[self._embeds[(j.prompt, length)] for j in jobs],
                 negative_prompt_embeds=negative,
@@ -270,7 +277,11 @@ class Engine:
                 generator=generators,
                 output_type="pt",
             )
-            return to_host(out.images)
+            images = to_host(out.images)
+            if compiling:
+                self._compiled.add(size)
+                progress.emit("compiled", time.perf_counter() - started)
+            return images
 
 
 def to_host(images) -> list[np.ndarray]:

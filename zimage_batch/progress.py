@@ -15,7 +15,8 @@ _listeners: list[Callable[[str, Any], None]] = []
 
 def emit(event: str, value: Any = None) -> None:
     """Tell every listener: ``("planned", RunPlan)``, ``("loading", "MODEL on DEVICE")``, ``("loaded", seconds)``,
-    ``("record", ManifestRecord)``, ``("delivered", ManifestRecord)``."""
+    ``("compiling", "WIDTHxHEIGHT")``, ``("compiled", seconds)``, ``("record", ManifestRecord)``,
+    ``("delivered", ManifestRecord)``."""
     for listener in list(_listeners):
         listener(event, value)
 
@@ -41,6 +42,7 @@ class ProgressBar:
         self._counts = {"ok": 0, "rejected": 0, "failed": 0}
         self._deliveries = {"delivered": 0, "conflict": 0, "failed": 0}
         self._loading = ""  # the model being loaded, as "MODEL on DEVICE"
+        self._compiling = ""  # the size the model is being compiled for
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
@@ -80,6 +82,15 @@ class ProgressBar:
                 self._progress.update(self._task, status=f"loading {value} ...")
         elif event == "loaded":
             self._progress.console.print(f"Loaded {self._loading} in {value:.1f} s.")
+            if self._task is not None:
+                self._progress.update(self._task, status=self._status())
+        elif event == "compiling":
+            self._compiling = value
+            if self._task is not None:
+                self._progress.update(self._task, status=f"compiling the model for {value} (once per size; ~50 s on a "
+                                                        f"fresh machine, less with Inductor's cache) ...")
+        elif event == "compiled":
+            self._progress.console.print(f"Compiled for {self._compiling} in {value:.1f} s (--no-compile turns it off).")
             if self._task is not None:
                 self._progress.update(self._task, status=self._status())
         elif event == "delivered" and self._task is not None:
