@@ -287,6 +287,61 @@ def test_a_scheduler_lost_mid_run_is_a_clear_error_and_the_same_command_resumes(
     assert len(list((out / "images").rglob("*.png"))) == 24 and not (out / ".parts").exists()
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_shards_on_a_clusters_workers_too(tmp_path):
+    """Dask cannot stop a running task, and a cluster's workers outlive the run: without the stop file
+    in --out they went on with their shards (14 more images in 15 s here) after the run had ended."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    catalog = write_csv(tmp_path / "cat.csv", ["sku", "title"], [[f"L-{i:02d}", "mug"] for i in range(24)])
+    template = write_template(tmp_path / "s.j2", "A {{ title }}", "size: 256x256\npresets: [png]")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_LOGGING_LEVEL", "DASK_LOGGING__DISTRIBUTED")}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    bin_, port, out = Path(sys.executable).parent, free_port(), tmp_path / "out"
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    processes = [subprocess.Popen([str(bin_ / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dashboard-address", ":0"], **quiet),
+                 subprocess.Popen([str(bin_ / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "2",
+                                   "--no-dashboard"], **quiet)]
+
+    def images() -> int:
+        return len(list(out.glob("images/*/*/*.png")))
+
+    def run(model: str) -> subprocess.Popen:
+        return subprocess.Popen([str(bin_ / "zimage-batch"), "run", str(catalog), "-t", str(template), "--model", model,
+                                 "--cluster", f"tcp://127.0.0.1:{port}", "--out", str(out), "--shard-size", "8",
+                                 "--batch-size", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    try:
+        from distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        first = run("simulated:1")
+        deadline = time.monotonic() + 120
+        while images() < 1:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        at_ctrl_c = images()
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130 and "Stopping after the batch in progress" in err, err
+        time.sleep(8)  # the workers' two shards in flight each finish the image in progress, then stop
+        assert images() - at_ctrl_c <= 3, (at_ctrl_c, images())
+        second = run("simulated:0")
+        out_text, err = second.communicate(timeout=180)
+        assert second.returncode == 0, err  # the stop file the first run left does not stop this one
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert sorted(r["sku"] for r in read_jsonl(out / "manifest.jsonl")) == [f"L-{i:02d}" for i in range(24)]  # each once
+    assert not list(out.glob(".zb-tmp-*"))
+
+
 def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp_path):
     from distributed import LocalCluster
 

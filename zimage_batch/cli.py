@@ -418,22 +418,27 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c(local=not (config.workers or config.cluster)):
+    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c(config.out, bool(config.cluster)):
         summary = run_catalog(config, device)
     print_summary(summary, args.started)
     return summary.exit_code
 
 
 @contextmanager
-def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
-    """A first Ctrl-C lets this process's shards (``local``) finish the batch in progress (its images
-    are kept and recorded), then the run ends with exit 130; without ``local`` the run ends once Dask
-    has ended the workers' shards (they do not see the stop flag). A second Ctrl-C ends the process at once. Without this, Ctrl-C waited for whole shards in silence,
-    and a second one aborted Python mid-shutdown."""
+def stopping_on_ctrl_c(out: str | Path, cluster: bool = False) -> Iterator[None]:
+    """A first Ctrl-C lets every shard of the run writing to ``out`` finish the batch in progress (its
+    images are kept and recorded), then the run ends with exit 130: this process's shards see
+    ``STOP``, those on Dask workers the stop file it writes into ``out``. On a ``cluster`` the file
+    stays: the run ends without waiting for the workers' shards, which must still see it (the next
+    run removes it before its shards start). A second Ctrl-C ends the process at once. Without this,
+    Ctrl-C waited for whole shards in silence, a second one aborted Python mid-shutdown, and a
+    cluster's workers went on with their shards after the run had ended."""
     import signal
     import threading
 
-    from .shard import STOP
+    from .shard import STOP, STOP_FILE
+
+    stop_file = Path(out) / STOP_FILE
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
@@ -445,9 +450,12 @@ def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
                   file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
         STOP.set()
-        what = ("after the batch in progress (its images are kept)" if local else
-                "once Dask has ended the workers' shards (what they finish until then is kept)")
-        print(f"\nStopping {what}; press Ctrl-C again to stop at once.", file=sys.stderr, flush=True)
+        try:
+            stop_file.touch()
+        except OSError:  # no --out yet (still planning): no shard runs
+            pass
+        print("\nStopping after the batch in progress (its images are kept); press Ctrl-C again to stop at once.",
+              file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     STOP.clear()
@@ -457,6 +465,8 @@ def stopping_on_ctrl_c(local: bool = True) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         STOP.clear()
+        if not cluster:  # this process's shards, and a --workers cluster's, have ended with the run
+            stop_file.unlink(missing_ok=True)
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:

@@ -32,14 +32,22 @@ from .plan import Job, derive_seed
 from .postprocess import Processed, Rendered, Source, image_problem, process, render
 from .presets import PRESETS, Preset, get_preset
 from .provenance import Sealer, Stamp, software_name
-from .store import LocalStore, safe_name, stops_when_unwritable
+from .store import TEMP_PREFIX, LocalStore, safe_name, stops_when_unwritable
 
 
 STOP = threading.Event()  # set by a first Ctrl-C: every shard of this process ends after its batch in progress
+# ... and written into --out by it, for the shards on Dask workers (other processes, maybe other machines,
+# that share --out); a temp file, so the next run removes one a killed run left
+STOP_FILE = f"{TEMP_PREFIX}stop"
 
 
 class Interrupted(Exception):
     """A shard stopped early because ``STOP`` was set; its finished jobs are in its manifest part."""
+
+
+def stop_asked(store: LocalStore) -> bool:
+    """Whether a first Ctrl-C asked this shard to stop: in this process, or through its --out."""
+    return STOP.is_set() or (store.root / STOP_FILE).exists()
 
 
 @dataclass
@@ -303,7 +311,7 @@ def process_shard(
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
             for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
-                if STOP.is_set():
+                if stop_asked(store):
                     raise Interrupted("stopped by Ctrl-C")  # the batches before this one are finished and recorded
                 start = time.perf_counter()
                 generated = generate_batch(engine, batch, max_attempts)
