@@ -12,7 +12,8 @@
 #   bash bench/gpu.sh $OUT --variants fp8-set     # the fp8 profile and the 16 GB one
 # (--variants memory-set: the memory profiles and cold start.) Variants not started within --budget (420 s)
 # are skipped, and the JSON is rewritten after every variant. Profiles write
-# OUT_DIR/profile-trace.json.gz (open in Perfetto). Measured 2026-11-27: 406 s and 309 s on an H100.
+# OUT_DIR/profile-trace.json.gz (open in Perfetto). On 2026-11-27 the two calls (the sets of then, with more
+# variants) took 406 s and 309 s on an H100.
 set -euo pipefail
 out=${1:-${OUT:-bench/out}}
 shift || true

@@ -27,7 +27,7 @@ levers runs in its base's place, in the order given):
                  the way to the GPU (peak memory counted from before the quantization); eager,
                  whatever --compile says (EngineOptions.compiles).
   fp8            `--precision fp8`: a fresh transformer in float8 (torchao) and a resident text
-                 encoder, compiled (first image after ~28 s on an H100).
+                 encoder, compiled (first image after ~23 s on an H100).
   cold-start     a new process: time to the first image with Inductor's on-disk cache warm.
 A variant that runs the engine can leave out one of its levers, to measure each alone:
 `+complex-rope` (diffusers' complex rotary embedding instead of the engine's real-arithmetic one)

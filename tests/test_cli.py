@@ -238,16 +238,14 @@ def test_a_run_with_a_problem_in_every_row_fails_and_a_catalog_line_that_cannot_
     assert not (tmp_path / "m").exists()  # the plan's spool is removed
 
 
-@pytest.mark.usefixtures("prefect_server")
-def test_a_compiling_first_batch_says_so_once_per_size(tmp_path, capsys):
-    """On a fresh GPU machine the first batch of a size compiles for ~50 s: the bar says why it waits."""
-    args = ["run", CATALOGS / "demo.csv", "-t", WHITE, "--model", "tiny-random", "--device", "cpu", "--limit", "3"]
-    code, _, err = run_cli(capsys, *args, "--compile", "--size", "256x256", "--out", tmp_path / "a")
-    assert code in (0, 1) and err.count("Compiled for 256x256 in") == 1, err  # three images, one size: once
-    code, _, err = run_cli(capsys, *args, "--compile", "--size", "320x256", "--out", tmp_path / "b")
-    assert code in (0, 1) and err.count("Compiled for 320x256 in") == 1 and "Compiled for 256x256" not in err, err
-    code, _, err = run_cli(capsys, *args, "--size", "384x256", "--out", tmp_path / "c")  # the CPU's default: eager
-    assert code in (0, 1) and "Compiled" not in err, err
+def test_a_batch_that_compiles_says_so_on_the_progress_bar(capsys):
+    """On a fresh GPU machine the first batch of a shape compiles for ~50 s: the bar says why it waits."""
+    from zimage_batch.progress import ProgressBar
+
+    with ProgressBar(device="cuda") as bar:
+        bar.on_event("compiling", "4 x 1024x1024")
+        bar.on_event("compiled", 51.24)
+    assert "Compiled for batches of 4 x 1024x1024 and made them in 51.2 s" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -285,3 +285,26 @@ def test_a_load_that_fails_is_not_tried_again_by_a_caller_that_waited_for_it(mon
     with pytest.raises(ModelError):
         load_engine("tiny-random", "cpu")
     assert len(loads) == 2  # asked after the failure: tried again
+
+
+def test_compiles_are_announced_when_they_happen_and_only_then():
+    """The engine wraps its pipeline call in ``announcing_compiles`` where it compiles (CUDA); dynamo's
+    compile callbacks say when a call compiles: a new shape does, a shape met before does not."""
+    import torch
+
+    from zimage_batch import progress
+    from zimage_batch.generate import announcing_compiles
+
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    events = []
+    with progress.listening(lambda event, value: events.append((event, value))):
+        with announcing_compiles("2 x 64x64"):
+            double(torch.ones(2, 3))
+        assert [e for e, _ in events] == ["compiling", "compiled"] and events[0][1] == "2 x 64x64" and events[1][1] >= 0
+        with announcing_compiles("2 x 64x64"):
+            double(torch.ones(2, 3))  # compiled before: nothing to say
+        with announcing_compiles("4 x 64x64"):
+            double(torch.ones(4, 3, 5))  # a new shape compiles again
+        double(torch.ones(5, 3, 5, 7))  # outside the block: not announced
+    assert [e for e, _ in events] == ["compiling", "compiled", "compiling", "compiled"] and events[2][1] == "4 x 64x64"

@@ -102,3 +102,16 @@ def test_compiled_fp8_generates_finite_images_close_to_bf16(full):
     engine = load_engine("tiny-random", "cuda", EngineOptions(precision="fp8", compile=True))
     images = engine.generate(JOBS, [j.seed for j in JOBS])
     assert all(i.dtype == np.uint8 and levels(i, r) < 51 for i, r in zip(images, reference))  # uint8: finite
+
+
+def test_the_compiled_engine_announces_the_first_batch_of_a_shape(full, monkeypatch):
+    from zimage_batch import generate, progress
+
+    monkeypatch.setattr(generate, "_ENGINES", {})  # a fresh engine: nothing of it compiled yet
+    torch._dynamo.reset()
+    engine = load_engine("tiny-random", "cuda", EngineOptions(compile=True))
+    events = []
+    with progress.listening(lambda event, value: events.append((event, value))):
+        engine.generate(JOBS[:1], [1])
+        engine.generate(JOBS[:1], [2])  # the same shape: compiled already
+    assert engine.compiled and [e for e, _ in events] == ["compiling", "compiled"] and events[0][1] == "1 x 256x256"

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_options(p: argparse.ArgumentParser) -> None:  # how the pipeline runs: the same for run and serve
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the transformer's repeated blocks and the VAE decoder (default: on with CUDA; the "
-                            "first batch of each image size compiles, ~50 s on a fresh machine, ~15 s with Inductor's "
+                       help="torch.compile the transformer's repeated blocks and the VAE decoder (CUDA; default: on there; "
+                            "a batch of a new shape compiles first, ~50 s on a fresh machine, ~15 s with Inductor's "
                             "on-disk cache; "
                             "never with --vram below 16, whose int8 weights run faster eager)")
         p.add_argument("--vram", type=int, metavar="GB", dest="vram_gb",

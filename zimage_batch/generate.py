@@ -17,7 +17,8 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +170,11 @@ class Engine:
     _embeds: dict = field(default_factory=dict, repr=False)
     _cut: set = field(default_factory=set, repr=False)  # (prompt, max length) whose tokens did not all fit
     _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    _compiled: set = field(default_factory=set, repr=False)  # (width, height) the compiled blocks have run at
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``configure`` compiled the transformer's blocks and the VAE decoder (CUDA only)."""
+        return self.options.compiles and self.device.startswith("cuda")
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         """Encode every prompt of these jobs that is not encoded yet (the shard's prompts, up front)."""
@@ -262,26 +267,48 @@ class Engine:
         with self._gpu, torch.inference_mode():  # one shard at a time on the GPU; the next one's CPU work overlaps
             self._encode_missing(jobs)
             negative = [self._embeds[(j.negative_prompt, length)] for j in jobs] if first.guidance_scale > 0 else None
-            size = (first.width, first.height)
-            compiling = self.options.compiles and size not in self._compiled  # a first call per size compiles (tens of s)
-            if compiling:
-                progress.emit("compiling", f"{size[0]}x{size[1]}")
-                started = time.perf_counter()
-            out = self.pipe(
-                prompt_embeds=[self._embeds[(j.prompt, length)] for j in jobs],
-                negative_prompt_embeds=negative,
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                output_type="pt",
-            )
-            images = to_host(out.images)
-            if compiling:
-                self._compiled.add(size)
-                progress.emit("compiled", time.perf_counter() - started)
-            return images
+            shape = f"{len(jobs)} x {first.width}x{first.height}"
+            with announcing_compiles(shape) if self.compiled else nullcontext():
+                out = self.pipe(
+                    prompt_embeds=[self._embeds[(j.prompt, length)] for j in jobs],
+                    negative_prompt_embeds=negative,
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    output_type="pt",
+                )
+            return to_host(out.images)
+
+
+@contextmanager
+def announcing_compiles(shape: str) -> Iterator[None]:
+    """Tell the progress listeners when the block compiles (dynamo's compile callbacks): a batch of a
+    shape the compiled graphs have not met (image size, batch size, caption length) waits tens of
+    seconds on a GPU, ~50 s for the first on a fresh machine. Emits ``("compiling", shape)`` at the
+    first compile and ``("compiled", seconds)`` (from then to the block's end) after it; nothing when
+    nothing compiles, or where torch has no compile callbacks."""
+    import torch
+
+    handler = getattr(getattr(torch._dynamo, "callback", None), "callback_handler", None)
+    if handler is None or not hasattr(handler, "remove_start_callback"):
+        yield
+        return
+    started: list[float] = []
+
+    def on_start(_args) -> None:  # runs in the compiling (this) thread, once per graph
+        if not started:
+            started.append(time.perf_counter())
+            progress.emit("compiling", shape)
+
+    handler.register_start_callback(on_start)
+    try:
+        yield
+    finally:
+        handler.remove_start_callback(on_start)
+    if started:
+        progress.emit("compiled", time.perf_counter() - started[0])
 
 
 def to_host(images) -> list[np.ndarray]:

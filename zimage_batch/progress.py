@@ -15,7 +15,7 @@ _listeners: list[Callable[[str, Any], None]] = []
 
 def emit(event: str, value: Any = None) -> None:
     """Tell every listener: ``("planned", RunPlan)``, ``("loading", "MODEL on DEVICE")``, ``("loaded", seconds)``,
-    ``("compiling", "WIDTHxHEIGHT")``, ``("compiled", seconds)``, ``("record", ManifestRecord)``,
+    ``("compiling", "BATCH x WIDTHxHEIGHT")``, ``("compiled", seconds)``, ``("record", ManifestRecord)``,
     ``("delivered", ManifestRecord)``."""
     for listener in list(_listeners):
         listener(event, value)
@@ -87,10 +87,11 @@ class ProgressBar:
         elif event == "compiling":
             self._compiling = value
             if self._task is not None:
-                self._progress.update(self._task, status=f"compiling the model for {value} (once per size; ~50 s on a "
-                                                        f"fresh machine, less with Inductor's cache) ...")
+                self._progress.update(self._task, status=f"compiling the model for batches of {value} (a new shape; "
+                                                        f"~50 s on a fresh machine, less from Inductor's cache) ...")
         elif event == "compiled":
-            self._progress.console.print(f"Compiled for {self._compiling} in {value:.1f} s (--no-compile turns it off).")
+            self._progress.console.print(f"Compiled for batches of {self._compiling} and made them in {value:.1f} s "
+                                         f"(--no-compile turns compiling off).")
             if self._task is not None:
                 self._progress.update(self._task, status=self._status())
         elif event == "delivered" and self._task is not None:
