@@ -629,6 +629,52 @@ def test_two_runs_publishing_at_once_lose_no_line(s3, tmp_path):
     assert len(read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))) == 5
 
 
+def all_current(records: list[ManifestRecord], before: dict) -> bytes:
+    """What a run passes to ``publish`` for manifest.parquet, with every record current."""
+    from zimage_batch.manifest import to_parquet_bytes
+
+    return to_parquet_bytes(records, {r.job_id: True for r in records})
+
+
+def parquet_rows(s3) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(s3.read(f"{PREFIX}/manifest.parquet")), columns=["job_id", "current"]).to_pylist()
+
+
+def test_a_run_publishing_between_anothers_two_writes_is_in_its_parquet_too(s3, tmp_path):
+    """B publishes whole between A's manifest.jsonl and A's manifest.parquet: A's parquet write finds
+    the parquet changed (If-Match), and A reads, merges and writes both again."""
+    dest = S3Destination(s3.bucket, PREFIX)
+    a, b = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
+    a_records = [make_record(tmp_path / "a", seed) for seed in (1, 2)]
+    b_records = [make_record(tmp_path / "b", seed) for seed in (3, 4)]
+    for uploader in (a, b):
+        uploader.read_records()
+    interrupted = []
+
+    def a_parquet(records, before):
+        if not interrupted:
+            interrupted.append(len(records))
+            b.publish(b_records, b"{}", None, all_current)
+        return all_current(records, before)
+
+    a.publish(a_records, b"{}", None, a_parquet)
+    everyone = {r.job_id for r in a_records + b_records}
+    assert interrupted == [2] and {r["job_id"] for r in read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))} == everyone
+    assert {r["job_id"] for r in parquet_rows(s3)} == everyone and not a.problems
+
+
+def test_a_damaged_parquet_at_the_destination_is_rewritten_and_said(s3, tmp_path):
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/manifest.parquet", Body=b"not parquet")
+    uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path)
+    uploader.read_records()
+    seen = []
+    uploader.publish([make_record(tmp_path, 1)], b"{}", None, lambda records, before: seen.append(before) or all_current(records, before))
+    assert seen == [{}] and [r["current"] for r in parquet_rows(s3)] == [True]
+    assert len(uploader.problems) == 1 and "could not be read as a manifest.parquet" in uploader.problems[0]
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_delivered_jobs_keep_their_signing_and_the_run_says_so(dest_config, s3, certificates):
     run_flow(dest_config)

@@ -75,9 +75,9 @@ cannot be loaded.
 DEST_HELP = """
 delivering to S3 (--dest s3://BUCKET/PREFIX):
   Every image goes to PREFIX/images/<sku>/<template>/<file> (its path under --out) with a <file>.json record
-  beside it, then PREFIX/manifest.jsonl and PREFIX/run.json. Uploads are create-only and checksummed; an
-  existing object with other content is reported as a conflict, never overwritten. Rerunning uploads only
-  what is missing; with a fresh --out, jobs already at the destination are skipped, not regenerated.
+  beside it, then PREFIX/manifest.jsonl, manifest.parquet (with the `current` column), run.json and
+  report.html. Uploads are create-only and checksummed; an existing object with other content is
+  reported as a conflict, never overwritten. Rerunning uploads only what is missing; with a fresh --out, jobs already at the destination are skipped, not regenerated.
   Endpoint: AWS_ENDPOINT_URL (unset: AWS). Credentials: AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY
   (+ AWS_SESSION_TOKEN), or AWS_PROFILE. Region: AWS_REGION (default us-east-1).
 """

@@ -241,6 +241,7 @@ class Uploader:
         self._manifest_etag: str | None = None  # manifest.jsonl's ETag when read_records read it; None: none there
         self._conditions: dict[str, dict[str, str]] = {}  # If-Match / If-None-Match for a mutable key's next write
         self.unconditional = False  # publish wrote manifest.jsonl without If-Match: the server lacks it
+        self.problems: list[str] = []  # what publish could not do and the run should say (not a delivery failure)
         self._markers: list[str] = []  # this uploader's (see ``begin``)
         self._journal_failed = False
         self._run_id = f"{utc_now().replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:8]}"
@@ -394,14 +395,42 @@ class Uploader:
             raise
         return response["Body"].read().decode("utf-8"), response.get("ETag")
 
-    def _current_before(self) -> dict[str, bool | None]:
-        """The current column of the destination's manifest.parquet (empty when there is none, or it
-        cannot be read: then the run's own flags stand)."""
+    def _put_replacing(self, name: str, body: bytes, content_type: str, etag: str | None) -> None:
+        """Replace ``name`` only if it still has ``etag`` (None: only if there is none); a _NotDelivered
+        of kind "stale" when another run wrote it since. On a server without conditional writes,
+        unconditionally, as before they existed (``unconditional``)."""
+        key = self.dest.key(name)
+        if not self.unconditional:
+            self._conditions[key] = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            body = self.client.get_object(Bucket=self.dest.bucket, Key=self.dest.key(MANIFEST_PARQUET))["Body"].read()
-        except Exception:
-            return {}
-        return current_column(io.BytesIO(body))
+            self._put(key, body, content_type, {}, cache_control=NO_CACHE)
+        except _NotDelivered as exc:
+            if exc.kind != "unsupported":
+                raise
+            self._conditions.pop(key)
+            self.unconditional = True
+            self._put(key, body, content_type, {}, cache_control=NO_CACHE)
+
+    def _current_before(self) -> tuple[dict[str, bool | None], str | None]:
+        """The current column of the destination's manifest.parquet and its ETag ({} and None when there
+        is none). One that cannot be read gives {} too (the run's own flags then stand) and a problem."""
+        from botocore.exceptions import ClientError
+
+        key = self.dest.key(MANIFEST_PARQUET)
+        try:
+            response = self.client.get_object(Bucket=self.dest.bucket, Key=key)
+            body = response["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return {}, None
+            raise _NotDelivered(f"s3://{self.dest.bucket}/{key}: {self.explain(exc)}") from None
+        flags = current_column(io.BytesIO(body))
+        problem = (f"s3://{self.dest.bucket}/{key} could not be read as a manifest.parquet, so the current flags it "
+                   f"held were not carried over: it was rewritten from manifest.jsonl, and records only the destination "
+                   f"holds whose templates this run did not plan in full have current = null until a full run of them.")
+        if flags is None and problem not in self.problems:
+            self.problems.append(problem)
+        return flags or {}, response.get("ETag")
 
     def submit(self, record: ManifestRecord) -> None:
         """Queue a finished "ok" record's images for upload; blocks while ``queue`` records already wait."""
@@ -615,13 +644,12 @@ class Uploader:
         this version cannot read are only in the JSONL), ``run.json`` and the run's ``report.html``;
         drop parts.
 
-        ``manifest.jsonl`` is written only if it is still the one ``read_records`` read (If-Match, or
-        If-None-Match when there was none): if another run published in between, its records are read
-        and merged too, and the write is tried again, so two runs finishing at once lose no line.
-        Returns the manifest's URI; raises DeliveryError when the destination refuses.
+        ``manifest.jsonl`` and ``manifest.parquet`` are each written only if they are still the ones
+        read (If-Match, or If-None-Match when there was none): if another run published in between, its
+        records are read and merged too, and both are written again, so two runs finishing at once lose
+        no line. Returns the manifest's URI; raises DeliveryError when the destination refuses.
         """
         local = list(local)
-        key = self.dest.key(MANIFEST)
         try:
             for _ in range(PUBLISH_TRIES):
                 merged = dict(self.remote)
@@ -631,16 +659,14 @@ class Uploader:
                          else r.model_dump_json() for r in merged.values()]
                 lines += [line for job_id, line in self._foreign.items() if job_id not in merged]  # never dropped
                 body = "".join(line + "\n" for line in lines).encode("utf-8")
-                self._conditions[key] = {"IfMatch": self._manifest_etag} if self._manifest_etag else {"IfNoneMatch": "*"}
                 try:
-                    self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
+                    self._put_replacing(MANIFEST, body, "application/x-ndjson", self._manifest_etag)
+                    if parquet is not None:
+                        before, etag = self._current_before()
+                        self._put_replacing(MANIFEST_PARQUET, parquet(list(merged.values()), before),
+                                            "application/vnd.apache.parquet", etag)
                     break
                 except _NotDelivered as exc:
-                    if exc.kind == "unsupported":  # an S3 server without If-Match: write as before it existed
-                        self._conditions.pop(key)
-                        self.unconditional = True
-                        self._put(key, body, "application/x-ndjson", {}, cache_control=NO_CACHE)
-                        break
                     if exc.kind != "stale":
                         raise
                     self.read_records()  # the other run's manifest (and whatever parts are left), merged next
@@ -648,9 +674,6 @@ class Uploader:
                 raise DeliveryError(f"{self.dest.uri(MANIFEST)} was changed by other runs {PUBLISH_TRIES} times while this "
                                     f"one published it. Rerun the same command to publish; every record is also in "
                                     f"its image's sidecar.")
-            if parquet is not None:
-                body = parquet(list(merged.values()), self._current_before())
-                self._put(self.dest.key(MANIFEST_PARQUET), body, "application/vnd.apache.parquet", {}, cache_control=NO_CACHE)
             self._put(self.dest.key(RUN_JSON), run_json, "application/json", {}, cache_control=NO_CACHE)
             if report is not None:
                 self._put(self.dest.key(REPORT_HTML), report, "text/html; charset=utf-8", {}, cache_control=NO_CACHE)

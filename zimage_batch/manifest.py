@@ -308,20 +308,20 @@ class Manifest:
         self.compact()
         if not self.records:
             return {}
-        flags = current_flags(self.records.values(), current, templates, current_column(self.out / MANIFEST_PARQUET))
+        flags = current_flags(self.records.values(), current, templates, current_column(self.out / MANIFEST_PARQUET) or {})
         write_atomic(self.out / MANIFEST_PARQUET, to_parquet_bytes(list(self.records.values()), flags))
         return flags
 
 
-def current_column(source) -> dict[str, bool | None]:
-    """The current column of a manifest.parquet (a path or a file object): job id -> flag. Empty when
+def current_column(source) -> dict[str, bool | None] | None:
+    """The current column of a manifest.parquet (a path or a file object): job id -> flag. None when
     there is none, or it is from before the column, or it cannot be read: nothing to carry over."""
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(source, columns=["job_id", CURRENT])
     except Exception:  # missing, an older schema, or damaged
-        return {}
+        return None
     return dict(zip(table.column("job_id").to_pylist(), table.column(CURRENT).to_pylist()))
 
 

@@ -449,6 +449,9 @@ def publish(config: RunConfig, summary: RunSummary, delivery: DeliveryReport, ma
     try:
         uploader.read_records()  # manifest.jsonl and every journal part, this run's included
         uploader.publish(manifest.records.values(), _summary_json(summary), report.read_bytes(), parquet)
+        if uploader.problems:  # published, with something to say (here and in the local run.json)
+            summary = summary.model_copy(update=dict(delivery_problems=[*summary.delivery_problems, *uploader.problems]))
+            _write_summary(config, summary)
     except DeliveryError as exc:  # the local run.json says so; the rerun publishes
         problem = f"{exc} The manifest was not published; local outputs are kept. Rerun the same command to deliver."
         summary = summary.model_copy(update=dict(manifest_uri=None, delivery_problems=[*summary.delivery_problems, problem]))

@@ -218,8 +218,8 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
 def deleted_records(location: Location, records: dict[str, ManifestRecord], listed: set[str]) -> Iterator[Finding]:
     """A finding per file of each record that manifest.parquet holds and manifest.jsonl no longer does
     (their paths are added to ``listed``). Parquet is rewritten from manifest.jsonl when a run
-    finishes and no run removes a record, so such a record was deleted by hand since. A destination
-    has no manifest.parquet, and one that cannot be read is a finding of its own."""
+    finishes (at a destination, from the same records right after manifest.jsonl) and no run removes
+    a record, so such a record was deleted by hand since. One that cannot be read is a finding of its own."""
     try:
         data = location.read(MANIFEST_PARQUET)
     except OSError as exc:
