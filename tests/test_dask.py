@@ -189,9 +189,12 @@ def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish
     from zimage_batch.shard import ShardResult
 
     config = RunConfig(catalogs=[str(catalog)], templates=templates[:1], out=str(tmp_path / "o"), model="simulated:0")
-    plan = plan_run(config)
-    with pytest.raises(OutputError, match=r"The workers recorded 8 image\(s\), but only 0 record\(s\) are in .*Nothing was deleted"):
-        finish_run(config, plan, [ShardResult(generated=8)], "2026-11-26T00:00:00Z", time.perf_counter())
+    for reported in (8, 0):  # 0: the workers' own folders already held these jobs' records, so their shards made none
+        plan = plan_run(config)
+        with pytest.raises(OutputError, match=rf"planned 8 job\(s\) and the workers reported {reported} image\(s\), but "
+                                              rf"only 0 record\(s\) are in .*Nothing was deleted"):
+            finish_run(config, plan, [ShardResult(generated=reported)], "2026-11-26T00:00:00Z", time.perf_counter())
+        assert not list(Path(config.out).glob(".zb-tmp-*"))  # the plan's spools
 
 
 @pytest.mark.parametrize("preload, said", [
@@ -340,6 +343,41 @@ def test_ctrl_c_stops_the_shards_on_a_clusters_workers_too(tmp_path):
             process.wait()
     assert sorted(r["sku"] for r in read_jsonl(out / "manifest.jsonl")) == [f"L-{i:02d}" for i in range(24)]  # each once
     assert not list(out.glob(".zb-tmp-*"))
+
+
+def test_a_cluster_address_that_is_not_a_dask_scheduler_is_refused_not_waited_on():
+    """The dashboard (8787) sits beside the scheduler's port (8786): a Client aimed at it waited forever."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from zimage_batch.cluster import ClusterError, cluster_workers
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=r"is not a Dask scheduler: it accepted a connection but sent nothing in 2 s"
+                                               r".*not its dashboard \(8787\)"):
+            cluster_workers(f"tcp://127.0.0.1:{server.server_address[1]}", timeout=4)
+        assert time.monotonic() - started < 30
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_workers_that_do_not_see_the_runs_out_are_named_before_any_shard(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from zimage_batch.cluster import ClusterError, check_workers
+    from zimage_batch.store import LOCK
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(ClusterError, match=rf"1 of the 1 Dask worker\(s\) at here do not see --out {out} .*no {LOCK} there"):
+            check_workers(client, "here", str(out))  # no run holds it: as a worker whose --out is another disk sees it
+        (out / LOCK).touch()
+        check_workers(client, "here", str(out))
 
 
 def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp_path):

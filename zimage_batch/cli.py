@@ -392,7 +392,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if config.cluster:
         from .cluster import cluster_workers
 
-        cluster_workers(config.cluster)  # fail fast when the scheduler cannot be reached
+        cluster_workers(config.cluster, config.out)  # fail fast when the scheduler or --out cannot be reached
     from .cluster import check_prefect_api, configured_api, prefect_api
 
     if config.cluster and not configured_api():
@@ -402,10 +402,10 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
             "one (`prefect server start`) and export PREFECT_API_URL=http://HOST:4200/api here and on the workers "
             "(infra/README.md).")
 
-    check_prefect_api()  # a PREFECT_API_URL that does not answer fails here, before any output
+    check_prefect_api(bool(config.cluster))  # a PREFECT_API_URL that does not answer fails here, before any output
     from .generate import fetch_model, memory_profile, pick_device
 
-    device = pick_device(config.device)
+    device = config.device if config.cluster else pick_device(config.device)  # a cluster's workers pick their own
     if not args.quiet and args.vram_gb is not None:
         where = "" if config.cluster or device != "cpu" else "; on the CPU it saves no memory"
         print(f"--vram {args.vram_gb}: {memory_profile(args.vram_gb)}{where}.", file=sys.stderr)

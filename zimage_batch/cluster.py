@@ -29,16 +29,23 @@ class ClusterError(ZImageBatchError):
     """The Dask cluster cannot be reached or started."""
 
 
-def cluster_workers(address: str, timeout: float = 10.0, check_timeout: float = 120.0) -> tuple[int, bool]:
+def cluster_workers(address: str, out: str | None = None, timeout: float = 10.0,
+                    check_timeout: float = 120.0) -> tuple[int, bool]:
     """(workers, every worker has a GPU resource) of a running scheduler whose workers can run
-    this version's shards; raises ClusterError."""
+    this version's shards (and, given the run's ``out``, see that folder); raises ClusterError."""
     from distributed import Client
     from distributed.comm.addressing import parse_address, parse_host_port
 
     try:
         # checked before a Client exists: a Client that fails to connect stays the process's default
         # client until it is collected, and a later DaskTaskRunner in this process would use its address
-        parse_host_port(parse_address(address)[1])
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+        silent = _not_dask(host, port, timeout / 2) if scheme == "tcp" else None
+        if silent:  # a Client would wait for the handshake forever, whatever its timeout
+            raise ClusterError(f"--cluster {address} is not a Dask scheduler: {silent}. Is it the scheduler's port "
+                               f"(`dask scheduler` listens on 8786 by default), not its dashboard (8787) or a "
+                               f"Prefect server (4200)?")
         client = Client(address, timeout=timeout)
     except ValueError as exc:  # e.g. "missing port number"
         raise ClusterError(f"--cluster {address!r} is not a Dask scheduler address ({exc}): use tcp://HOST:PORT, "
@@ -54,29 +61,53 @@ def cluster_workers(address: str, timeout: float = 10.0, check_timeout: float = 
         if not workers:
             raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} "
                                f"--nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
-        check_workers(client, address, check_timeout)
+        check_workers(client, address, out, check_timeout)
     return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
 
 
-def check_workers(client, address: str, timeout: float = 120.0) -> None:
-    """Raise ClusterError naming the workers that cannot run this version of the shard task.
+def _not_dask(host: str, port: int, timeout: float) -> str | None:
+    """Why the TCP listener at host:port is not a Dask scheduler, or None (also when it cannot be
+    reached: connecting says that better). Dask's TCP comm sends its handshake as soon as a
+    connection opens; a web server (a dashboard, Prefect) waits for a request and says nothing."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            return None if connection.recv(1) else "it closed the connection without a word"
+    except socket.timeout:
+        return f"it accepted a connection but sent nothing in {timeout:.0f} s, as a web server does"
+    except OSError:
+        return None
+
+
+def check_workers(client, address: str, out: str | None = None, timeout: float = 120.0) -> None:
+    """Raise ClusterError naming the workers that cannot run this version of the shard task, or
+    that do not see the run's ``out`` folder.
 
     A worker without the package (or with another version) cannot unpickle a shard; Dask then
     drops its connection and the shard waits forever. So each worker is asked first, with a
     function sent by value that needs nothing but the standard library; workers that do not
-    answer within ``timeout`` seconds (an import that hangs) are an error too."""
+    answer within ``timeout`` seconds (an import that hangs) are an error too. A worker that
+    writes to a folder of its own (another machine's disk) makes images this run never sees, so
+    each must see the lock file the run holds in ``out``."""
     import threading
 
     from . import __version__
+    from .store import LOCK
+
+    lock = os.path.join(out, LOCK) if out else None
 
     def probe() -> str:
         import importlib
+        import os
 
         try:
             importlib.import_module("flows.catalog_images")
-            return "ok " + importlib.import_module("zimage_batch").__version__
+            version = importlib.import_module("zimage_batch").__version__
         except Exception as exc:  # any import failure is the answer, not an error here
             return f"{type(exc).__name__}: {exc}"
+        return "no-out" if lock and not os.path.exists(lock) else "ok " + version
 
     asked: dict = {}
 
@@ -95,6 +126,12 @@ def check_workers(client, address: str, timeout: float = 120.0) -> None:
         raise ClusterError(f"The Dask workers at {address} did not answer whether they can run zimage-batch "
                            f"shards ({why}). Check the workers' logs, or restart them.")
     answers = asked["answers"]
+    blind = sorted(worker for worker, answer in answers.items() if answer == "no-out")
+    if blind:
+        raise ClusterError(
+            f"{len(blind)} of the {len(answers)} Dask worker(s) at {address} do not see --out {out} ({', '.join(blind)}: "
+            f"no {LOCK} there, which this run holds): they would write the images where this machine cannot read "
+            f"them. Put --out on storage that every worker and this machine share, under the same absolute path.")
     wrong = {worker: answer for worker, answer in answers.items() if answer != f"ok {__version__}"}
     if wrong:
         listed = "; ".join(f"{worker}: {_said(answer)}" for worker, answer in sorted(wrong.items()))
@@ -164,7 +201,7 @@ def task_runner(config: RunConfig, device: str):
 def shape(config: RunConfig) -> tuple[int, bool]:
     """(workers, whether to ask for a GPU resource) of the run's cluster; (1, False) without Dask."""
     if config.cluster:
-        return cluster_workers(config.cluster)
+        return cluster_workers(config.cluster, config.out)
     if config.workers:
         return config.workers, True
     return 1, False
@@ -194,9 +231,10 @@ def configured_api() -> str | None:
     return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
 
 
-def check_prefect_api() -> None:
+def check_prefect_api(cluster: bool = False) -> None:
     """Fail fast, before a model loads, when ``PREFECT_API_URL`` names a server that does not answer
-    (asked with Prefect's own client, so its TLS and API-key settings apply)."""
+    (asked with Prefect's own client, so its TLS and API-key settings apply). A ``cluster`` run needs
+    the server: the advice then leaves out running on a local one."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -208,8 +246,9 @@ def check_prefect_api() -> None:
     if problem is not None:
         raise ZImageBatchError(
             f"PREFECT_API_URL={url} cannot be used ({type(problem).__name__}: {problem}). Start that Prefect server "
-            f"(`prefect server start`), correct the URL (it ends in /api), or unset PREFECT_API_URL to run on a "
-            f"local server this run starts."
+            f"(`prefect server start`) or correct the URL (it ends in /api)"
+            + (": --cluster needs a server every worker can reach." if cluster else
+               ", or unset PREFECT_API_URL to run on a local server this run starts.")
         )
 
 

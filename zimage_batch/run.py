@@ -396,12 +396,16 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     total.delivery.add(plan.delivery)
     manifest = Manifest(config.out)
     this_run = list(manifest.part_records.values())  # this run's work, from every worker
-    if total.images > len(this_run):
+    if total.images > len(this_run) or len(this_run) < plan.pending:  # a shard that finds its jobs done reports none
+        for spool in (plan.pending_file, plan.current_file):
+            if spool is not None:
+                Path(spool).unlink(missing_ok=True)
         raise OutputError(
-            f"The workers recorded {total.images} image(s), but only {len(this_run)} record(s) are in "
-            f"{Path(config.out).absolute() / '.parts'}: they wrote to a --out this machine does not see (another "
-            f"machine's disk, or a relative path resolved in their own folder). Nothing was deleted. Put --out on "
-            f"storage that every worker and this machine share, under the same absolute path, and run again."
+            f"This run planned {plan.pending} job(s) and the workers reported {total.images} image(s), but only "
+            f"{len(this_run)} record(s) are in {Path(config.out).absolute() / '.parts'}: they wrote to a --out this "
+            f"machine does not see (another machine's disk, or a relative path resolved in their own folder). Nothing "
+            f"was deleted. Put --out on storage that every worker and this machine share, under the same absolute "
+            f"path, and run again."
         )
     statuses = Counter(r.status for r in this_run)
     planned_ids, templates = _planned_ids(plan), set(plan.templates)
