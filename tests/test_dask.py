@@ -199,21 +199,29 @@ def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish
 
 @pytest.mark.parametrize("preload, said", [
     ("import sys\nsys.modules['zimage_batch'] = None\nsys.modules['flows'] = None\n", "ModuleNotFoundError"),
-    ("import zimage_batch\nzimage_batch.__version__ = '0.0.1'\n", "has zimage-batch 0.0.1"),
+    ("import zimage_batch\nzimage_batch.__version__ = '0.0.1'\n", "has zimage-batch 0.0.1 (source "),
+    ("import sys\nsys.path.insert(0, OLDER)\n", "has zimage-batch 0.1.0 (source "),  # an older checkout, same version
 ])
 def test_workers_that_cannot_run_this_version_are_named_before_any_shard(tmp_path, preload, said):
-    """A worker without the package dropped its connection on the first shard and the run waited forever."""
+    """A worker without the package dropped its connection on the first shard and the run waited forever;
+    one with other code under the same version string ran it."""
+    import shutil
+
     from distributed import LocalCluster
 
     from zimage_batch.cluster import ClusterError, cluster_workers
 
+    older = tmp_path / "older"
+    for package in ("zimage_batch", "flows"):
+        shutil.copytree(Path(__file__).parent.parent / package, older / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (older / "zimage_batch" / "shard.py").write_text((older / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
     script = tmp_path / "preload.py"
-    script.write_text(preload)
+    script.write_text(preload.replace("OLDER", repr(str(older))))
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
                       preload=[str(script)]) as cluster:
-        with pytest.raises(ClusterError, match=r"1 of the 1 Dask worker\(s\) at .* cannot run zimage-batch") as caught:
+        with pytest.raises(ClusterError, match=r"1 of the 1 Dask worker\(s\) at .* cannot run the shards of") as caught:
             cluster_workers(cluster.scheduler_address)
-    assert said in str(caught.value) and "pip install zimage-batch==" in str(caught.value)
+    assert said in str(caught.value) and "Install the same zimage-batch on them" in str(caught.value)
 
 
 def free_port() -> int:

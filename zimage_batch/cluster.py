@@ -87,7 +87,9 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
 
     A worker without the package (or with another version) cannot unpickle a shard; Dask then
     drops its connection and the shard waits forever. So each worker is asked first, with a
-    function sent by value that needs nothing but the standard library; workers that do not
+    function sent by value that needs nothing but the standard library. Its answer names the
+    version and a fingerprint of the package's source (``fingerprint``): the version string
+    stays the same across commits, so a GPU host on an older checkout would pass on it. Workers that do not
     answer within ``timeout`` seconds (an import that hangs) are an error too. A worker that
     writes to a folder of its own (another machine's disk) makes images this run never sees, so
     each must see the lock file the run holds in ``out``."""
@@ -98,6 +100,20 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
 
     lock = os.path.join(out, LOCK) if out else None
 
+    def fingerprint() -> str:
+        """12 hex digits of a SHA-256 over the .py files of ``zimage_batch`` and ``flows`` as imported
+        here, or on a worker (a closure, so it travels by value with the probe)."""
+        import hashlib
+        import importlib
+        import pathlib
+
+        digest = hashlib.sha256()
+        for name in ("zimage_batch", "flows"):
+            root = pathlib.Path(importlib.import_module(name).__file__).parent
+            for path in sorted(root.rglob("*.py")):
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()[:12]
+
     def probe() -> str:
         import importlib
         import os
@@ -105,9 +121,10 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
         try:
             importlib.import_module("flows.catalog_images")
             version = importlib.import_module("zimage_batch").__version__
+            source = fingerprint()
         except Exception as exc:  # any import failure is the answer, not an error here
             return f"{type(exc).__name__}: {exc}"
-        return "no-out" if lock and not os.path.exists(lock) else "ok " + version
+        return "no-out" if lock and not os.path.exists(lock) else f"ok {version} {source}"
 
     asked: dict = {}
 
@@ -132,13 +149,15 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
             f"{len(blind)} of the {len(answers)} Dask worker(s) at {address} do not see --out {out} ({', '.join(blind)}: "
             f"no {LOCK} there, which this run holds): they would write the images where this machine cannot read "
             f"them. Put --out on storage that every worker and this machine share, under the same absolute path.")
-    wrong = {worker: answer for worker, answer in answers.items() if answer != f"ok {__version__}"}
+    ours = f"ok {__version__} {fingerprint()}"
+    wrong = {worker: answer for worker, answer in answers.items() if answer != ours}
     if wrong:
         listed = "; ".join(f"{worker}: {_said(answer)}" for worker, answer in sorted(wrong.items()))
         raise ClusterError(
-            f"{len(wrong)} of the {len(answers)} Dask worker(s) at {address} cannot run zimage-batch {__version__} "
-            f"shards ({listed}). Install this version of zimage-batch on them (`pip install zimage-batch=={__version__}` "
-            f"in the workers' environment, with the same torch and diffusers) and restart them.")
+            f"{len(wrong)} of the {len(answers)} Dask worker(s) at {address} cannot run the shards of this machine's "
+            f"zimage-batch {__version__} (source {ours.split()[-1]}): {listed}. Install the same zimage-batch on them (the "
+            f"same release, or the same commit of a checkout with `make venv`; with the same torch and diffusers) "
+            f"and restart them.")
 
 
 def _said(answer) -> str:
@@ -146,7 +165,8 @@ def _said(answer) -> str:
     if isinstance(answer, BaseException):
         return f"{type(answer).__name__}: {answer}"
     if isinstance(answer, str) and answer.startswith("ok "):
-        return f"has zimage-batch {answer[3:]}"
+        version, _, source = answer[3:].partition(" ")
+        return f"has zimage-batch {version} (source {source})"
     return str(answer)
 
 
