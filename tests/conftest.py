@@ -108,6 +108,7 @@ class RecordingEngine:
         self.device = device
         self.load_id = "recording:0"
         self.load_seconds = 0.0
+        self.loaded_at = 0.0  # before any run: no run counts it as its load
         self.options = EngineOptions()
         self.calls: list[list[tuple[str, int]]] = []
         self.prepared: list[str] = []

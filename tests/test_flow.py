@@ -54,6 +54,13 @@ def test_flow_runs_every_job_and_writes_manifest_parquet_and_run_json(config):
     assert not list(out.rglob(".zb-tmp-*"))
 
 
+def test_a_run_counts_only_the_pipeline_loads_it_made(config, tmp_path):
+    """A worker's preload, or an earlier run in the process (serve), loaded the engine: not this run's load."""
+    run_flow(config)
+    again = run_flow(config.model_copy(update={"out": str(tmp_path / "again")}))  # all six made again, same engine
+    assert (again.generated + again.rejected, again.pipeline_loads, again.stage_seconds["load"]) == (6, 0, 0)
+
+
 def test_rerun_generates_nothing_and_touches_nothing(config):
     run_flow(config)
     out = Path(config.out)

@@ -167,6 +167,7 @@ class Engine:
     load_seconds: float
     load_id: str = ""
     options: EngineOptions = EngineOptions()
+    loaded_at: float = field(default_factory=time.time)  # when (epoch seconds): a run counts the loads it made
     _embeds: dict = field(default_factory=dict, repr=False)
     _cut: set = field(default_factory=set, repr=False)  # (prompt, max length) whose tokens did not all fit
     _gpu: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -456,6 +457,7 @@ class SimulatedEngine:
     device: str = "cpu"
     load_seconds: float = 0.0
     options: EngineOptions = EngineOptions()
+    loaded_at: float = field(default_factory=time.time)  # when (epoch seconds): a run counts the loads it made
 
     def prepare(self, jobs: Sequence[Job]) -> None:
         pass

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from .deliver import Uploader
 
 MAX_LISTED_PROBLEMS = 1000
+CLOCK_SKEW = 5.0  # seconds a worker's clock may lag this machine's and its loads still count as this run's
 UPLOAD_BATCH = 64  # finished records planning uploads under one in-flight marker
 
 
@@ -412,13 +414,16 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     flags = manifest.finalize(planned_ids, templates)
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
     LocalStore(config.out).remove_stale_temp_files()
-    stages = {"load": sum(total.engines.values()), "plan": plan.seconds, **total.seconds}
+    # loads this run made: not those of engines a worker's preload or an earlier run in the process made
+    began = datetime.fromisoformat(started_at.replace("Z", "+00:00")).timestamp() - CLOCK_SKEW
+    loads = [seconds for seconds, loaded_at in total.engines.values() if loaded_at >= began]
+    stages = {"load": sum(loads), "plan": plan.seconds, **total.seconds}
     if config.dest:
         stages["upload"] = total.delivery.seconds  # summed over upload threads, which run beside generation
     summary = RunSummary(
         out=str(config.out), model=plan.model, planned=plan.planned, generated=statuses["ok"],
         skipped=plan.skipped, failed=statuses["failed"], rejected=statuses["rejected"], rows=plan.rows,
-        row_problems=plan.problem_count, problems=plan.problems, pipeline_loads=len(total.engines),
+        row_problems=plan.problem_count, problems=plan.problems, pipeline_loads=len(loads),
         seconds=round(time.perf_counter() - wall_start, 3),
         stage_seconds={k: round(v, 3) for k, v in stages.items()}, started_at=started_at,
         finished_at=utc_now(), catalogs=list(config.catalogs), templates=list(config.templates),

@@ -58,7 +58,7 @@ class ShardResult:
     rejected: int = 0
     failed: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    engines: dict[str, float] = field(default_factory=dict)  # load id -> load seconds of each engine used
+    engines: dict[str, tuple[float, float]] = field(default_factory=dict)  # load id -> (seconds, when) of each engine used
     process: int = field(default_factory=os.getpid)  # where the shard ran
     delivery: DeliveryReport = field(default_factory=DeliveryReport)  # with --dest: what reached S3
     prompts_cut: int = 0  # jobs whose prompt was longer than max_sequence_length tokens
@@ -272,7 +272,7 @@ def process_shard(
     sealer: Sealer | None = None,
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
-    result = ShardResult(engines={engine.load_id: engine.load_seconds})
+    result = ShardResult(engines={engine.load_id: (engine.load_seconds, engine.loaded_at)})
     precision = engine.options.precision_label(engine.device)
 
     def finish_all(items: list[Generated]) -> None:
