@@ -87,7 +87,9 @@ examples:
   zimage-batch serve --catalog 'catalogs/demo*.csv' -t templates/product_white.j2 --out /data/nightly \\
       --model Tongyi-MAI/Z-Image-Turbo --cron "0 2 * * *" --timezone Europe/Berlin
   prefect deployment run catalog-run/campaign \\
-      --param config='{"catalogs": ["spring.csv"], "templates": ["templates/poster_text.j2"], "out": "/data/spring"}'
+      --param config='{"catalogs": ["/data/spring.csv"], "templates": ["/srv/zimage-batch/templates/poster_text.j2"],
+                       "out": "/data/spring"}'
+  (a campaign's paths are read where serve runs: give them absolute)
 """
 
 EXIT_REJECTED = 1
