@@ -59,6 +59,30 @@ def test_images_do_not_depend_on_the_number_of_workers(tmp_path, catalog, templa
     assert not (tmp_path / "two/.parts").exists()
 
 
+def test_workers_on_a_gpu_host_get_one_gpu_each(tmp_path, catalog, templates, monkeypatch):
+    """--workers on CUDA: one worker process per GPU, each seeing only its own, without dask-cuda (no
+    release of it installs beside distributed 2026.8). Run here with the CPU doing the work."""
+    from distributed import Client
+
+    from flows.catalog_images import catalog_images
+    from zimage_batch.cluster import ClusterError, gpu_cluster, task_runner
+
+    with gpu_cluster(["0", "1"]) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+    assert sorted(seen.values()) == ["0", "1"] and resources == [{"GPU": 2}, {"GPU": 2}]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b")  # as a host that lends this process two GPUs says
+    config = RunConfig(catalogs=[str(catalog)], templates=templates, model="simulated:0.1", out=str(tmp_path / "out"),
+                       workers=2, shard_size=2, device="cpu")
+    summary = catalog_images.with_options(task_runner=task_runner(config, "cuda"))(config)
+    records = read_jsonl(tmp_path / "out" / "manifest.jsonl")
+    assert summary.generated + summary.rejected == 16 and len({r["worker"] for r in records}) == 2
+    with pytest.raises(ClusterError, match=r"--workers 3 gives each worker a GPU of its own, but this host has 2 "
+                                           r"\(GPU-a, GPU-b\)\. Use --workers 2 or fewer"):
+        task_runner(config.model_copy(update={"workers": 3}), "cuda")
+
+
 def test_a_killed_worker_loses_nothing(tmp_path, catalog, templates):
     from distributed import Client, LocalCluster
 

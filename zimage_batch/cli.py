@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-attempts", type=int, default=3, help="tries per image when it comes out black/blank (default 3)")
         engine_options(p)
         p.add_argument("--workers", type=int, metavar="N",
-                       help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, via dask-cuda)")
+                       help="run shards on a local Dask cluster of N worker processes (on a GPU host: one per GPU, each seeing only its own)")
         p.add_argument("--cluster", metavar="ADDRESS", help="run shards on a running Dask scheduler, e.g. tcp://scheduler:8786")
         p.add_argument("--c2pa-cert", metavar="PEM", help="sign every file with C2PA: certificate chain, signing certificate "
                        "first (issued by a CA, emailProtection or documentSigning usage); needs --c2pa-key and c2pa-python")

@@ -1,8 +1,8 @@
 """Scaling out on Dask: which Prefect task runner a run uses and how many shards it keeps in flight.
 
-``--workers N`` starts a local Dask cluster of N worker processes (one per GPU on a GPU host, via
-dask-cuda's ``LocalCUDACluster``, which sets ``CUDA_VISIBLE_DEVICES`` per worker); ``--cluster
-ADDRESS`` uses a running scheduler. Each worker process loads the pipeline once
+``--workers N`` starts a local Dask cluster of N worker processes (one per GPU on a GPU host, each
+seeing only its own through ``CUDA_VISIBLE_DEVICES``: ``gpu_cluster``); ``--cluster ADDRESS`` uses
+a running scheduler. Each worker process loads the pipeline once
 (``generate.load_engine`` caches it per process) and keeps it for every shard it runs. A worker
 runs two shards at once: the engine's lock keeps the GPU to one of them, so the end of one shard
 (its last batch's post-processing, storing, Prefect's bookkeeping) overlaps the next one's
@@ -59,8 +59,9 @@ def cluster_workers(address: str, out: str | None = None, timeout: float = 10.0,
     with client:
         workers = list(client.scheduler_info(n_workers=-1)["workers"].values())
         if not workers:
-            raise ClusterError(f"The Dask scheduler at {address} has no workers. Start some: `dask-cuda-worker {address} "
-                               f"--nthreads 2 --resources GPU=2 --preload zimage_batch.worker`.")
+            raise ClusterError(f"The Dask scheduler at {address} has no workers. Start one per GPU: "
+                               f"`CUDA_VISIBLE_DEVICES=0 ZIMAGE_BATCH_MODEL=MODEL dask worker {address} --nthreads 2 "
+                               f"--resources GPU=2 --preload zimage_batch.worker` (infra/README.md).")
         check_workers(client, address, out, check_timeout)
     return len(workers), all(w.get("resources", {}).get("GPU") for w in workers)
 
@@ -201,21 +202,40 @@ def task_runner(config: RunConfig, device: str):
         from prefect_dask import DaskTaskRunner
 
         if device.startswith("cuda"):
-            try:
-                import dask_cuda  # noqa: F401
-            except ImportError:
-                raise ClusterError(
-                    "--workers on a GPU host uses dask-cuda to give each worker its own GPU: "
-                    "`pip install dask-cuda`, or start the workers yourself and pass --cluster."
-                ) from None
-            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                                  cluster_kwargs={"n_workers": config.workers, "threads_per_worker": SHARD_SLOTS,
-                                                  "resources": {"GPU": SHARD_SLOTS}})
+            gpus = visible_gpus()
+            if config.workers > len(gpus):
+                raise ClusterError(f"--workers {config.workers} gives each worker a GPU of its own, but this host has "
+                                   f"{len(gpus)} ({', '.join(gpus) or 'none'}). Use --workers {len(gpus)} or fewer.")
+            return DaskTaskRunner(cluster_class=gpu_cluster, cluster_kwargs={"gpus": gpus[:config.workers]})
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                               cluster_kwargs={"n_workers": config.workers, "processes": True,
                                               "threads_per_worker": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS},
                                               "dashboard_address": None})
     return None
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (indexes or UUIDs)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_cluster(gpus: list[str]):
+    """A local Dask cluster of one worker process per GPU, each seeing only its own
+    (``CUDA_VISIBLE_DEVICES``), with two shard slots and an equal share of this host's memory: what
+    dask-cuda's LocalCUDACluster did, without dask-cuda (no release of it installs beside the
+    ``distributed`` this version needs)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
+
+    options = {"nthreads": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS}, "memory_limit": MEMORY_LIMIT // len(gpus)}
+    workers = {f"gpu-{gpu}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": gpu}}} for gpu in gpus}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="zimage-batch")
 
 
 def shape(config: RunConfig) -> tuple[int, bool]:
