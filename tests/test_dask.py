@@ -87,7 +87,7 @@ def test_a_killed_worker_loses_nothing(tmp_path, catalog, templates):
     from distributed import Client, LocalCluster
 
     out = tmp_path / "out"
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         pids = client.run(os.getpid)
         config = RunConfig(catalogs=[str(catalog)], templates=templates, model="simulated:0.25", out=str(out),
@@ -147,7 +147,7 @@ def test_the_worker_preload_loads_the_pipeline_once_at_start(monkeypatch):
 
         return pipeline_loads()
 
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=["zimage_batch.worker"]) as cluster, Client(cluster) as client:
         assert list(client.run(loads).values()) == [1]
 
@@ -198,7 +198,7 @@ def test_a_cluster_run_needs_a_prefect_server_the_workers_share_and_gives_them_a
     assert config.model == "tiny-random"  # not a folder here: a name
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    with LocalCluster(n_workers=1, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp", dashboard_address="127.0.0.1:0") as cluster:
         done = subprocess.run([str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", templates[0],
                                "--model", "simulated:0", "--cluster", cluster.scheduler_address, "--out", "o", "-q"],
                               capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -241,7 +241,7 @@ def test_workers_that_cannot_run_this_version_are_named_before_any_shard(tmp_pat
     (older / "zimage_batch" / "shard.py").write_text((older / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
     script = tmp_path / "preload.py"
     script.write_text(preload.replace("OLDER", repr(str(older))))
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=[str(script)]) as cluster:
         with pytest.raises(ClusterError, match=r"1 of the 1 Dask worker\(s\) at .* cannot run the shards of") as caught:
             cluster_workers(cluster.scheduler_address)
@@ -404,7 +404,7 @@ def test_workers_that_do_not_see_the_runs_out_are_named_before_any_shard(tmp_pat
 
     out = tmp_path / "out"
     out.mkdir()
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         with pytest.raises(ClusterError, match=rf"1 of the 1 Dask worker\(s\) at here do not see --out {out} .*no {LOCK} there"):
             check_workers(client, "here", str(out))  # no run holds it: as a worker whose --out is another disk sees it
@@ -427,7 +427,7 @@ def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp
         "        return None\n"
         "sys.meta_path.insert(0, Slow())\n"
     )
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=[str(script)]) as cluster:
         started = time.monotonic()
         with pytest.raises(ClusterError, match=r"did not answer whether they can run .*no answer in 2 s"):

@@ -210,7 +210,7 @@ def task_runner(config: RunConfig, device: str):
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                               cluster_kwargs={"n_workers": config.workers, "processes": True,
                                               "threads_per_worker": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS},
-                                              "dashboard_address": None})
+                                              "dashboard_address": "127.0.0.1:0"})
     return None
 
 
@@ -234,7 +234,7 @@ def gpu_cluster(gpus: list[str]):
 
     options = {"nthreads": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS}, "memory_limit": MEMORY_LIMIT // len(gpus)}
     workers = {f"gpu-{gpu}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": gpu}}} for gpu in gpus}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="zimage-batch")
 
 
