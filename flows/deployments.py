@@ -41,7 +41,8 @@ def catalog_run(config: RunConfig) -> RunSummary | State:
     with that one paragraph as the state's message, in the Prefect UI and in serve's terminal,
     rather than a traceback only the flow run's logs show."""
     try:
-        summary = run_catalog(config, pick_device(config.device))  # --workers on a GPU host: one CUDA worker per GPU
+        device = config.device if config.cluster else pick_device(config.device)  # a cluster's workers pick their own
+        summary = run_catalog(config, device)  # --workers on a GPU host: one worker per GPU
     except ZImageBatchError as exc:
         return _failed(f"{type(exc).__name__}: {exc}")
     if summary.failed:

@@ -165,6 +165,19 @@ def test_the_nightly_run_takes_the_run_options_with_absolute_paths(tmp_path, mon
     assert args.concurrency == 2
 
 
+def test_a_served_cluster_run_leaves_the_device_to_the_workers(tmp_path):
+    """serve may run on a machine without the GPU its cluster's workers have."""
+    from flows.deployments import catalog_run
+    from zimage_batch.run import RunConfig
+
+    catalog = write_csv(tmp_path / "c.csv", ["sku", "title"], [["S-1", "Kite"]])
+    template = write_template(tmp_path / "t.j2", "A {{ title }}", "size: 256x256\npresets: [png]")
+    config = RunConfig(catalogs=[str(catalog)], templates=[str(template)], out=str(tmp_path / "o"), device="cuda",
+                       cluster="tcp://127.0.0.1:1")
+    state = catalog_run(config, return_state=True)
+    assert state.is_failed() and "cannot be reached" in state.message and "--device" not in state.message, state.message
+
+
 def test_serve_on_its_own_local_server_runs_the_nightly_on_its_cron(tmp_path):
     """Without PREFECT_API_URL, serve starts a local Prefect server with its scheduler on (Prefect's
     embedded server has it off, so the cron never fired), and the nightly run happens by itself."""

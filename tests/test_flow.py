@@ -54,10 +54,14 @@ def test_flow_runs_every_job_and_writes_manifest_parquet_and_run_json(config):
     assert not list(out.rglob(".zb-tmp-*"))
 
 
-def test_a_run_counts_only_the_pipeline_loads_it_made(config, tmp_path):
+def test_a_run_counts_only_the_pipeline_loads_it_made(config, tmp_path, monkeypatch):
     """A worker's preload, or an earlier run in the process (serve), loaded the engine: not this run's load."""
-    run_flow(config)
+    from zimage_batch import generate
+
+    monkeypatch.setattr(generate, "_ENGINES", {})
+    first = run_flow(config.model_copy(update={"limit": 1}))  # loads, then ends a second or two later
     again = run_flow(config.model_copy(update={"out": str(tmp_path / "again")}))  # all six made again, same engine
+    assert first.pipeline_loads == 1 and first.stage_seconds["load"] > 0
     assert (again.generated + again.rejected, again.pipeline_loads, again.stage_seconds["load"]) == (6, 0, 0)
 
 

@@ -1,5 +1,7 @@
 """The real ZImagePipeline with tiny random weights, loaded through from_pretrained."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -307,4 +309,8 @@ def test_compiles_are_announced_when_they_happen_and_only_then():
         with announcing_compiles("4 x 64x64"):
             double(torch.ones(4, 3, 5))  # a new shape compiles again
         double(torch.ones(5, 3, 5, 7))  # outside the block: not announced
+        with announcing_compiles("1 x 64x64"):  # this thread compiles nothing; another one does
+            other = threading.Thread(target=double, args=(torch.ones(6, 3, 5, 7, 2),))
+            other.start()
+            other.join()
     assert [e for e, _ in events] == ["compiling", "compiled", "compiling", "compiled"] and events[2][1] == "4 x 64x64"

@@ -297,9 +297,10 @@ def announcing_compiles(shape: str) -> Iterator[None]:
         yield
         return
     started: list[float] = []
+    caller = threading.get_ident()
 
-    def on_start(_args) -> None:  # runs in the compiling (this) thread, once per graph
-        if not started:
+    def on_start(_args) -> None:  # runs in the compiling thread, once per graph; another thread's is not ours
+        if not started and threading.get_ident() == caller:
             started.append(time.perf_counter())
             progress.emit("compiling", shape)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from .deliver import Uploader
 
 MAX_LISTED_PROBLEMS = 1000
-CLOCK_SKEW = 5.0  # seconds a worker's clock may lag this machine's and its loads still count as this run's
+CLOCK_SKEW = 5.0  # seconds another host's clock may lag this machine's and its loads still count as this run's
 UPLOAD_BATCH = 64  # finished records planning uploads under one in-flight marker
 
 
@@ -415,8 +416,10 @@ def finish_run(config: RunConfig, plan: RunPlan, results: list[ShardResult], sta
     # every shard is done: a temp file now is one a killed worker left mid-write (its shard ran again elsewhere)
     LocalStore(config.out).remove_stale_temp_files()
     # loads this run made: not those of engines a worker's preload or an earlier run in the process made
-    began = datetime.fromisoformat(started_at.replace("Z", "+00:00")).timestamp() - CLOCK_SKEW
-    loads = [seconds for seconds, loaded_at in total.engines.values() if loaded_at >= began]
+    began = datetime.fromisoformat(started_at.replace("Z", "+00:00")).timestamp()
+    here = socket.gethostname() + ":"
+    loads = [seconds for load_id, (seconds, loaded_at) in total.engines.items()
+             if loaded_at >= began - (0 if load_id.startswith(here) else CLOCK_SKEW)]
     stages = {"load": sum(loads), "plan": plan.seconds, **total.seconds}
     if config.dest:
         stages["upload"] = total.delivery.seconds  # summed over upload threads, which run beside generation
