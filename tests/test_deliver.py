@@ -665,6 +665,30 @@ def test_a_run_publishing_between_anothers_two_writes_is_in_its_parquet_too(s3, 
     assert {r["job_id"] for r in parquet_rows(s3)} == everyone and not a.problems
 
 
+def test_a_run_publishing_right_after_anothers_manifest_write_is_in_its_parquet_too(s3, tmp_path):
+    """B publishes whole just after A wrote manifest.jsonl, before A writes manifest.parquet: A's
+    parquet was read before its manifest.jsonl write, so its write finds the parquet changed."""
+    dest = S3Destination(s3.bucket, PREFIX)
+    a, b = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
+    a_records = [make_record(tmp_path / "a", seed) for seed in (1, 2)]
+    b_records = [make_record(tmp_path / "b", seed) for seed in (3, 4)]
+    for uploader in (a, b):
+        uploader.read_records()
+    put_replacing, interleaved = a._put_replacing, []
+
+    def then_b(name, *args):
+        put_replacing(name, *args)
+        if name == "manifest.jsonl" and not interleaved:
+            interleaved.append(name)
+            b.publish(b_records, b"{}", None, all_current)
+
+    a._put_replacing = then_b
+    a.publish(a_records, b"{}", None, all_current)
+    everyone = {r.job_id for r in a_records + b_records}
+    assert interleaved and {r["job_id"] for r in read_jsonl_bytes(s3.read(f"{PREFIX}/manifest.jsonl"))} == everyone
+    assert {r["job_id"] for r in parquet_rows(s3)} == everyone
+
+
 def test_a_damaged_parquet_at_the_destination_is_rewritten_and_said(s3, tmp_path):
     s3.client.put_object(Bucket=s3.bucket, Key=f"{PREFIX}/manifest.parquet", Body=b"not parquet")
     uploader = Uploader(S3Destination(s3.bucket, PREFIX), connect(), tmp_path)

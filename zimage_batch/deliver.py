@@ -651,6 +651,8 @@ class Uploader:
         """
         local = list(local)
         try:
+            # read before manifest.jsonl is written: a run that publishes after this read changes the ETag
+            before, parquet_etag = self._current_before() if parquet is not None else ({}, None)
             for _ in range(PUBLISH_TRIES):
                 merged = dict(self.remote)
                 for record in local:
@@ -662,14 +664,15 @@ class Uploader:
                 try:
                     self._put_replacing(MANIFEST, body, "application/x-ndjson", self._manifest_etag)
                     if parquet is not None:
-                        before, etag = self._current_before()
                         self._put_replacing(MANIFEST_PARQUET, parquet(list(merged.values()), before),
-                                            "application/vnd.apache.parquet", etag)
+                                            "application/vnd.apache.parquet", parquet_etag)
                     break
                 except _NotDelivered as exc:
                     if exc.kind != "stale":
                         raise
                     self.read_records()  # the other run's manifest (and whatever parts are left), merged next
+                    if parquet is not None:
+                        before, parquet_etag = self._current_before()
             else:
                 raise DeliveryError(f"{self.dest.uri(MANIFEST)} was changed by other runs {PUBLISH_TRIES} times while this "
                                     f"one published it. Rerun the same command to publish; every record is also in "
