@@ -248,6 +248,27 @@ def test_workers_that_cannot_run_this_version_are_named_before_any_shard(tmp_pat
     assert said in str(caught.value) and "Install the same zimage-batch on them" in str(caught.value)
 
 
+def test_a_worker_whose_checkout_changed_after_it_imported_the_code_is_still_named(tmp_path):
+    """What a worker runs is what it imported: updating its files without a restart does not make it current."""
+    import shutil
+
+    from distributed import LocalCluster
+
+    from zimage_batch.cluster import ClusterError, cluster_workers
+
+    source, older = Path(__file__).parent.parent, tmp_path / "older"
+    for package in ("zimage_batch", "flows"):
+        shutil.copytree(source / package, older / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (older / "zimage_batch" / "shard.py").write_text((source / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
+    script = tmp_path / "preload.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(older)!r})\nimport zimage_batch, flows.catalog_images\n")
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
+                      preload=[str(script)]) as cluster:
+        shutil.copy(source / "zimage_batch" / "shard.py", older / "zimage_batch" / "shard.py")  # now the same files
+        with pytest.raises(ClusterError, match=r"cannot run the shards of this machine's zimage-batch"):
+            cluster_workers(cluster.scheduler_address)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

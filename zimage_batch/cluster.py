@@ -89,31 +89,18 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
     A worker without the package (or with another version) cannot unpickle a shard; Dask then
     drops its connection and the shard waits forever. So each worker is asked first, with a
     function sent by value that needs nothing but the standard library. Its answer names the
-    version and a fingerprint of the package's source (``fingerprint``): the version string
-    stays the same across commits, so a GPU host on an older checkout would pass on it. Workers that do not
+    version and the fingerprint of the package's source taken when the worker imported it
+    (``zimage_batch.SOURCE_FINGERPRINT``): the version string stays the same across commits, so a
+    GPU host on an older checkout would pass on it. Workers that do not
     answer within ``timeout`` seconds (an import that hangs) are an error too. A worker that
     writes to a folder of its own (another machine's disk) makes images this run never sees, so
     each must see the lock file the run holds in ``out``."""
     import threading
 
-    from . import __version__
+    from . import SOURCE_FINGERPRINT, __version__
     from .store import LOCK
 
     lock = os.path.join(out, LOCK) if out else None
-
-    def fingerprint() -> str:
-        """12 hex digits of a SHA-256 over the .py files of ``zimage_batch`` and ``flows`` as imported
-        here, or on a worker (a closure, so it travels by value with the probe)."""
-        import hashlib
-        import importlib
-        import pathlib
-
-        digest = hashlib.sha256()
-        for name in ("zimage_batch", "flows"):
-            root = pathlib.Path(importlib.import_module(name).__file__).parent
-            for path in sorted(root.rglob("*.py")):
-                digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-        return digest.hexdigest()[:12]
 
     def probe() -> str:
         import importlib
@@ -121,8 +108,8 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
 
         try:
             importlib.import_module("flows.catalog_images")
-            version = importlib.import_module("zimage_batch").__version__
-            source = fingerprint()
+            package = importlib.import_module("zimage_batch")
+            version, source = package.__version__, getattr(package, "SOURCE_FINGERPRINT", "unknown")
         except Exception as exc:  # any import failure is the answer, not an error here
             return f"{type(exc).__name__}: {exc}"
         return "no-out" if lock and not os.path.exists(lock) else f"ok {version} {source}"
@@ -150,7 +137,7 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
             f"{len(blind)} of the {len(answers)} Dask worker(s) at {address} do not see --out {out} ({', '.join(blind)}: "
             f"no {LOCK} there, which this run holds): they would write the images where this machine cannot read "
             f"them. Put --out on storage that every worker and this machine share, under the same absolute path.")
-    ours = f"ok {__version__} {fingerprint()}"
+    ours = f"ok {__version__} {SOURCE_FINGERPRINT}"
     wrong = {worker: answer for worker, answer in answers.items() if answer != ours}
     if wrong:
         listed = "; ".join(f"{worker}: {_said(answer)}" for worker, answer in sorted(wrong.items()))
