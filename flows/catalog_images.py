@@ -34,9 +34,9 @@ def plan(config: run.RunConfig) -> run.RunPlan:
 
 
 @task(name="generate-shard", cache_policy=NO_CACHE, tags=["gpu"])
-def generate_shard(config: run.RunConfig, index: int, jobs: list) -> ShardResult:
+def generate_shard(config: run.RunConfig, index: int, jobs: list, stop_file: str | None = None) -> ShardResult:
     """Generate, post-process, store and record one shard of jobs."""
-    return run.run_shard(config, index, jobs)
+    return run.run_shard(config, index, jobs, stop_file)
 
 
 @task(name="finish", cache_policy=NO_CACHE)
@@ -55,15 +55,27 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     limit = cluster.in_flight(config, workers)
     results, waiting = [], deque()
     with run.removed_on_failure(the_plan.pending_file, the_plan.current_file):  # e.g. a model that fails to load leaves no spool
-        for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
-            with cluster.gpu_annotation(gpu_resource):
-                waiting.append(generate_shard.submit(config, index, shard))
-            while len(waiting) >= limit:
-                results.append(collect(waiting.popleft(), tracker))
-        results.extend(collect(future, tracker) for future in waiting)
+        try:
+            for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
+                with cluster.gpu_annotation(gpu_resource):
+                    waiting.append(generate_shard.submit(config, index, shard, the_plan.stop_file))
+                while len(waiting) >= limit:
+                    results.append(collect(waiting.popleft(), tracker))
+            results.extend(collect(future, tracker) for future in waiting)
+        except KeyboardInterrupt:
+            wind_down(waiting)
+            raise
     summary = finish(config, the_plan, results, started_at, wall_start)
     publish_summary(summary)
     return summary
+
+
+def wind_down(waiting) -> None:
+    """After a first Ctrl-C: wait for the shards in flight, which stop after their batch in progress (the
+    run's stop file), so the run ends (and frees --out) only once no worker writes to it. A second
+    Ctrl-C ends the process at once (cli.stopping_on_ctrl_c)."""
+    for future in waiting:
+        future.wait()
 
 
 def collect(future, tracker: Progress) -> ShardResult:

@@ -314,7 +314,7 @@ def test_an_interrupted_run_leaves_no_stop_flag_or_ctrl_c_handler_behind(tmp_pat
 
     from flows.catalog_images import run_catalog
     from zimage_batch.run import RunConfig
-    from zimage_batch.shard import STOP, STOP_FILE
+    from zimage_batch.shard import STOP
 
     out, before = tmp_path / "out", signal.getsignal(signal.SIGINT)
 
@@ -328,7 +328,7 @@ def test_an_interrupted_run_leaves_no_stop_flag_or_ctrl_c_handler_behind(tmp_pat
     code, _, err = run_cli(capsys, "run", CATALOGS / "demo.csv", "-t", TEMPLATES / "lifestyle_scene.j2", "--model",
                            "simulated:0.3", "--size", "256x256", "--batch-size", "1", "--out", out, "-q")
     assert code == 130 and "Stopping after the batch in progress" in err
-    assert not STOP.is_set() and signal.getsignal(signal.SIGINT) is before and not (out / STOP_FILE).exists()
+    assert not STOP.is_set() and signal.getsignal(signal.SIGINT) is before and not list(out.glob(".zb-tmp-stop-*"))
     summary = run_catalog(RunConfig(catalogs=[str(CATALOGS / "demo.csv")], templates=[str(TEMPLATES / "lifestyle_scene.j2")],
                                     out=str(tmp_path / "api"), model="simulated:0", size="256x256", limit=4))
     assert summary.generated == 4  # an API run in the same process is not stopped by the earlier Ctrl-C

@@ -65,6 +65,24 @@ def test_a_run_counts_only_the_pipeline_loads_it_made(config, tmp_path, monkeypa
     assert (again.generated + again.rejected, again.pipeline_loads, again.stage_seconds["load"]) == (6, 0, 0)
 
 
+def test_another_runs_stop_file_neither_stops_this_run_nor_is_taken_from_its_workers(config):
+    """An interrupted run's shards on other machines may still be finishing: its stop file stays an hour."""
+    import os
+    import time
+
+    from zimage_batch.cli import main
+
+    out = Path(config.out)
+    out.mkdir()
+    young, old = out / ".zb-tmp-stop-0123456789ab", out / ".zb-tmp-stop-ba9876543210"
+    young.touch()
+    old.touch()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    summary = run_flow(config)
+    assert summary.generated + summary.rejected == 6 and young.exists() and not old.exists()
+    assert main(["verify", str(out)]) == 0  # not a stray
+
+
 def test_rerun_generates_nothing_and_touches_nothing(config):
     run_flow(config)
     out = Path(config.out)

@@ -420,31 +420,34 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
     where = f"{config.workers} Dask workers" if config.workers else config.cluster or device
     bar = progress.ProgressBar(enabled=not args.quiet, device=where)
-    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c(config.out, bool(config.cluster)):
+    with prefect_api(), progress.listening(bar.on_event), bar, stopping_on_ctrl_c():
         summary = run_catalog(config, device)
     print_summary(summary, args.started)
     return summary.exit_code
 
 
 @contextmanager
-def stopping_on_ctrl_c(out: str | Path, cluster: bool = False) -> Iterator[None]:
-    """A first Ctrl-C lets every shard of the run writing to ``out`` finish the batch in progress (its
-    images are kept and recorded), then the run ends with exit 130: this process's shards see
-    ``STOP``, those on Dask workers the stop file it writes into ``out``. On a ``cluster`` the file
-    stays: the run ends without waiting for the workers' shards, which must still see it (the next
-    run removes it before its shards start). A second Ctrl-C ends the process at once. Without this,
-    Ctrl-C waited for whole shards in silence, a second one aborted Python mid-shutdown, and a
-    cluster's workers went on with their shards after the run had ended."""
+def stopping_on_ctrl_c() -> Iterator[None]:
+    """A first Ctrl-C lets every shard of the run finish the batch in progress (its images are kept and
+    recorded), then the run ends with exit 130: this process's shards see ``STOP``, those on Dask
+    workers the run's stop file (``RunPlan.stop_file``, named when the run is planned), and the flow
+    waits for them before it ends. A second Ctrl-C ends the process at once. Without this, Ctrl-C
+    waited for whole shards in silence, a second one aborted Python mid-shutdown, and a cluster's
+    workers went on with their shards after the run had ended."""
     import signal
     import threading
 
-    from .shard import STOP, STOP_FILE
-
-    stop_file = Path(out) / STOP_FILE
+    from . import progress
+    from .shard import STOP
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
+    stop_file: list[str] = []  # the run's, once it is planned
+
+    def on_planned(event: str, value) -> None:
+        if event == "planned" and value.stop_file:
+            stop_file.append(value.stop_file)
 
     def on_ctrl_c(signum, frame) -> None:
         if STOP.is_set():
@@ -452,10 +455,11 @@ def stopping_on_ctrl_c(out: str | Path, cluster: bool = False) -> Iterator[None]
                   file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
         STOP.set()
-        try:
-            stop_file.touch()
-        except OSError:  # no --out yet (still planning): no shard runs
-            pass
+        for path in stop_file:  # none yet while planning: no shard runs
+            try:
+                Path(path).touch()
+            except OSError:  # --out unwritable: this process's shards still see STOP
+                pass
         print("\nStopping after the batch in progress (its images are kept); press Ctrl-C again to stop at once.",
               file=sys.stderr, flush=True)
         raise KeyboardInterrupt
@@ -463,12 +467,13 @@ def stopping_on_ctrl_c(out: str | Path, cluster: bool = False) -> Iterator[None]
     STOP.clear()
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield  # an interrupted run returns here once its shards have wound down (the task runner waits for them)
+        with progress.listening(on_planned):
+            yield  # an interrupted run returns here once its shards have wound down (the flow waits for them)
     finally:
         signal.signal(signal.SIGINT, previous)
         STOP.clear()
-        if not cluster:  # this process's shards, and a --workers cluster's, have ended with the run
-            stop_file.unlink(missing_ok=True)
+        for path in stop_file:
+            Path(path).unlink(missing_ok=True)
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:

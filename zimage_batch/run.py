@@ -21,6 +21,7 @@ import os
 import socket
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -42,8 +43,8 @@ from .plan import Job, PlanInputs, RowProblems, check_inputs, plan_jobs, strict_
 from .presets import load_presets
 from .provenance import Sealer
 from .report import MAX_ITEMS, write_report
-from .shard import ShardResult, default_sealer, image_prefix, process_shard
-from .store import TEMP_PREFIX, LocalStore, check_folder, write_atomic
+from .shard import Interrupted, ShardResult, default_sealer, image_prefix, process_shard, stop_asked
+from .store import STOP_FILE_PREFIX, TEMP_PREFIX, LocalStore, check_folder, write_atomic
 
 if TYPE_CHECKING:
     from .deliver import Uploader
@@ -105,6 +106,7 @@ class RunPlan:
     still_rejected_ids: list[str] = field(default_factory=list)  # the first MAX_ITEMS of them, for the report
     current_file: str | None = None  # a temp file of every planned job id (manifest.parquet's current column); None with --limit
     templates: list[str] = field(default_factory=list)  # the names of the run's templates (current says nothing of others)
+    stop_file: str | None = None  # created by a first Ctrl-C: this run's shards stop after their batch (shard.stop_asked)
 
 
 _SEALERS: dict[tuple[str | None, str | None], Sealer] = {}
@@ -232,7 +234,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     removed = [] if config.limit is not None else removed_skus(manifest, set(templates), skus)
     plan = RunPlan(planned, pending, skipped, rows, problems.listed(), problems.count, spool, inputs.model,
                    time.perf_counter() - start, to_deliver, delivery, removed, recovered, re_signed, kept_signature,
-                   still_rejected, still_rejected_ids, current_file, templates)
+                   still_rejected, still_rejected_ids, current_file, templates,
+                   str(Path(config.out).absolute() / f"{STOP_FILE_PREFIX}{uuid.uuid4().hex[:12]}"))
     progress.emit("planned", plan)
     crashpoints.reached("planned")
     return plan
@@ -301,7 +304,7 @@ def engine_for(config: RunConfig):
     return load_engine(config.model, device, engine_options(config, device))
 
 
-def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
+def run_shard(config: RunConfig, index: int, jobs: list[Job], stop_file: str | None = None) -> ShardResult:
     """Generate, post-process, store and record one shard on this process's engine.
 
     Records go to the shard's own manifest part; if the shard runs again (its worker died), the
@@ -332,9 +335,11 @@ def run_shard(config: RunConfig, index: int, jobs: list[Job]) -> ShardResult:
                 uploader.submit(record)
         result = ShardResult()
         if todo:
+            if stop_asked(stop_file):  # before loading a model for it (a shard queued when Ctrl-C came)
+                raise Interrupted("stopped by Ctrl-C")
             result = process_shard(todo, engine_for(config), store, part, batch_size=config.batch_size,
                                    max_attempts=config.max_attempts, presets=load_presets(config.presets_file),
-                                   on_record=on_record, sealer=sealer_for(config))
+                                   on_record=on_record, sealer=sealer_for(config), stop_file=stop_file)
         if uploader is not None:
             result.delivery = uploader.drain()  # the shard is done when S3 has acknowledged its images
         return result

@@ -32,22 +32,22 @@ from .plan import Job, derive_seed
 from .postprocess import Processed, Rendered, Source, image_problem, process, render
 from .presets import PRESETS, Preset, get_preset
 from .provenance import Sealer, Stamp, software_name
-from .store import TEMP_PREFIX, LocalStore, safe_name, stops_when_unwritable
+from .store import LocalStore, safe_name, stops_when_unwritable
 
 
 STOP = threading.Event()  # set by a first Ctrl-C: every shard of this process ends after its batch in progress
-# ... and written into --out by it, for the shards on Dask workers (other processes, maybe other machines,
-# that share --out); a temp file, so the next run removes one a killed run left
-STOP_FILE = f"{TEMP_PREFIX}stop"
+# ... which also creates the run's stop file in --out, for its shards on Dask workers (other processes,
+# maybe other machines, that share --out). One name per run (RunPlan.stop_file), so a run's shards are
+# never stopped by an earlier run's file, and one that outlived its run still sees its own.
 
 
 class Interrupted(Exception):
     """A shard stopped early because ``STOP`` was set; its finished jobs are in its manifest part."""
 
 
-def stop_asked(store: LocalStore) -> bool:
-    """Whether a first Ctrl-C asked this shard to stop: in this process, or through its --out."""
-    return STOP.is_set() or (store.root / STOP_FILE).exists()
+def stop_asked(stop_file: str | None = None) -> bool:
+    """Whether a first Ctrl-C asked this shard to stop: in this process, or through its run's stop file."""
+    return STOP.is_set() or (stop_file is not None and os.path.exists(stop_file))
 
 
 @dataclass
@@ -270,6 +270,7 @@ def process_shard(
     presets: Mapping[str, Preset] = PRESETS,
     on_record: Callable[[ManifestRecord], None] | None = None,
     sealer: Sealer | None = None,
+    stop_file: str | None = None,
 ) -> ShardResult:
     """Run every job of the shard; each finished job is in the manifest before this returns."""
     result = ShardResult(engines={engine.load_id: (engine.load_seconds, engine.loaded_at)})
@@ -311,7 +312,7 @@ def process_shard(
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zb-finish") as finisher:
             for batch in batches(jobs, batch_size, engine.batch_key, engine.caption_tokens):
-                if stop_asked(store):
+                if stop_asked(stop_file):
                     raise Interrupted("stopped by Ctrl-C")  # the batches before this one are finished and recorded
                 start = time.perf_counter()
                 generated = generate_batch(engine, batch, max_attempts)

@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from . import crashpoints
 from .errors import OutputError
 
 TEMP_PREFIX = ".zb-tmp-"
+STOP_FILE_PREFIX = f"{TEMP_PREFIX}stop-"  # a run's stop file (shard.stop_asked): a first Ctrl-C creates it
+STOP_FILE_KEPT = 3600.0  # seconds a stop file outlives its run, for shards on other machines to see it
 LOCK = ".zimage-batch.lock"  # held by the run that writes to the folder
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -106,11 +109,17 @@ class LocalStore:
         return S_ISREG(stat.st_mode) and sha256_file(Path(path)) == sha256
 
     def remove_stale_temp_files(self) -> int:
-        """Delete temp files a killed run left behind; return how many."""
+        """Delete temp files a killed run left behind; return how many. A stop file stays for an hour
+        (``STOP_FILE_KEPT``): shards of an interrupted run on other machines may not have seen it yet."""
         if not self.root.is_dir():
             return 0
         removed = 0
         for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            try:
+                if path.name.startswith(STOP_FILE_PREFIX) and time.time() - path.stat().st_mtime < STOP_FILE_KEPT:
+                    continue
+            except FileNotFoundError:
+                continue
             path.unlink(missing_ok=True)
             removed += 1
         return removed

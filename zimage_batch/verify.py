@@ -25,7 +25,7 @@ from .errors import DeliveryError, ManifestError, SigningError
 from .manifest import MANIFEST, MANIFEST_PARQUET, REPORT_HTML, RUN_JSON, ManifestRecord, load_records
 from .provenance import disagreements, read_embedded
 from .signing import check_trust_anchors
-from .store import LOCK, lock_holder
+from .store import LOCK, STOP_FILE_PREFIX, lock_holder
 
 PARTS = ".parts/"  # per-shard manifest parts of a run in progress (the Dask scale-out writes them)
 SIDECAR = ".json"  # at a destination, each delivered file's record beside it: <file>.json
@@ -210,7 +210,8 @@ def verify(location: Location, trust_anchors: bytes | None = None) -> Report:
         report.findings.append(finding)
     for path in paths:
         sidecar = s3 and path.endswith(SIDECAR) and path.removesuffix(SIDECAR) in listed
-        if path not in listed and path not in BOOKKEEPING and not sidecar:
+        stop_file = path.startswith(STOP_FILE_PREFIX)  # an interrupted run's, kept for its workers a while
+        if path not in listed and path not in BOOKKEEPING and not sidecar and not stop_file:
             report.findings.append(Finding(path, "stray", "not in the manifest"))
     return report
 
