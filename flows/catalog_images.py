@@ -22,8 +22,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import Progress, publish_summary
 from zimage_batch import cluster, progress, run
+from zimage_batch import shard as shards  # shards.STOP: imported by name, the Event broke serializing tasks for Dask
 from zimage_batch.manifest import utc_now
-from zimage_batch.shard import ShardResult
+from zimage_batch.shard import Interrupted, ShardResult
 from zimage_batch.store import locked
 
 
@@ -55,32 +56,28 @@ def catalog_images(config: run.RunConfig) -> run.RunSummary:
     limit = cluster.in_flight(config, workers)
     results, waiting = [], deque()
     with run.removed_on_failure(the_plan.pending_file, the_plan.current_file):  # e.g. a model that fails to load leaves no spool
-        try:
-            for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
-                with cluster.gpu_annotation(gpu_resource):
-                    waiting.append(generate_shard.submit(config, index, shard, the_plan.stop_file))
-                while len(waiting) >= limit:
-                    results.append(collect(waiting.popleft(), tracker))
-            results.extend(collect(future, tracker) for future in waiting)
-        except KeyboardInterrupt:
-            wind_down(waiting)
-            raise
+        for index, shard in enumerate(run.read_shards(the_plan, config.shard_size)):
+            if shards.STOP.is_set():  # a first Ctrl-C (cli.stopping_on_ctrl_c): no new shard
+                break
+            with cluster.gpu_annotation(gpu_resource):
+                waiting.append(generate_shard.submit(config, index, shard, the_plan.stop_file))
+            while len(waiting) >= limit:
+                results.append(collect(waiting.popleft(), tracker))
+        results.extend(collect(future, tracker) for future in waiting)  # those in flight stop after their batch
+        if shards.STOP.is_set():
+            raise KeyboardInterrupt  # every shard has ended: the run stops here, exit 130, without finishing
     summary = finish(config, the_plan, results, started_at, wall_start)
     publish_summary(summary)
     return summary
 
 
-def wind_down(waiting) -> None:
-    """After a first Ctrl-C: wait for the shards in flight, which stop after their batch in progress (the
-    run's stop file), so the run ends (and frees --out) only once no worker writes to it. A second
-    Ctrl-C ends the process at once (cli.stopping_on_ctrl_c)."""
-    for future in waiting:
-        future.wait()
-
-
 def collect(future, tracker: Progress) -> ShardResult:
-    """Wait for a shard and report it to the progress bar and the progress artifact."""
-    result = future.result()
+    """Wait for a shard and report it to the progress bar and the progress artifact. A shard stopped by
+    Ctrl-C counts as empty: what it finished is in its manifest part, for the rerun."""
+    try:
+        result = future.result()
+    except Interrupted:
+        result = ShardResult()
     progress.emit("shard", result)
     tracker.advance(result.images)
     return result

@@ -33,7 +33,10 @@ def files_of(out: Path) -> dict[str, tuple[str, int]]:
             and p.suffix in (".jpg", ".png", ".webp")}
 
 
-def test_flow_runs_every_job_and_writes_manifest_parquet_and_run_json(config):
+def test_flow_runs_every_job_and_writes_manifest_parquet_and_run_json(config, monkeypatch):
+    from zimage_batch import generate
+
+    monkeypatch.setattr(generate, "_ENGINES", {})  # as in a fresh process: this run loads the pipeline
     summary = run_flow(config)
     out = Path(config.out)
     records = read_jsonl(out / "manifest.jsonl")

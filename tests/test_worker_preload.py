@@ -53,7 +53,8 @@ def scheduler():
 
 def start_worker(scheduler: str, folder: Path, **variables: str) -> tuple[subprocess.Popen, Path]:
     """`dask worker --preload zimage_batch.worker` with the given ZIMAGE_BATCH_* variables; its log file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_BATCH_") or k == "ZIMAGE_BATCH_CACHE"}
+    env = {k: v for k, v in os.environ.items()  # as a user starts it: not with a level an in-process CLI call set
+           if (not k.startswith("ZIMAGE_BATCH_") or k == "ZIMAGE_BATCH_CACHE") and k != "DASK_LOGGING__DISTRIBUTED"}
     env.update({"ZIMAGE_BATCH_DEVICE": "cpu", **variables})
     log = folder / "worker.log"
     with open(log, "w") as out:

@@ -428,12 +428,14 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
 
 @contextmanager
 def stopping_on_ctrl_c() -> Iterator[None]:
-    """A first Ctrl-C lets every shard of the run finish the batch in progress (its images are kept and
-    recorded), then the run ends with exit 130: this process's shards see ``STOP``, those on Dask
-    workers the run's stop file (``RunPlan.stop_file``, named when the run is planned), and the flow
-    waits for them before it ends. A second Ctrl-C ends the process at once. Without this, Ctrl-C
-    waited for whole shards in silence, a second one aborted Python mid-shutdown, and a cluster's
-    workers went on with their shards after the run had ended."""
+    """A first Ctrl-C while planning stops the run at once (KeyboardInterrupt: nothing runs yet). After
+    planning it lets every shard of the run finish the batch in progress (its images are kept and
+    recorded): this process's shards see ``STOP``, those on Dask workers the run's stop file
+    (``RunPlan.stop_file``); the flow submits no more shards, waits for those in flight, and ends
+    with exit 130. Nothing is interrupted mid-call, so no shard goes unseen (a KeyboardInterrupt in
+    the middle of submitting one lost it, and it ran to its end). A second Ctrl-C ends the process at
+    once. Without this, Ctrl-C waited for whole shards in silence, a second one aborted Python
+    mid-shutdown, and a cluster's workers went on with their shards after the run had ended."""
     import signal
     import threading
 
@@ -455,20 +457,20 @@ def stopping_on_ctrl_c() -> Iterator[None]:
                   file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)  # files are written atomically; the next run removes temp files and the reaper the server
         STOP.set()
-        for path in stop_file:  # none yet while planning: no shard runs
-            try:
-                Path(path).touch()
-            except OSError:  # --out unwritable: this process's shards still see STOP
-                pass
+        if not stop_file:  # still planning: nothing runs yet
+            raise KeyboardInterrupt
+        try:
+            Path(stop_file[0]).touch()
+        except OSError:  # --out unwritable: this process's shards still see STOP
+            pass
         print("\nStopping after the batch in progress (its images are kept); press Ctrl-C again to stop at once.",
               file=sys.stderr, flush=True)
-        raise KeyboardInterrupt
 
     STOP.clear()
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         with progress.listening(on_planned):
-            yield  # an interrupted run returns here once its shards have wound down (the flow waits for them)
+            yield  # an interrupted run raises KeyboardInterrupt here once its shards have ended
     finally:
         signal.signal(signal.SIGINT, previous)
         STOP.clear()
