@@ -319,7 +319,7 @@ def current_column(source) -> dict[str, bool | None] | None:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(source, columns=["job_id", CURRENT])
+        table = pq.read_table(source, columns=["job_id", CURRENT], use_threads=False)  # threads: see verify.deleted_records
     except Exception:  # missing, an older schema, or damaged
         return None
     return dict(zip(table.column("job_id").to_pylist(), table.column(CURRENT).to_pylist()))

@@ -231,7 +231,9 @@ def deleted_records(location: Location, records: dict[str, ManifestRecord], list
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(io.BytesIO(data), columns=["job_id", "sku", "outputs"]).to_pylist()
+        # without threads: pyarrow 26's reader threads made the process abort at exit ("terminate called
+        # without an active exception", exit 134) in most runs, after verify had printed its verdict
+        rows = pq.read_table(io.BytesIO(data), columns=["job_id", "sku", "outputs"], use_threads=False).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
         yield Finding(MANIFEST_PARQUET, "unreadable", f"is not a manifest.parquet zimage-batch wrote ({type(exc).__name__})")
         return
