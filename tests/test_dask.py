@@ -65,12 +65,13 @@ def test_workers_on_a_gpu_host_get_one_gpu_each(tmp_path, catalog, templates, mo
     from distributed import Client
 
     from flows.catalog_images import catalog_images
-    from zimage_batch.cluster import ClusterError, gpu_cluster, task_runner
+    from zimage_batch.cluster import ClusterError, gpu_cluster, task_runner, visible_gpus
 
     with gpu_cluster(["0", "1"]) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
     assert sorted(seen.values()) == ["0", "1"] and resources == [{"GPU": 2}, {"GPU": 2}]
+    assert all(address.startswith("tcp://127.0.0.1:") for address in seen)  # a worker runs what it is sent: loopback only
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b")  # as a host that lends this process two GPUs says
     config = RunConfig(catalogs=[str(catalog)], templates=templates, model="simulated:0.1", out=str(tmp_path / "out"),
@@ -78,6 +79,10 @@ def test_workers_on_a_gpu_host_get_one_gpu_each(tmp_path, catalog, templates, mo
     summary = catalog_images.with_options(task_runner=task_runner(config, "cuda"))(config)
     records = read_jsonl(tmp_path / "out" / "manifest.jsonl")
     assert summary.generated + summary.rejected == 16 and len({r["worker"] for r in records}) == 2
+    for listed, gpus in (("0,0", ["0"]), ("0,,1", ["0"]), ("", [])):  # each once; CUDA stops at an empty entry
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+        assert visible_gpus() == gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b")
     with pytest.raises(ClusterError, match=r"--workers 3 gives each worker a GPU of its own, but this host has 2 "
                                            r"\(GPU-a, GPU-b\)\. Use --workers 2 or fewer"):
         task_runner(config.model_copy(update={"workers": 3}), "cuda")
@@ -433,6 +438,35 @@ def test_workers_that_do_not_see_the_runs_out_are_named_before_any_shard(tmp_pat
             check_workers(client, "here", str(out))  # no run holds it: as a worker whose --out is another disk sees it
         (out / LOCK).touch()
         check_workers(client, "here", str(out))
+
+
+@pytest.mark.slow
+def test_a_terminals_ctrl_c_stops_a_run_on_local_workers(tmp_path, catalog, templates):
+    """A terminal sends SIGINT to the whole process group: the local workers died of it, and the run
+    waited for their shards until a second Ctrl-C."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    out = tmp_path / "out"
+    run = subprocess.Popen([str(Path(sys.executable).parent / "zimage-batch"), "run", str(catalog), "-t", templates[0],
+                            "--model", "simulated:1", "--size", "256x256", "--batch-size", "1", "--workers", "2",
+                            "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("images/*/*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130 and "Stopping after the batch in progress" in err and "Traceback" not in err, err
 
 
 def test_workers_that_do_not_answer_the_check_are_an_error_not_a_silent_wait(tmp_path):

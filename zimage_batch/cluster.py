@@ -194,7 +194,7 @@ def task_runner(config: RunConfig, device: str):
                 raise ClusterError(f"--workers {config.workers} gives each worker a GPU of its own, but this host has "
                                    f"{len(gpus)} ({', '.join(gpus) or 'none'}). Use --workers {len(gpus)} or fewer.")
             return DaskTaskRunner(cluster_class=gpu_cluster, cluster_kwargs={"gpus": gpus[:config.workers]})
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+        return DaskTaskRunner(cluster_class=local_cluster,
                               cluster_kwargs={"n_workers": config.workers, "processes": True,
                                               "threads_per_worker": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS},
                                               "dashboard_address": "127.0.0.1:0"})
@@ -202,13 +202,46 @@ def task_runner(config: RunConfig, device: str):
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (indexes or UUIDs)."""
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (indexes or UUIDs; each
+    once, up to the first empty entry, where CUDA stops reading the list)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+        gpus: list[str] = []
+        for gpu in (entry.strip() for entry in listed.split(",")):
+            if not gpu:
+                break
+            if gpu not in gpus:
+                gpus.append(gpu)
+        return gpus
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C while the block starts processes, which inherit it. A terminal sends SIGINT to the
+    whole process group: a local cluster's workers died of it, and the run, which stops them itself
+    after a Ctrl-C (cli.stopping_on_ctrl_c), waited for their shards forever."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def local_cluster(**kwargs):
+    """``distributed.LocalCluster(**kwargs)`` whose worker processes ignore the terminal's Ctrl-C."""
+    from distributed import LocalCluster
+
+    with sigint_ignored():
+        return LocalCluster(**kwargs)
 
 
 def gpu_cluster(gpus: list[str]):
@@ -219,10 +252,12 @@ def gpu_cluster(gpus: list[str]):
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
-    options = {"nthreads": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS}, "memory_limit": MEMORY_LIMIT // len(gpus)}
+    options = {"nthreads": SHARD_SLOTS, "resources": {"GPU": SHARD_SLOTS}, "memory_limit": MEMORY_LIMIT // len(gpus),
+               "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # loopback only: a worker runs what it is sent
     workers = {f"gpu-{gpu}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": gpu}}} for gpu in gpus}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, name="zimage-batch")
+    with sigint_ignored():
+        return SpecCluster(workers=workers, scheduler=scheduler, name="zimage-batch")
 
 
 def shape(config: RunConfig) -> tuple[int, bool]:
