@@ -272,6 +272,14 @@ def test_a_worker_whose_checkout_changed_after_it_imported_the_code_is_still_nam
         shutil.copy(source / "zimage_batch" / "shard.py", older / "zimage_batch" / "shard.py")  # now the same files
         with pytest.raises(ClusterError, match=r"cannot run the shards of this machine's zimage-batch"):
             cluster_workers(cluster.scheduler_address)
+    (older / "zimage_batch" / "presets.toml").write_text("")  # imported as this machine's, changed since
+    script.write_text(f"import sys\nsys.path.insert(0, {str(older)!r})\nimport zimage_batch, flows.catalog_images\n"
+                      f"open({str(older / 'zimage_batch' / 'presets.toml')!r}, 'w').write('# changed')\n")
+    shutil.copy(source / "zimage_batch" / "presets.toml", older / "zimage_batch" / "presets.toml")
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
+                      preload=[str(script)]) as cluster:
+        with pytest.raises(ClusterError, match=r"its files since changed to"):
+            cluster_workers(cluster.scheduler_address)
 
 
 def free_port() -> int:

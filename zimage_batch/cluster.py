@@ -110,6 +110,9 @@ def check_workers(client, address: str, out: str | None = None, timeout: float =
             importlib.import_module("flows.catalog_images")
             package = importlib.import_module("zimage_batch")
             version, source = package.__version__, getattr(package, "SOURCE_FINGERPRINT", "unknown")
+            now = package._source_fingerprint() if hasattr(package, "_source_fingerprint") else source
+            if now != source:  # modules it has not imported yet would come from the changed files
+                source = f"{source}, its files since changed to {now}"
         except Exception as exc:  # any import failure is the answer, not an error here
             return f"{type(exc).__name__}: {exc}"
         return "no-out" if lock and not os.path.exists(lock) else f"ok {version} {source}"
