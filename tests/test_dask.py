@@ -226,6 +226,20 @@ def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish
         assert not list(Path(config.out).glob(".zb-tmp-*"))  # the plan's spools
 
 
+SOURCE = Path(__file__).parent.parent  # this checkout
+
+
+def older_checkout(tmp_path: Path) -> Path:
+    """A copy of this checkout's zimage_batch and flows with one file changed: an older commit, same version."""
+    import shutil
+
+    older = tmp_path / "older"
+    for package in ("zimage_batch", "flows"):
+        shutil.copytree(SOURCE / package, older / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (older / "zimage_batch" / "shard.py").write_text((SOURCE / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
+    return older
+
+
 @pytest.mark.parametrize("preload, said", [
     ("import sys\nsys.modules['zimage_batch'] = None\nsys.modules['flows'] = None\n", "ModuleNotFoundError"),
     ("import zimage_batch\nzimage_batch.__version__ = '0.0.1'\n", "has zimage-batch 0.0.1 (source "),
@@ -234,18 +248,12 @@ def test_records_the_workers_wrote_where_this_machine_cannot_see_stop_the_finish
 def test_workers_that_cannot_run_this_version_are_named_before_any_shard(tmp_path, preload, said):
     """A worker without the package dropped its connection on the first shard and the run waited forever;
     one with other code under the same version string ran it."""
-    import shutil
-
     from distributed import LocalCluster
 
     from zimage_batch.cluster import ClusterError, cluster_workers
 
-    older = tmp_path / "older"
-    for package in ("zimage_batch", "flows"):
-        shutil.copytree(Path(__file__).parent.parent / package, older / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (older / "zimage_batch" / "shard.py").write_text((older / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
     script = tmp_path / "preload.py"
-    script.write_text(preload.replace("OLDER", repr(str(older))))
+    script.write_text(preload.replace("OLDER", repr(str(older_checkout(tmp_path)))) if "OLDER" in preload else preload)
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=[str(script)]) as cluster:
         with pytest.raises(ClusterError, match=r"1 of the 1 Dask worker\(s\) at .* cannot run the shards of") as caught:
@@ -261,21 +269,18 @@ def test_a_worker_whose_checkout_changed_after_it_imported_the_code_is_still_nam
 
     from zimage_batch.cluster import ClusterError, cluster_workers
 
-    source, older = Path(__file__).parent.parent, tmp_path / "older"
-    for package in ("zimage_batch", "flows"):
-        shutil.copytree(source / package, older / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (older / "zimage_batch" / "shard.py").write_text((source / "zimage_batch" / "shard.py").read_text() + "\n# older\n")
+    older = older_checkout(tmp_path)
     script = tmp_path / "preload.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(older)!r})\nimport zimage_batch, flows.catalog_images\n")
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=[str(script)]) as cluster:
-        shutil.copy(source / "zimage_batch" / "shard.py", older / "zimage_batch" / "shard.py")  # now the same files
+        shutil.copy(SOURCE / "zimage_batch" / "shard.py", older / "zimage_batch" / "shard.py")  # now the same files
         with pytest.raises(ClusterError, match=r"cannot run the shards of this machine's zimage-batch"):
             cluster_workers(cluster.scheduler_address)
     (older / "zimage_batch" / "presets.toml").write_text("")  # imported as this machine's, changed since
     script.write_text(f"import sys\nsys.path.insert(0, {str(older)!r})\nimport zimage_batch, flows.catalog_images\n"
                       f"open({str(older / 'zimage_batch' / 'presets.toml')!r}, 'w').write('# changed')\n")
-    shutil.copy(source / "zimage_batch" / "presets.toml", older / "zimage_batch" / "presets.toml")
+    shutil.copy(SOURCE / "zimage_batch" / "presets.toml", older / "zimage_batch" / "presets.toml")
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                       preload=[str(script)]) as cluster:
         with pytest.raises(ClusterError, match=r"its files since changed to"):

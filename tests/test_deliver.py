@@ -642,15 +642,19 @@ def parquet_rows(s3) -> list[dict]:
     return pq.read_table(io.BytesIO(s3.read(f"{PREFIX}/manifest.parquet")), columns=["job_id", "current"]).to_pylist()
 
 
+def two_runs(s3, tmp_path) -> tuple[Uploader, Uploader, list[ManifestRecord], list[ManifestRecord]]:
+    """Two runs' uploaders to one prefix, both having read it, and two records of each to publish."""
+    dest = S3Destination(s3.bucket, PREFIX)
+    a, b = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
+    for uploader in (a, b):
+        uploader.read_records()
+    return a, b, [make_record(tmp_path / "a", seed) for seed in (1, 2)], [make_record(tmp_path / "b", seed) for seed in (3, 4)]
+
+
 def test_a_run_publishing_between_anothers_two_writes_is_in_its_parquet_too(s3, tmp_path):
     """B publishes whole between A's manifest.jsonl and A's manifest.parquet: A's parquet write finds
     the parquet changed (If-Match), and A reads, merges and writes both again."""
-    dest = S3Destination(s3.bucket, PREFIX)
-    a, b = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
-    a_records = [make_record(tmp_path / "a", seed) for seed in (1, 2)]
-    b_records = [make_record(tmp_path / "b", seed) for seed in (3, 4)]
-    for uploader in (a, b):
-        uploader.read_records()
+    a, b, a_records, b_records = two_runs(s3, tmp_path)
     interrupted = []
 
     def a_parquet(records, before):
@@ -668,12 +672,7 @@ def test_a_run_publishing_between_anothers_two_writes_is_in_its_parquet_too(s3, 
 def test_a_run_publishing_right_after_anothers_manifest_write_is_in_its_parquet_too(s3, tmp_path):
     """B publishes whole just after A wrote manifest.jsonl, before A writes manifest.parquet: A's
     parquet was read before its manifest.jsonl write, so its write finds the parquet changed."""
-    dest = S3Destination(s3.bucket, PREFIX)
-    a, b = (Uploader(dest, connect(), tmp_path / name) for name in ("a", "b"))
-    a_records = [make_record(tmp_path / "a", seed) for seed in (1, 2)]
-    b_records = [make_record(tmp_path / "b", seed) for seed in (3, 4)]
-    for uploader in (a, b):
-        uploader.read_records()
+    a, b, a_records, b_records = two_runs(s3, tmp_path)
     put_replacing, interleaved = a._put_replacing, []
 
     def then_b(name, *args):
